@@ -1,0 +1,133 @@
+"""Configuration: the Hydra config tree, its resolvers, and early validation.
+
+One option system: everything is a Hydra override. ``compose`` gives the same config as the
+``@hydra.main`` entry for the data CLI and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from incseg.errors import ConfigError
+from incseg.io import stable_hash
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _plain(x):
+    if isinstance(x, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(x, resolve=True)
+    return x
+
+
+def task_dirname(name: str, steps) -> str:
+    """Folder name of a task in run paths: the canonical split name (``15-1`` -> ``15-5s``), or
+    ``<name>-<hash of the steps>`` for a custom split, so two custom splits never collide."""
+    from incseg.tasks import ALIASES
+
+    steps = _plain(steps)
+    if steps in (None, "???"):
+        return ALIASES.get(str(name), str(name))
+    return f"{name}-{stable_hash(steps, 8)}"
+
+
+def run_path(dataset: str, task: str, steps, method: str, replay: str, seed) -> str:
+    """``<dataset>/<task>/<method>[+<replay>]/seed<seed>`` (SPEC 8)."""
+    m = method if replay in (None, "none", "None") else f"{method}+{replay}"
+    return f"{dataset}/{task_dirname(task, steps)}/{m}/seed{seed}"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_path"):
+        OmegaConf.register_new_resolver("run_path", run_path)
+
+
+register_resolvers()
+
+
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The composed config for ``overrides``, as ``python -m incseg.run`` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(one_line(str(err))) from None
+
+
+def one_line(msg: str) -> str:
+    """Hydra's messages span several lines; keep the first meaningful one."""
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else msg
+
+
+def task_from_cfg(cfg: DictConfig):
+    from incseg.tasks import get_task
+
+    steps = _plain(cfg.task.get("steps"))
+    if cfg.task.name == "custom" and steps in (None, "???"):
+        raise ConfigError("task=custom needs task.steps, e.g. task.steps=[[0,1,2,3],[4,5]]")
+    return get_task(cfg.dataset.name, str(cfg.task.name), steps)
+
+
+def cache_dir_from_cfg(cfg: DictConfig) -> Path:
+    from incseg.io import cache_dir
+
+    return cache_dir(cfg.paths.cache_dir)
+
+
+def source_from_cfg(cfg: DictConfig, progress: bool = True):
+    """The dataset source; for ``shapes`` without ``data.root`` the cached generated copy."""
+    from incseg.data.sources import make_source
+
+    root = cfg.data.get("root")
+    if cfg.dataset.name == "shapes" and root in (None, "", "null"):
+        from incseg.data.shapes import ensure_shapes, shapes_params
+
+        params = shapes_params(_plain(cfg.dataset.get("generator")) or {})
+        root = ensure_shapes(params, cache_dir_from_cfg(cfg), progress=progress)
+    return make_source(cfg.dataset.name, root)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines go to stderr, so a command's JSON on stdout stays clean."""
+    root = logging.getLogger()
+    if not root.handlers:  # under @hydra.main, Hydra's job_logging already sends them to stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s",
+                                               "%H:%M:%S"))
+        handler._incseg = True
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+#: config groups a user picks with ``group=option`` (SPEC 11)
+GROUPS = ("dataset", "task", "model", "method", "replay", "trainer", "logger", "experiment")
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Reject an unknown group option (``task=bogus``) with one line listing the valid ones,
+    before Hydra prints its multi-line composition error. Sweeps (``a,b``) are checked per value.
+    """
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("+", "~", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        if key not in GROUPS or value in ("", "null") or value.startswith(("choice(", "glob(")):
+            continue
+        folder = CONF_DIR / key
+        options = sorted(str(p.relative_to(folder).with_suffix(""))
+                         for p in folder.rglob("*.yaml"))
+        for v in value.split(","):
+            if v not in options:
+                raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")

@@ -1,0 +1,104 @@
+"""The LightningDataModule of one incremental step: (dataset, task, step) -> loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from incseg.data.dataset import SeededSampler, SegmentationDataset
+from incseg.data.index import scan_labels, select_test, select_train
+from incseg.data.sources import Source
+from incseg.data.transforms import eval_transform, train_transform
+from incseg.errors import DataError
+from incseg.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def step_selection(source: Source, task: Task, step: int, overlap: bool, cache: Path | None,
+                   progress: bool = True) -> dict[str, list[int]]:
+    """Indices into ``source.samples(split)`` for the training images of ``step`` and the
+    evaluation images after it (val and test). Raises DataError for a step with no images."""
+    train = select_train(scan_labels(source, "train", cache, progress), task, step, overlap)
+    if not train:
+        raise DataError(
+            f"step {step} of task {task.name} (classes {task.classes_added(step)}) has no "
+            f"training images in {source.name} (overlap={str(overlap).lower()}); use overlap=true "
+            "or a split whose classes occur in the training set"
+        )
+    val = select_test(scan_labels(source, "val", cache, progress), task, step)
+    test = select_test(scan_labels(source, "test", cache, progress), task, step)
+    return {"train": train, "val": val, "test": test}
+
+
+class IncrementalDataModule(L.LightningDataModule):
+    """Loaders for one step of a task (MiB protocol, SPEC 3.5).
+
+    train: images selected for ``step`` (overlap/disjoint), labels remapped by
+    ``task.train_lut``, shuffled by a :class:`SeededSampler`, last incomplete batch dropped
+    (a BatchNorm after global pooling fails on a batch of one). val/test: images holding a seen
+    foreground class, labels by ``task.test_lut``.
+    """
+
+    def __init__(self, source: Source, task: Task, step: int, *, overlap: bool = True,
+                 void_as_background: bool = True, unseen_as: str = "ignore", crop: int = 64,
+                 test_mode: str = "full", batch_size: int = 16, eval_batch_size: int | None = None,
+                 num_workers: int = 0, hflip: bool = True, rotation: float = 0.0,
+                 color_jitter: float = 0.0, seed: int = 0, cache_dir: Path | None = None,
+                 progress: bool = True, num_replicas: int = 1, rank: int = 0):
+        super().__init__()
+        self.source, self.task, self.step = source, task, step
+        self.overlap, self.seed, self.cache_dir, self.progress = overlap, seed, cache_dir, progress
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        if test_mode == "full" and source.name != "shapes":
+            self.eval_batch_size = 1  # full images of different sizes cannot be stacked
+        self.num_workers = num_workers
+        self.num_replicas, self.rank = num_replicas, rank
+        self.train_lut = task.train_lut(step, void_as_background)
+        self.test_lut = task.test_lut(step, unseen_as)
+        self.train_tf = train_transform(crop, hflip, rotation, color_jitter)
+        self.eval_tf = eval_transform(crop, test_mode)
+        self.selection: dict[str, list[int]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.selection is not None:
+            return
+        self.selection = step_selection(self.source, self.task, self.step, self.overlap,
+                                        self.cache_dir, self.progress)
+        log.info("step %d: %d training, %d val, %d test images", self.step,
+                 len(self.selection["train"]), len(self.selection["val"]),
+                 len(self.selection["test"]))
+
+    def dataset(self, split: str) -> SegmentationDataset:
+        self.setup()
+        samples = self.source.samples(split)
+        chosen = [samples[i] for i in self.selection[split]]
+        if split == "train":
+            return SegmentationDataset(chosen, self.train_lut, self.train_tf)
+        return SegmentationDataset(chosen, self.test_lut, self.eval_tf)
+
+    def _loader(self, dataset, batch_size, sampler=None, drop_last=False) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                          drop_last=drop_last, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0,
+                          pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        if len(ds) < self.batch_size * self.num_replicas:
+            raise DataError(
+                f"step {self.step} has {len(ds)} training images, fewer than one batch of "
+                f"{self.batch_size}; lower data.batch_size"
+            )
+        sampler = SeededSampler(len(ds), self.seed, self.step, True, self.num_replicas, self.rank)
+        return self._loader(ds, self.batch_size, sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size)

@@ -1,0 +1,154 @@
+"""Per-image class sets and the MiB per-step selection rules (SPEC 3.5).
+
+Selecting the images of a step needs the set of labels in every mask. Reading 10k VOC masks
+takes a while, so the scan is done once per (dataset, split) and cached in the cache directory,
+keyed by the files' names, sizes and modification times; a second run reads one small file.
+The scan is also where bad masks are caught: values outside the dataset's classes and 255, a
+mask whose size differs from its image, an unreadable file — each named in a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from incseg.data.sources import Sample, Source
+from incseg.errors import DataError
+from incseg.io import atomic_write_json, content_key, entry_lock
+from incseg.tasks import IGNORE, Task
+
+log = logging.getLogger(__name__)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask as an H x W uint8 array of class ids (palette index or grey level)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(
+                    f"mask {path} is a {im.mode} image; masks must be palette (P) or grey (L) "
+                    "PNGs whose values are class ids"
+                )
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"mask {path} cannot be read ({err}); replace or re-create it") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image, read from its header only."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"image {path} cannot be read ({err}); replace or re-create it") from None
+
+
+def _scan_one(sample: Sample, num_classes: int) -> list[int]:
+    mask = read_mask(sample.mask)
+    size = image_size(sample.image)
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise DataError(
+            f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but its image "
+            f"{sample.image} is {size[0]}x{size[1]}; they must be the same size"
+        )
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    bad = [int(v) for v in present if v >= num_classes and v != IGNORE]
+    if bad:
+        raise DataError(
+            f"mask {sample.mask} holds values {bad} outside the dataset's classes "
+            f"0..{num_classes - 1} and 255; fix the mask or choose the right dataset"
+        )
+    return [int(v) for v in present]
+
+
+def _fingerprint(samples: list[Sample]) -> list:
+    out = []
+    for s in samples:
+        try:
+            st = s.mask.stat()
+        except FileNotFoundError:
+            raise DataError(f"mask {s.mask} is missing") from None
+        out.append([s.id, str(s.mask), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def scan_labels(source: Source, split: str, cache: Path | None,
+                progress: bool = True) -> list[list[int]]:
+    """Labels present in each mask of ``split`` (in ``source.samples(split)`` order).
+
+    Cached under ``cache/index/<key>.json``; the key covers every mask's path, size and mtime,
+    so an edited mask invalidates it.
+    """
+    samples = source.check_split(split)
+    key = content_key("labels", {"dataset": source.name, "split": split,
+                                 "files": _fingerprint(samples)})
+    entry = cache / "index" / f"{source.name}-{split}-{key}.json" if cache else None
+    if entry is not None and (labels := _read_entry(entry, len(samples))) is not None:
+        return labels
+    lock = entry_lock(entry) if entry is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if entry is not None and (labels := _read_entry(entry, len(samples))) is not None:
+            return labels
+        workers = min(8, os.cpu_count() or 1)
+        # PIL releases the GIL while decoding, so threads overlap the reads.
+        with ThreadPoolExecutor(workers) as pool:
+            it = pool.map(lambda s: _scan_one(s, source.num_classes), samples)
+            labels = list(tqdm(it, total=len(samples), disable=not progress, leave=False,
+                               desc=f"scanning {source.name}/{split} masks"))
+        if entry is not None:
+            atomic_write_json(entry, {"count": len(samples), "labels": labels})
+        return labels
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _read_entry(entry: Path, count: int) -> list[list[int]] | None:
+    if not entry.exists():
+        return None
+    try:
+        data = json.loads(entry.read_text())
+        labels = data["labels"]
+        if data["count"] != count or len(labels) != count:
+            raise ValueError("count mismatch")
+        return labels
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("label index %s is corrupt (%s); rebuilding it", entry, err)
+        entry.unlink(missing_ok=True)
+        return None
+
+
+def foreground(labels: list[int]) -> set[int]:
+    """Selection counts foreground classes only: 0 and 255 never count."""
+    return {c for c in labels if c not in (0, IGNORE)}
+
+
+def select_train(labels: list[list[int]], task: Task, step: int, overlap: bool) -> list[int]:
+    """Indices of the training images of ``step`` (MiB's ``filter_images``).
+
+    Overlap: the mask holds a foreground class of the current step. Disjoint: additionally
+    every foreground label is old or current (no future classes).
+    """
+    current = foreground(task.classes_added(step))
+    seen = set(task.classes_seen(step))
+    keep = []
+    for i, lab in enumerate(labels):
+        fg = foreground(lab)
+        if fg & current and (overlap or fg <= seen):
+            keep.append(i)
+    return keep
+
+
+def select_test(labels: list[list[int]], task: Task, step: int) -> list[int]:
+    """Indices of the evaluation images after ``step``: those holding a seen foreground class."""
+    seen = foreground(task.classes_seen(step))
+    return [i for i, lab in enumerate(labels) if foreground(lab) & seen]

@@ -1,0 +1,40 @@
+"""Loss functions: segmentation CE (plain/unbiased), distillation, replay and DeepInversion terms.
+
+All are plain functions of tensors (plus one hook helper), shapes documented on each.
+"""
+
+from incseg.losses.distillation import (
+    REPLAY_LOSSES,
+    feature_distillation,
+    knowledge_distillation,
+    replay_kl,
+    replay_loss,
+    replay_mse,
+    unbiased_knowledge_distillation,
+)
+from incseg.losses.inversion import (
+    BNStatisticsHook,
+    bn_layer_distance,
+    bn_statistics_loss,
+    competition_loss,
+    image_priors,
+)
+from incseg.losses.segmentation import bisenet_loss, cross_entropy, unbiased_cross_entropy
+
+__all__ = [
+    "REPLAY_LOSSES",
+    "BNStatisticsHook",
+    "bisenet_loss",
+    "bn_layer_distance",
+    "bn_statistics_loss",
+    "competition_loss",
+    "cross_entropy",
+    "feature_distillation",
+    "image_priors",
+    "knowledge_distillation",
+    "replay_kl",
+    "replay_loss",
+    "replay_mse",
+    "unbiased_cross_entropy",
+    "unbiased_knowledge_distillation",
+]

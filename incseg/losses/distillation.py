@@ -1,0 +1,158 @@
+"""Distillation losses between the new model and the frozen model of the previous step.
+
+Shapes: ``logits`` (student) are ``B x C x H x W`` over all classes seen so far; ``old_logits``
+(teacher) are ``B x C_o x H x W`` over the classes seen before this step (background first), so
+``C_o = old_logits.shape[1] <= C``. The teacher is frozen: its outputs are treated as constants
+(detached), so no gradient reaches it even if the caller forgot ``torch.no_grad``.
+Every function returns a scalar tensor. The same functions work on image-level ``B x C`` logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from incseg.errors import ConfigError
+
+__all__ = [
+    "REPLAY_LOSSES",
+    "feature_distillation",
+    "knowledge_distillation",
+    "replay_kl",
+    "replay_loss",
+    "replay_mse",
+    "unbiased_knowledge_distillation",
+]
+
+REPLAY_LOSSES = ("mse", "kl", "ukd")
+
+
+def _check_old(logits: Tensor, old_logits: Tensor) -> int:
+    """Return ``C_o`` after checking that the teacher's classes are a prefix of the student's."""
+    num_old = old_logits.shape[1]
+    if logits.dim() != old_logits.dim() or num_old > logits.shape[1]:
+        raise ValueError(
+            f"old_logits {tuple(old_logits.shape)} must have at most as many channels as "
+            f"logits {tuple(logits.shape)} and the same number of dimensions"
+        )
+    return num_old
+
+
+def knowledge_distillation(logits: Tensor, old_logits: Tensor, alpha: float = 1.0) -> Tensor:
+    """KD as used by LwF/ILT on segmentation (MiB's ``KnowledgeDistillationLoss``).
+
+    Per pixel ``-(1/C_o) sum_{c<C_o} q_c log softmax(z[:, :C_o])_c`` with
+    ``q = softmax(alpha * z_old)``; mean over pixels. The student's softmax is restricted to the
+    old channels (new classes are ignored), and the ``1/C_o`` is MiB's mean over channels.
+
+    Args:
+        logits: ``B x C x H x W`` student scores (C >= C_o).
+        old_logits: ``B x C_o x H x W`` teacher scores.
+        alpha: sharpening/softening factor applied to the teacher's logits.
+
+    Returns:
+        Scalar. Minimised over the student when its old-channel softmax equals ``q``, where it is
+        ``H(q) / C_o`` averaged over pixels.
+    """
+    num_old = _check_old(logits, old_logits)
+    log_p = F.log_softmax(logits[:, :num_old], dim=1)
+    q = F.softmax(alpha * old_logits.detach(), dim=1)
+    return -(q * log_p).sum(dim=1).mean() / num_old
+
+
+def unbiased_knowledge_distillation(
+    logits: Tensor, old_logits: Tensor, alpha: float = 1.0
+) -> Tensor:
+    """MiB's unbiased KD (Cermelli et al., CVPR 2020, Eq. 5).
+
+    The old model's "background" covers what are now new classes, so its background
+    probability is matched to ``p_0 + sum_{c new} p_c`` of the new model:
+    per pixel ``-(1/C_o)[q_0 log(p_0 + sum_{c>=C_o} p_c) + sum_{c=1}^{C_o-1} q_c log p_c]`` with
+    ``q = softmax(alpha z_old)`` and ``p = softmax(z)`` over all seen classes; mean over pixels.
+    Computed in log space with ``logsumexp``.
+
+    Args:
+        logits: ``B x C x H x W`` student scores over all seen classes.
+        old_logits: ``B x C_o x H x W`` teacher scores.
+        alpha: factor applied to the teacher's logits.
+
+    Returns:
+        Scalar. With no new classes (``C == C_o``) this equals :func:`knowledge_distillation`.
+        (Unlike MiB's code, ``C == C_o`` is handled: its ``1:-new_cl`` slice is empty then.)
+    """
+    num_old = _check_old(logits, old_logits)
+    den = torch.logsumexp(logits, dim=1)  # B x H x W
+    bg_and_new = torch.cat([logits[:, :1], logits[:, num_old:]], dim=1)
+    log_bg = torch.logsumexp(bg_and_new, dim=1) - den  # log(p_0 + sum_new p_c)
+    log_old_fg = logits[:, 1:num_old] - den.unsqueeze(1)  # log p_c, c = 1..C_o-1
+    q = F.softmax(alpha * old_logits.detach(), dim=1)
+    per_pixel = q[:, 0] * log_bg + (q[:, 1:] * log_old_fg).sum(dim=1)
+    return -per_pixel.mean() / num_old
+
+
+def feature_distillation(features: Tensor, old_features: Tensor) -> Tensor:
+    """ILT's feature distillation (Michieli & Zanuttigh, 2019): MSE, mean over all elements.
+
+    Args:
+        features: ``B x K x h x w`` student features (e.g. the context path's ``body``).
+        old_features: same shape, from the frozen teacher.
+    """
+    return F.mse_loss(features, old_features.detach())
+
+
+def replay_mse(logits: Tensor, old_logits: Tensor) -> Tensor:
+    """Replay distance ``mse`` (SPEC 6.2, the paper's best): MSE on the first ``C_o`` channels.
+
+    Args:
+        logits: ``B x C x H x W`` student scores on the synthetic batch.
+        old_logits: ``B x C_o x H x W`` teacher scores on the same batch.
+
+    Returns:
+        Scalar mean over all ``B * C_o * H * W`` elements.
+    """
+    num_old = _check_old(logits, old_logits)
+    return F.mse_loss(logits[:, :num_old], old_logits.detach())
+
+
+def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Replay distance ``kl``: ``T^2 * KL(teacher || student)`` per pixel, mean over pixels.
+
+    Both distributions are softmaxes at temperature ``T`` over the first ``C_o`` channels; the
+    ``T^2`` factor (Hinton et al., 2015) keeps gradient magnitudes comparable across ``T``.
+
+    Args:
+        logits: ``B x C x H x W`` student scores.
+        old_logits: ``B x C_o x H x W`` teacher scores.
+        temperature: ``T > 0``.
+
+    Returns:
+        Scalar mean over the ``B * H * W`` pixels; 0 when the old channels agree exactly.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_old = _check_old(logits, old_logits)
+    log_p = F.log_softmax(logits[:, :num_old] / temperature, dim=1)
+    log_q = F.log_softmax(old_logits.detach() / temperature, dim=1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)  # per pixel
+    return temperature**2 * kl.mean()
+
+
+def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Dispatch ``replay.loss`` (SPEC 6.2): ``mse`` | ``kl`` | ``ukd``.
+
+    ``ukd`` reuses :func:`unbiased_knowledge_distillation` on the student's full logits
+    (alpha 1); ``temperature`` only affects ``kl``.
+
+    Raises:
+        ConfigError: unknown ``kind`` (one line listing the valid kinds).
+    """
+    if kind == "mse":
+        return replay_mse(logits, old_logits)
+    if kind == "kl":
+        return replay_kl(logits, old_logits, temperature=temperature)
+    if kind == "ukd":
+        return unbiased_knowledge_distillation(logits, old_logits)
+    raise ConfigError(
+        f"unknown replay.loss={kind!r}; valid kinds are mse|kl|ukd (e.g. replay.loss=mse)"
+    )

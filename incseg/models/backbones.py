@@ -1,0 +1,144 @@
+"""Context-path backbones for BiSeNet: torchvision ResNets without their ImageNet classifier.
+
+The backbone keeps torchvision's attribute names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``),
+so its ``state_dict`` keys are exactly torchvision's minus ``fc.*``: a torchvision ImageNet file
+loads into it strictly once the classifier keys are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision.models as tvm
+from torch import Tensor, nn
+
+from incseg.errors import ConfigError
+
+__all__ = ["RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights"]
+
+
+@dataclass(frozen=True)
+class _ResNetSpec:
+    factory: Callable[..., tvm.ResNet]
+    weights: tvm.WeightsEnum  # which ImageNet weights `pretrained=imagenet` means
+    channels: tuple[int, int]  # (layer3, layer4) output channels
+
+
+# IMAGENET1K_V1 for every depth: the classic torchvision weights that BiSeNet/MiB-era code used
+# (torchvision's DEFAULT for r50/r101 is the later V2 recipe).
+RESNETS: dict[str, _ResNetSpec] = {
+    "resnet18": _ResNetSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, (256, 512)),
+    "resnet50": _ResNetSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, (1024, 2048)),
+    "resnet101": _ResNetSpec(tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, (1024, 2048)),
+}
+
+
+def imagenet_weights_path(name: str) -> Path:
+    """Where torchvision's downloader would have cached the ImageNet file of backbone `name`.
+
+    ``torch.hub.get_dir()/checkpoints/<basename of the weights URL>``, the same place
+    ``torchvision``'s ``load_state_dict_from_url`` writes to, so a file fetched elsewhere with
+    torchvision can be copied over as is.
+    """
+    url = RESNETS[name].weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet context path returning the 1/16 (layer3) and 1/32 (layer4) features.
+
+    Input ``x``: B x 3 x H x W. Output ``(f16, f32)``: B x C3 x H/16 x W/16 and
+    B x C4 x H/32 x W/32, with (C3, C4) = ``out_channels`` (256/512 for r18, 1024/2048 for
+    r50/r101). The ImageNet ``fc`` and ``avgpool`` are not registered: they would be unused
+    parameters (DDP complains) and dead weight in every checkpoint.
+    """
+
+    def __init__(self, name: str = "resnet18", pretrained: str | os.PathLike | None = None):
+        super().__init__()
+        if name not in RESNETS:
+            raise ConfigError(
+                f"unknown backbone {name!r}; valid backbones: {', '.join(sorted(RESNETS))}"
+            )
+        spec = RESNETS[name]
+        net = spec.factory(weights=None)  # never let torchvision download anything
+        self.name = name
+        self.out_channels: tuple[int, int] = spec.channels
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2 = net.layer1, net.layer2
+        self.layer3, self.layer4 = net.layer3, net.layer4
+        del net  # drops fc/avgpool with it
+        if pretrained is not None:
+            load_backbone_weights(self, pretrained)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """B x 3 x H x W -> (B x C3 x H/16 x W/16, B x C4 x H/32 x W/32)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        f16 = self.layer3(x)
+        f32 = self.layer4(f16)
+        return f16, f32
+
+
+def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean "not a weights file"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read {what} {path} as a torch state dict: {msg}") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # tolerate the common {"state_dict": ...} wrapper
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"{what} {path} is not a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | os.PathLike) -> None:
+    """Load ``pretrained`` ("imagenet" or a file path) into `backbone`, strictly, offline.
+
+    Accepts a backbone ``state_dict`` or a full torchvision ResNet one (``fc.*`` is ignored).
+    Raises ConfigError (one line) for a missing file, an unreadable file, or mismatched keys
+    or shapes.
+    """
+    if isinstance(pretrained, str) and pretrained.lower() == "imagenet":
+        path = imagenet_weights_path(backbone.name)
+        if not path.is_file():
+            url = RESNETS[backbone.name].weights.url
+            raise ConfigError(
+                f"model.pretrained=imagenet: ImageNet weights {path.name} for {backbone.name} "
+                f"not found at {path} (nothing is downloaded); put {path.name} (from {url}) in "
+                f"{path.parent}/, or set model.pretrained=null to train from scratch"
+            )
+        what = "ImageNet weights"
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"model.pretrained={pretrained}: no such file; give a ResNet state dict path, "
+                "'imagenet', or null to train from scratch"
+            )
+        what = "model.pretrained file"
+    state = {k: v for k, v in _read_state_dict(path, what).items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    # torchvision's older ImageNet files predate BN's num_batches_tracked buffer; BatchNorm's
+    # loader fills it in, so its absence is not a mismatch.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{what} {path} does not fit a {backbone.name} backbone: "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:3]}"
+        )
+    bad = [k for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise ConfigError(
+            f"{what} {path} does not fit a {backbone.name} backbone: {len(bad)} shape "
+            f"mismatches, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        )
+    backbone.load_state_dict(state, strict=True)

@@ -1,0 +1,218 @@
+"""BiSeNet V1 (Yu et al., "BiSeNet: Bilateral Segmentation Network", ECCV 2018) with
+incremental classifier heads, as used for class-incremental segmentation (SPEC section 4).
+
+Layout at input size H x W (C3, C4 = layer3/layer4 channels of the ResNet):
+
+    spatial path  x -> 3 x conv3x3/2-BN-ReLU             -> spatial  256 x H/8  x W/8
+    context path  x -> ResNet                            -> f16 C3 x H/16, body = f32 C4 x H/32
+                  ARM(f16) -> upsample                   -> cx1      C3  x H/8  x W/8
+                  ARM(f32) + GAP(f32) -> upsample        -> cx2      C4  x H/8  x W/8
+    FFM           [spatial, cx1, cx2] -> 256 channels    -> ffm      256 x H/8  x W/8
+    heads         main(ffm), aux1(cx1), aux2(cx2), each upsampled to H x W.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from incseg.errors import ConfigError
+from incseg.models.backbones import ResNetBackbone
+from incseg.models.heads import IncrementalHead, check_classes_per_step
+
+__all__ = [
+    "ARM",
+    "MODELS",
+    "FFM",
+    "BiSeNet",
+    "ConvBNReLU",
+    "SegOutput",
+    "SpatialPath",
+    "build_model",
+]
+
+
+def _gap(x: Tensor) -> Tensor:
+    """B x C x h x w -> B x C x 1 x 1 (mean keeps channels_last inputs valid, no .view)."""
+    return x.mean(dim=(2, 3), keepdim=True)
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    # align_corners=False: the convention of torchvision/MiB segmentation heads.
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv(k, stride, pad=k//2, no bias: BN follows) -> BN -> ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SpatialPath(nn.Module):
+    """Three stride-2 conv3x3-BN-ReLU layers: B x 3 x H x W -> B x 256 x H/8 x W/8.
+
+    Wide and shallow (paper Sec. 3.1): keeps spatial detail at 1/8 that the context path loses.
+    """
+
+    out_channels = 256
+
+    def __init__(self, in_ch: int = 3):
+        super().__init__()
+        self.layers = nn.Sequential(
+            ConvBNReLU(in_ch, 64, 3, 2), ConvBNReLU(64, 128, 3, 2), ConvBNReLU(128, 256, 3, 2)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class ARM(nn.Module):
+    """Attention Refinement Module (paper Fig. 2b): x * sigmoid(BN(conv1x1(GAP(x)))).
+
+    B x C x h x w -> B x C x h x w. The BN runs on a 1 x 1 map: fine in eval, needs batch >= 2
+    in training (accepted; every BN must run in forward for DeepInversion's BN-statistics hooks).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.bn(self.conv(_gap(x))))
+
+
+class FFM(nn.Module):
+    """Feature Fusion Module (paper Fig. 2c): fuse, then channel attention with a residual.
+
+    [B x Ci x h x w, ...] -> f = ReLU(BN(conv1x1(concat))) (B x 256 x h x w),
+    a = sigmoid(conv1x1(ReLU(conv1x1(GAP(f))))), output f + f * a.
+    The fusion conv is 1x1 as in the public BiSeNet implementations (TorchSeg, CoinCheung);
+    a 3x3 one would add 2.1 M parameters and ~9.7 GMACs at 512x512 to the ResNet-18 model and
+    miss the reference sizes (about 12.6 M parameters, about 13 GMACs).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int = 256):
+        super().__init__()
+        self.fuse = ConvBNReLU(in_ch, out_ch, kernel_size=1)
+        self.attention = nn.Sequential(
+            nn.Conv2d(out_ch, out_ch, 1, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 1, bias=True),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        f = self.fuse(torch.cat(list(feats), dim=1))
+        return f + f * self.attention(_gap(f))
+
+
+@dataclass
+class SegOutput:
+    """What :class:`BiSeNet` returns.
+
+    logits:   B x C x H x W, main head, upsampled to the input size.
+    aux:      (aux1, aux2) logits, each B x C x H x W, in training mode only; None in eval.
+    features: "spatial" (B x 256 x H/8), "cx1" (B x C3 x H/8), "cx2" (B x C4 x H/8),
+              "ffm" (B x 256 x H/8), "body" (layer4, B x C4 x H/32, before the ARM).
+    """
+
+    logits: Tensor
+    aux: tuple[Tensor, Tensor] | None
+    features: dict[str, Tensor]
+
+
+class BiSeNet(nn.Module):
+    """BiSeNet V1 with a ResNet context path and three incremental heads (main, aux1, aux2).
+
+    ``classes_per_step[0]`` includes background (channel 0). ``pretrained`` applies to the
+    backbone only: None (from scratch), "imagenet" (torchvision file from the torch hub cache,
+    never downloaded) or a path to a ResNet state dict.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        classes_per_step: Sequence[int] = (21,),
+        pretrained: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        classes_per_step = check_classes_per_step(classes_per_step)
+        self.backbone = ResNetBackbone(backbone, pretrained=pretrained)
+        c3, c4 = self.backbone.out_channels
+        self.spatial_path = SpatialPath()
+        self.arm16 = ARM(c3)
+        self.arm32 = ARM(c4)
+        self.ffm = FFM(SpatialPath.out_channels + c3 + c4, 256)
+        self.head = IncrementalHead(256, classes_per_step)
+        # Auxiliary heads on the context features (paper Eq. 3's two auxiliary losses).
+        self.aux1 = IncrementalHead(c3, classes_per_step)
+        self.aux2 = IncrementalHead(c4, classes_per_step)
+
+    @property
+    def classes_per_step(self) -> list[int]:
+        return self.head.classes_per_step
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def heads(self) -> tuple[IncrementalHead, IncrementalHead, IncrementalHead]:
+        """(main, aux1, aux2)."""
+        return self.head, self.aux1, self.aux2
+
+    def add_step(self, n_new: int, init_balanced: bool = True) -> None:
+        """Add `n_new` classes to all three heads; MiB's init_balanced on each if asked."""
+        for head in self.heads():
+            head.add_step(n_new)
+            if init_balanced:
+                head.init_balanced(n_new)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """B x 3 x H x W -> the named features of :class:`SegOutput` (all but body at 1/8)."""
+        spatial = self.spatial_path(x)
+        f16, body = self.backbone(x)
+        size = spatial.shape[-2:]
+        # Global context (paper Sec. 3.2): the pooled 1/32 feature, broadcast over the map.
+        cx2 = _resize(self.arm32(body) + _gap(body), size)
+        cx1 = _resize(self.arm16(f16), size)
+        ffm = self.ffm((spatial, cx1, cx2))
+        return {"spatial": spatial, "cx1": cx1, "cx2": cx2, "ffm": ffm, "body": body}
+
+    def forward(self, x: Tensor) -> SegOutput:
+        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W)."""
+        feats = self.forward_features(x)
+        size = x.shape[-2:]
+        logits = _resize(self.head(feats["ffm"]), size)
+        aux = None
+        if self.training:
+            aux = (_resize(self.aux1(feats["cx1"]), size), _resize(self.aux2(feats["cx2"]), size))
+        return SegOutput(logits=logits, aux=aux, features=feats)
+
+
+MODELS: dict[str, str] = {
+    "bisenet_r18": "resnet18",
+    "bisenet_r50": "resnet50",
+    "bisenet_r101": "resnet101",
+}
+
+
+def build_model(
+    name: str,
+    classes_per_step: Sequence[int],
+    pretrained: str | os.PathLike | None = None,
+) -> BiSeNet:
+    """Build a zoo model by name ("bisenet_r18", "bisenet_r50", "bisenet_r101")."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    return BiSeNet(MODELS[name], classes_per_step, pretrained=pretrained)
