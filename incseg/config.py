@@ -92,9 +92,9 @@ def source_from_cfg(cfg: DictConfig, progress: bool = True):
 
     root = cfg.data.get("root")
     if cfg.dataset.name == "shapes" and root in (None, "", "null"):
-        from incseg.data.shapes import ensure_shapes, shapes_params
+        from incseg.data.shapes import ShapesParams, ensure_shapes
 
-        params = shapes_params(_plain(cfg.dataset.get("generator")) or {})
+        params = ShapesParams.from_dict(_plain(cfg.dataset.get("generator")) or {})
         root = ensure_shapes(params, cache_dir_from_cfg(cfg), progress=progress)
     return make_source(cfg.dataset.name, root)
 
@@ -131,3 +131,29 @@ def check_overrides(argv: Sequence[str]) -> None:
         for v in value.split(","):
             if v not in options:
                 raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole config before anything trains (SPEC 9): task, model, method, data keys."""
+    from incseg.models import MODELS
+
+    task = task_from_cfg(cfg)
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"unknown model {cfg.model.name!r}; choose one of {', '.join(MODELS)}")
+    if cfg.data.unseen_as not in ("ignore", "background"):
+        raise ConfigError(f"data.unseen_as={cfg.data.unseen_as!r}: use ignore or background")
+    if cfg.data.test_mode not in ("resize", "full"):
+        raise ConfigError(f"data.test_mode={cfg.data.test_mode!r}: use resize or full")
+    for key in ("batch_size", "crop"):
+        if int(cfg.data[key]) < (2 if key == "batch_size" else 8):
+            raise ConfigError(f"data.{key}={cfg.data[key]} is too small (BatchNorm after global "
+                              "pooling needs a batch of at least 2; crops of at least 8 px)")
+    for key in ("epochs", "epochs_incremental"):
+        if int(cfg.train[key]) < 1:
+            raise ConfigError(f"train.{key} must be at least 1")
+    if task.num_steps == 1 and not cfg.method.get("joint", False):
+        pass  # an offline task trained by an incremental method is just step 0
+    from incseg.protocol import method_spec
+
+    if not cfg.method.get("joint", False):
+        method_spec(cfg)

@@ -18,6 +18,16 @@ from incseg.tasks import Task
 log = logging.getLogger(__name__)
 
 
+def _single_threaded(worker_id: int) -> None:
+    """Loader workers decode and augment; letting each also spawn a thread pool for torch and
+    OpenCV oversubscribes the cores that the training step needs."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
 def step_selection(source: Source, task: Task, step: int, overlap: bool, cache: Path | None,
                    progress: bool = True) -> dict[str, list[int]]:
     """Indices into ``source.samples(split)`` for the training images of ``step`` and the
@@ -85,7 +95,7 @@ class IncrementalDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                           drop_last=drop_last, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
-                          pin_memory=False)
+                          worker_init_fn=_single_threaded, pin_memory=False)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")

@@ -1,0 +1,127 @@
+"""Model hand-over files and Lightning's epoch checkpoints, written atomically, loaded safely.
+
+A step's model is handed to the next step through ``checkpoints/step<t>.pt``: the state dict
+plus what it is (model name, classes per step, task steps), so a checkpoint from another task or
+model is refused with one line instead of a shape error deep inside ``load_state_dict``.
+Everything is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from incseg.errors import CheckpointError
+from incseg.io import atomic_path
+from incseg.models import BiSeNet, build_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = "incseg-model/1"
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> dict:
+    """``torch.load(weights_only=True)`` with a one-line error for a truncated/foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle of foreign objects, ...
+        raise CheckpointError(f"{what} {path} is unreadable or truncated ({type(err).__name__}); "
+                              "delete it and rerun to rebuild it") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path} is not an incseg checkpoint")
+    return obj
+
+
+def save_model(path: str | Path, model: BiSeNet, model_name: str, task_steps, step: int,
+               extra: dict | None = None) -> None:
+    payload = {"format": FORMAT, "model": model_name,
+               "classes_per_step": model.classes_per_step,
+               "task_steps": [list(map(int, s)) for s in task_steps], "step": int(step),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               **(extra or {})}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def load_model(path: str | Path, model_name: str, task_steps, step: int) -> BiSeNet:
+    """The model of ``step`` saved by :func:`save_model`; its classes must match the task."""
+    ckpt = safe_load(path, "model checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
+                              f"{ckpt.get('format')!r}); delete it and rerun")
+    want = [list(map(int, s)) for s in task_steps[: step + 1]]
+    have = ckpt.get("task_steps", [])[: ckpt.get("step", -1) + 1]
+    if have != want:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on classes {have} but step {step} of this task needs "
+            f"{want}; use the checkpoint of the same task or resume=never to retrain"
+        )
+    if ckpt.get("model") != model_name:
+        raise CheckpointError(f"checkpoint {path} holds a {ckpt.get('model')} but the config "
+                              f"asks for {model_name}; set model={ckpt.get('model')}")
+    model = build_model(model_name, ckpt["classes_per_step"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written by temp file + rename; read with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return safe_load(path, "epoch checkpoint")
+
+
+class EpochCheckpoint(Callback):
+    """Save the whole training state at every epoch end (resume restarts the next epoch)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's bars write to stdout; ours go to stderr so stdout carries only results."""
+
+    def _on_stderr(self, init):
+        with contextlib.redirect_stdout(sys.stderr):
+            return init()
+
+    def init_sanity_tqdm(self):
+        return self._on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self):
+        return self._on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self):
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_test_tqdm(self):
+        return self._on_stderr(super().init_test_tqdm)
+
+    def init_predict_tqdm(self):
+        return self._on_stderr(super().init_predict_tqdm)

@@ -1,0 +1,388 @@
+"""The MiB protocol loop: one Trainer per stage, hand-over through checkpoint files.
+
+    for step t = 0..T-1:
+        t == 0: TeacherModule (or a hit in the step-0 cache)      -> checkpoints/step0.pt
+        t >= 1: StudentModule vs the frozen model t-1              -> checkpoints/step<t>.pt
+        after each step: test-split evaluation -> state.json (finished steps)
+    results.json / .csv / .md
+
+Resume (SPEC 8): the run directory is deterministic; ``state.json`` records the config hash and
+the finished steps. Rerunning the same command skips finished steps and restarts an interrupted
+one from its last epoch-end checkpoint (``checkpoints/step<t>-last.ckpt``, RNG states inside).
+Every random draw of a step derives from (seed, step[, epoch]), so a resumed run reproduces the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from incseg.checkpoints import (
+    AtomicCheckpointIO,
+    EpochCheckpoint,
+    StderrProgressBar,
+    load_model,
+    safe_load,
+    save_model,
+)
+from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
+from incseg.data.datamodule import IncrementalDataModule
+from incseg.errors import CheckpointError, ConfigError
+from incseg.io import atomic_write_json, content_key, entry_lock, stable_hash
+from incseg.models import build_model
+from incseg.results import format_table, step_record, write_results
+from incseg.systems import StudentModule, TeacherModule
+from incseg.systems.base import Recipe
+from incseg.systems.student import MethodSpec
+from incseg.tasks import Task
+
+log = logging.getLogger("incseg.protocol")
+
+#: config keys that do not change a run's numbers (ignored by the resume check and cache keys)
+VOLATILE = ("resume", "logger", "paths", "hydra", "experiment")
+
+
+def is_rank_zero() -> bool:
+    """Lightning's DDP relaunches the command per rank with LOCAL_RANK/NODE_RANK set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed for (seed, step[, epoch]): independent of what ran before in this process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """The resolved config minus keys that cannot change the numbers."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in VOLATILE:
+        plain.pop(key, None)
+    plain.get("data", {}).pop("num_workers", None)
+    plain.get("trainer", {}).pop("progress_bar", None)
+    return plain
+
+
+@dataclass
+class RunState:
+    """``state.json``: which steps of this run are finished, under which config."""
+
+    path: Path
+    config_hash: str
+    steps: dict[int, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: Path, cfg: DictConfig) -> RunState:
+        path = run_dir / "state.json"
+        h = stable_hash(fingerprint(cfg))
+        if cfg.resume not in ("auto", "never"):
+            raise ConfigError(f"resume={cfg.resume!r} is not valid; use auto or never")
+        if cfg.resume == "never" or not path.exists():
+            for stale in ("checkpoints", "state.json", "results.json"):
+                p = run_dir / stale
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            return cls(path, h)
+        import json
+
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is corrupt; starting the run afresh", path)
+            return cls(path, h)
+        if data.get("config_hash") != h:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; rerun with resume=never to "
+                "replace it, or choose another directory with hydra.run.dir=DIR"
+            )
+        steps = {int(k): v for k, v in data.get("steps", {}).items()}
+        if steps:
+            log.info("resuming %s: steps %s already finished", run_dir, sorted(steps))
+        return cls(path, h, steps)
+
+    def finish_step(self, step: int, record: dict) -> None:
+        self.steps[step] = record
+        atomic_write_json(self.path, {"config_hash": self.config_hash,
+                                      "steps": {str(k): v for k, v in sorted(self.steps.items())}})
+
+
+def recipe(cfg: DictConfig, step: int) -> Recipe:
+    t = cfg.train
+    return Recipe(lr=float(t.lr if step == 0 else t.lr_incremental), momentum=float(t.momentum),
+                  nesterov=bool(t.nesterov), weight_decay=float(t.weight_decay),
+                  poly_power=float(t.poly_power), channels_last=bool(t.channels_last))
+
+
+def method_spec(cfg: DictConfig) -> MethodSpec:
+    m = OmegaConf.to_container(cfg.method, resolve=True)
+    m.pop("joint", None)
+    try:
+        return MethodSpec(**m)
+    except TypeError as err:
+        raise ConfigError(f"method config: {err}") from None
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    run_dir: Path
+    task: Task
+    source: object
+    cache: Path
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        return str(self.run_dir)
+
+
+def make_datamodule(ctx: Context, task: Task, step: int) -> IncrementalDataModule:
+    d = ctx.cfg.data
+    return IncrementalDataModule(
+        ctx.source, task, step, overlap=bool(ctx.cfg.overlap),
+        void_as_background=bool(d.void_as_background), unseen_as=str(d.unseen_as),
+        crop=int(d.crop), test_mode=str(d.test_mode), batch_size=int(d.batch_size),
+        eval_batch_size=d.eval_batch_size, num_workers=int(d.num_workers),
+        hflip=bool(d.augment.hflip), rotation=float(d.augment.rotation),
+        color_jitter=float(d.augment.color_jitter), seed=derive_seed(ctx.cfg.seed, step),
+        cache_dir=ctx.cache, progress=bool(ctx.cfg.trainer.progress_bar))
+
+
+def make_loggers(ctx: Context, step: int, job_type: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    kind = ctx.cfg.logger.name
+    if kind == "none":
+        return []
+    loggers = [CSVLogger(save_dir=str(ctx.run_dir), name="logs", version=f"step{step}")]
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        lc = ctx.cfg.logger
+        loggers.append(WandbLogger(
+            project=str(lc.project), entity=lc.get("entity"), group=ctx.group,
+            job_type=job_type, name=f"step{step}", save_dir=str(ctx.run_dir),
+            offline=bool(lc.offline), reinit="finish_previous",
+            config={"task": ctx.task.name, "method": str(ctx.cfg.method.name), "step": step,
+                    "seed": int(ctx.cfg.seed), "dataset": ctx.task.dataset,
+                    "config": fingerprint(ctx.cfg)}))
+    return loggers
+
+
+def make_trainer(ctx: Context, step: int, epochs: int, job_type: str) -> L.Trainer:
+    tc = ctx.cfg.trainer
+    ckpt = ctx.run_dir / "checkpoints" / f"step{step}-last.ckpt"
+    callbacks = [EpochCheckpoint(ckpt)]
+    if tc.progress_bar:
+        callbacks.append(StderrProgressBar())
+    return L.Trainer(
+        accelerator=str(tc.accelerator), devices=tc.devices, strategy=str(tc.strategy),
+        precision=str(tc.precision), max_epochs=int(epochs), logger=make_loggers(ctx, step,
+                                                                                 job_type),
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
+        enable_progress_bar=bool(tc.progress_bar), enable_model_summary=False,
+        num_sanity_val_steps=0, check_val_every_n_epoch=int(ctx.cfg.train.val_every),
+        log_every_n_steps=int(tc.log_every_n_steps), default_root_dir=str(ctx.run_dir),
+        use_distributed_sampler=False, deterministic=bool(tc.deterministic),
+        limit_val_batches=tc.get("limit_val_batches", 1.0))
+
+
+def fit(ctx: Context, trainer: L.Trainer, module, dm, step: int) -> None:
+    ckpt = ctx.run_dir / "checkpoints" / f"step{step}-last.ckpt"
+    resume_from = None
+    if ckpt.exists():
+        try:
+            safe_load(ckpt, "epoch checkpoint")
+            resume_from = str(ckpt)
+            log.info("step %d: resuming from the epoch checkpoint %s", step, ckpt)
+        except CheckpointError as err:
+            log.warning("%s; training step %d from its start", err, step)
+            ckpt.unlink()
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+
+
+def step0_key(ctx: Context) -> str:
+    """Everything the step-0 model depends on: a method sweep shares it across FT/LwF/ILT/MiB
+    and across tasks with the same step 0 (15-5 and 15-5s)."""
+    fp = fingerprint(ctx.cfg)
+    return content_key("step0", {
+        "dataset": fp["dataset"], "data_root": str(ctx.source.root), "data": fp["data"],
+        "overlap": fp["overlap"], "classes": ctx.task.steps[0], "model": fp["model"],
+        "train": {k: v for k, v in fp["train"].items() if not k.endswith("_incremental")},
+        "trainer": {k: fp["trainer"].get(k) for k in ("precision", "accelerator")},
+        "seed": fp["seed"],
+    })
+
+
+def train_step0(ctx: Context, dm) -> tuple:
+    cfg = ctx.cfg
+    model = build_model(cfg.model.name, [len(ctx.task.steps[0])], cfg.model.pretrained)
+    module = TeacherModule(model, ctx.task, 0, recipe(cfg, 0))
+    trainer = make_trainer(ctx, 0, cfg.train.epochs, "teacher")
+    if not cfg.protocol.step0_cache:
+        fit(ctx, trainer, module, dm, 0)
+        return module, trainer
+    key = step0_key(ctx)
+    entry = ctx.cache / "step0" / f"{key}.pt"
+    ctx.provenance.setdefault("cache_keys", {})["step0"] = key
+    with entry_lock(entry):
+        if entry.exists():
+            try:
+                cached = load_model(entry, cfg.model.name, ctx.task.steps, 0)
+                model.load_state_dict(cached.state_dict())
+                log.info("step-0 cache hit: %s (step 0 is not retrained)", entry)
+                ctx.provenance["step0_cache"] = "hit"
+                return module, trainer
+            except CheckpointError as err:
+                log.warning("step-0 cache entry unusable (%s); retraining", err)
+                entry.unlink()
+        log.info("step-0 cache miss: training step 0 (entry %s)", entry.name)
+        ctx.provenance["step0_cache"] = "miss"
+        fit(ctx, trainer, module, dm, 0)
+        save_model(entry, module.model, cfg.model.name, ctx.task.steps, 0)
+    return module, trainer
+
+
+def run_step(ctx: Context, step: int):
+    cfg = ctx.cfg
+    L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
+    dm = make_datamodule(ctx, ctx.task, step)
+    if step == 0:
+        return train_step0(ctx, dm)
+    prev = ctx.run_dir / "checkpoints" / f"step{step - 1}.pt"
+    old = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
+    model = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
+    spec = method_spec(cfg)
+    model.add_step(len(ctx.task.steps[step]), init_balanced=spec.init_balanced)
+    module = StudentModule(model, old, ctx.task, step, recipe(cfg, step), spec)
+    trainer = make_trainer(ctx, step, cfg.train.epochs_incremental, "student")
+    fit(ctx, trainer, module, dm, step)
+    return module, trainer
+
+
+def run_joint(ctx: Context):
+    cfg = ctx.cfg
+    L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
+    joint = ctx.task.joint()
+    dm = make_datamodule(ctx, joint, 0)
+    model = build_model(cfg.model.name, [len(joint.steps[0])], cfg.model.pretrained)
+    module = TeacherModule(model, joint, 0, recipe(cfg, 0), score_task=ctx.task,
+                           score_step=ctx.task.num_steps - 1)
+    trainer = make_trainer(ctx, 0, cfg.train.epochs, "teacher")
+    fit(ctx, trainer, module, dm, 0)
+    return module, trainer, joint
+
+
+def evaluate(trainer: L.Trainer, module, dm) -> dict:
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module.test_summary
+
+
+def provenance(cfg: DictConfig) -> dict:
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else platform.processor() or platform.machine())
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": commit,
+        "versions": {p: ver(p) for p in ("incseg", "torch", "torchvision", "lightning",
+                                          "hydra-core", "albumentations", "torchmetrics",
+                                          "numpy")},
+        "device": device, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.trainer.connectors"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # the frozen previous model is in eval mode on purpose (BN statistics fixed)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+
+
+def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) every step of the task in ``run_dir``; returns the results dict."""
+    quiet_lightning()
+    run_dir = Path(run_dir)
+    task = task_from_cfg(cfg)
+    joint = bool(cfg.method.get("joint", False))
+    state = RunState.open(run_dir, cfg)
+    source = source_from_cfg(cfg, progress=bool(cfg.trainer.progress_bar))
+    ctx = Context(cfg, run_dir, task, source, cache_dir_from_cfg(cfg))
+    ctx.provenance = provenance(cfg)
+    walls = {}
+    steps = [0] if joint else range(task.num_steps)
+    for t in steps:
+        if t in state.steps and (run_dir / "checkpoints" / f"step{t}.pt").exists():
+            log.info("step %d already finished: skipped", t)
+            continue
+        start = time.perf_counter()
+        if joint:
+            module, trainer, trained_task = run_joint(ctx)
+            classes = task.classes_seen(task.num_steps - 1)
+        else:
+            module, trainer = run_step(ctx, t)
+            trained_task, classes = task, task.classes_added(t)
+        dm = make_datamodule(ctx, trained_task, t)
+        summary = evaluate(trainer, module, dm)
+        walls[t] = round(time.perf_counter() - start, 2)
+        save_model(run_dir / "checkpoints" / f"step{t}.pt", module.model, cfg.model.name,
+                   trained_task.steps, t)
+        record = step_record(t, classes, summary, wall_time_s=walls[t],
+                             step0_cache=ctx.provenance.get("step0_cache") if t == 0 else None)
+        state.finish_step(t, record)
+        (run_dir / "checkpoints" / f"step{t}-last.ckpt").unlink(missing_ok=True)
+        log.info("step %d: old %s new %s all %s (%.1f s)", t, _fmt(record["miou_old"]),
+                 _fmt(record["miou_new"]), _fmt(record["miou_all"]), walls[t])
+        _finish_wandb()
+    header = {"dataset": task.dataset, "task": task.name, "method": str(cfg.method.name),
+              "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name)}
+    records = [state.steps[t] for t in sorted(state.steps)]
+    ctx.provenance["wall_times_s"] = walls
+    return write_results(run_dir, header, records, ctx.provenance)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(quiet=True)
+    except ImportError:
+        pass
+
+
+__all__ = ["format_table", "run_protocol"]

@@ -1,0 +1,250 @@
+"""Run outputs: ``results.json`` (SPEC 11), ``results.csv`` and ``results.md`` (SPEC 7).
+
+``results.json``::
+
+    {<header: dataset, task, method, overlap, seed, ...>,
+     "steps": [{"step", "classes", "iou": {"<dataset class id>": float|null}, "miou_old",
+                "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", ...}, ...],
+     "final": {"old", "new", "all", "avg"},
+     "provenance": {...}}
+
+``results.csv`` is long and tidy: columns ``step,class,iou``; one row per (step, seen class id)
+and, per step, rows whose class is ``miou_old``, ``miou_new``, ``miou_all``, ``miou_old_nobg``,
+``miou_all_nobg`` and ``avg`` (the mean of ``miou_all`` over steps 0..step, so the last step's
+``avg`` is the run's final avg). A null IoU is an empty cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from incseg.errors import DataError
+from incseg.io import atomic_write_json, atomic_write_text
+from incseg.metrics import mean_over_steps
+
+DECIMALS = 6
+HEADER_KEYS = ("dataset", "task", "method", "overlap", "seed")
+TOP_KEYS = (*HEADER_KEYS, "steps", "final", "provenance")
+STEP_KEYS = ("step", "classes", "iou", "miou_old", "miou_new", "miou_all")
+MIOU_KEYS = ("miou_old", "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg")
+FINAL_KEYS = ("old", "new", "all", "avg")
+CONVENTION = (
+    "old = background + step-0 classes, new = classes added after step 0; mIoU averages "
+    "classes present in the ground truth (MiB); IoU in [0,1]"
+)
+
+
+def _num(x: Any) -> float | None:
+    """A metric value as a float rounded to 6 decimals; None (and NaN/inf) -> None."""
+    if x is None:
+        return None
+    if hasattr(x, "item"):
+        x = x.item()
+    x = float(x)
+    return round(x, DECIMALS) if math.isfinite(x) else None
+
+
+def step_record(step: int, classes_added: Sequence[int], summary: Mapping[str, Any],
+                **extra: Any) -> dict[str, Any]:
+    """The record of one step: classes added, per-class IoU and mIoUs (+ ``extra`` keys)."""
+    rec: dict[str, Any] = {
+        "step": int(step),
+        "classes": [int(c) for c in classes_added],
+        "iou": {str(k): _num(v) for k, v in summary["iou"].items()},
+    }
+    for key in MIOU_KEYS:
+        rec[key] = _num(summary.get(key))
+    rec.update(extra)
+    return rec
+
+
+def final_block(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """old/new/all of the last step and avg = mean over steps of ``miou_all``."""
+    if not steps:
+        raise ValueError("final_block needs at least one step record")
+    last = steps[-1]
+    return {
+        "old": _num(last["miou_old"]),
+        "new": _num(last["miou_new"]),
+        "all": _num(last["miou_all"]),
+        "avg": _num(mean_over_steps(s["miou_all"] for s in steps)),
+    }
+
+
+def _round_step(rec: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(rec)
+    out["iou"] = {str(k): _num(v) for k, v in rec["iou"].items()}
+    for key in MIOU_KEYS:
+        if key in out:
+            out[key] = _num(out[key])
+    return out
+
+
+def _missing_key(results: Any) -> str | None:
+    """The first required key absent from ``results`` (dotted path), or None if complete."""
+    if not isinstance(results, Mapping):
+        return "<top-level object>"
+    for key in TOP_KEYS:
+        if key not in results:
+            return key
+    steps = results["steps"]
+    if not isinstance(steps, list) or not steps:
+        return "steps (a non-empty list)"
+    for i, rec in enumerate(steps):
+        if not isinstance(rec, Mapping):
+            return f"steps[{i}]"
+        for key in STEP_KEYS:
+            if key not in rec:
+                return f"steps[{i}].{key}"
+        if not isinstance(rec["iou"], Mapping):
+            return f"steps[{i}].iou (an object)"
+    final = results["final"]
+    if not isinstance(final, Mapping):
+        return "final (an object)"
+    for key in FINAL_KEYS:
+        if key not in final:
+            return f"final.{key}"
+    return None
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _run_label(results: Mapping[str, Any]) -> str:
+    method = str(results.get("method", "?"))
+    replay = results.get("replay")
+    if replay and str(replay) != "none":
+        method += f"+{replay}"
+    dataset, task = results.get("dataset", "?"), results.get("task", "?")
+    return f"{dataset} {task} {method} seed{results.get('seed', '?')}"
+
+
+def _csv_text(steps: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["step", "class", "iou"])
+    alls: list[float | None] = []
+    for rec in steps:
+        step = rec["step"]
+        for cls, iou in rec["iou"].items():
+            writer.writerow([step, cls, "" if iou is None else repr(iou)])
+        for key in MIOU_KEYS:
+            if key in rec:
+                val = rec[key]
+                writer.writerow([step, key, "" if val is None else repr(val)])
+        alls.append(rec["miou_all"])
+        avg = _num(mean_over_steps(alls))
+        writer.writerow([step, "avg", "" if avg is None else repr(avg)])
+    return buf.getvalue()
+
+
+def _md_text(results: Mapping[str, Any]) -> str:
+    steps = results["steps"]
+    final = results["final"]
+    lines = [f"# {_run_label(results)}", ""]
+    lines.append(f"overlap: {results.get('overlap')}")
+    lines.append("")
+    lines.append("| step | classes added | old | new | all | old w/o bg | all w/o bg |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|")
+    for rec in steps:
+        classes = " ".join(str(c) for c in rec["classes"])
+        cells = [_fmt(rec.get(k), 4) for k in MIOU_KEYS[:3]]
+        cells += [_fmt(rec.get(k), 4) for k in MIOU_KEYS[3:]]
+        lines.append(f"| {rec['step']} | {classes} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| final | old | new | all | avg |")
+    lines.append("|---|---:|---:|---:|---:|")
+    lines.append("| | " + " | ".join(_fmt(final[k], 4) for k in FINAL_KEYS) + " |")
+    lines.append("")
+    lines.append(CONVENTION + "; avg = mean over steps of all (PLOP).")
+    lines.append("")
+    # Per-class IoU: classes (task order of first appearance) as rows, steps as columns.
+    classes: list[str] = []
+    for rec in steps:
+        for cls in rec["iou"]:
+            if cls not in classes:
+                classes.append(cls)
+    lines.append("| class | " + " | ".join(f"step {rec['step']}" for rec in steps) + " |")
+    lines.append("|---:|" + "---:|" * len(steps))
+    for cls in classes:
+        cells = [_fmt(rec["iou"].get(cls), 4) for rec in steps]
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Per-class IoU; '-' = class not seen yet or absent from the ground truth. "
+                 + CONVENTION + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: str | os.PathLike, header: Mapping[str, Any],
+                  steps: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``run_dir`` (atomically).
+
+    ``header`` holds at least dataset, task, method, overlap and seed. Returns the results dict.
+    """
+    rounded = [_round_step(rec) for rec in steps]
+    results: dict[str, Any] = {
+        **header,
+        "steps": rounded,
+        "final": final_block(list(steps)),
+        "provenance": dict(provenance),
+    }
+    missing = _missing_key(results)
+    if missing is not None:
+        raise ValueError(f"results are missing the required key {missing!r}")
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.csv", _csv_text(rounded))
+    atomic_write_text(run_dir / "results.md", _md_text(results))
+    return results
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A compact terminal table: per-step old/new/all and the final old/new/all/avg."""
+    label = " " + _run_label(results)
+    rows = [f" step {rec['step']}" for rec in results["steps"]] + [" final"]
+    width = max(len(label), *(len(r) for r in rows))
+
+    def cells(values: Sequence[float | None]) -> str:
+        return " ".join(_fmt(v, 3).center(5) for v in values).rstrip()
+
+    out = [f"{label:<{width}} | " + " ".join(f"{h:<5}" for h in FINAL_KEYS).rstrip()]
+    for row, rec in zip(rows, results["steps"]):
+        vals = [rec.get("miou_old"), rec.get("miou_new"), rec.get("miou_all")]
+        out.append(f"{row:<{width}} | " + cells(vals))
+    final = results["final"]
+    out.append(f"{rows[-1]:<{width}} | " + cells([final[k] for k in FINAL_KEYS]))
+    return "\n".join(out)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``results.json`` and check its schema; raise DataError naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such results file; run the protocol first") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read results file ({exc.strerror})") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); re-run the protocol"
+        ) from None
+    missing = _missing_key(results)
+    if missing is not None:
+        raise DataError(
+            f"{path}: missing key {missing!r} in results; re-run the protocol to rewrite it"
+        )
+    return results

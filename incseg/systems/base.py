@@ -1,0 +1,155 @@
+"""The shared training template: BiSeNet forward, deep supervision, SGD + poly, evaluation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from incseg.errors import IncsegError
+from incseg.losses import bisenet_loss, cross_entropy, unbiased_cross_entropy
+from incseg.metrics import SegMetric, summarize
+from incseg.models import BiSeNet
+from incseg.tasks import Task
+
+
+class TrainingError(IncsegError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class Recipe:
+    """SGD (momentum, Nesterov as in MiB), weight decay, poly LR per iteration (power 0.9)."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    channels_last: bool = False
+
+
+class SegmentationSystem(L.LightningModule):
+    """Trains ``model`` on one step of ``task`` and evaluates it.
+
+    Evaluation is scored with ``score_task`` at ``score_step`` (for Joint: the incremental task
+    being compared with, so old/new follow its split). Confusion matrices of the last val and
+    test runs are kept in ``val_confusion`` / ``test_confusion``; summaries in ``*_summary``.
+    """
+
+    def __init__(self, model: BiSeNet, task: Task, step: int, recipe: Recipe,
+                 score_task: Task | None = None, score_step: int | None = None):
+        super().__init__()
+        self.model = model
+        self.task, self.step, self.recipe = task, step, recipe
+        self.score_task = score_task or task
+        self.score_step = step if score_step is None else score_step
+        seen = len(self.score_task.classes_seen(self.score_step))
+        if seen != model.num_classes:
+            raise IncsegError(
+                f"the model has {model.num_classes} outputs but step {self.score_step} of task "
+                f"{self.score_task.name} has seen {seen} classes"
+            )
+        self.val_metric = SegMetric(model.num_classes)
+        self.test_metric = SegMetric(model.num_classes)
+        self.val_summary: dict | None = None
+        self.test_summary: dict | None = None
+        self.test_confusion: Tensor | None = None
+
+    # ---- the method: subclasses define the training loss ------------------------------------
+    def segmentation_loss(self, out, labels: Tensor, num_old: int | None = None) -> Tensor:
+        """Paper Eq. 3: L_B = L(main) + L(aux1) + L(aux2), L = CE or MiB's unbiased CE."""
+        if num_old is None:
+            return bisenet_loss(out.logits, out.aux, labels, cross_entropy)
+        return bisenet_loss(out.logits, out.aux, labels,
+                            lambda z, y: unbiased_cross_entropy(z, y, num_old))
+
+    def training_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        out = self.model(images)
+        return {"loss": self.segmentation_loss(out, labels)}
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """Inference: B x 3 x H x W -> logits B x C x H x W."""
+        return self.model(images).logits
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if self.recipe.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        terms = self.training_loss(self._prepare(images), labels)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.step}, epoch "
+                f"{self.current_epoch}, batch {batch_idx}; lower the learning rate "
+                "(train.lr / train.lr_incremental) or use trainer.precision=32-true — the last "
+                "good epoch checkpoint is kept, so rerunning resumes from it"
+            )
+        bs = images.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs)
+        return loss
+
+    def _eval_update(self, metric: SegMetric, batch) -> None:
+        images, labels = batch
+        metric.update(self.model(self._prepare(images)).logits, labels)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_update(self.val_metric, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_summary = summarize(self.val_metric.compute(), self.score_task, self.score_step)
+        self.val_metric.reset()
+        for key in ("miou_all", "miou_old", "miou_new"):
+            if self.val_summary.get(key) is not None:
+                self.log(f"val/{key}", self.val_summary[key], prog_bar=key == "miou_all")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_update(self.test_metric, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_metric.compute().cpu()
+        self.test_summary = summarize(self.test_confusion, self.score_task, self.score_step)
+        self.test_metric.reset()
+        for key in ("miou_all", "miou_old", "miou_new"):
+            if self.test_summary.get(key) is not None:
+                self.log(f"test/{key}", self.test_summary[key])
+
+    def configure_optimizers(self):
+        r = self.recipe
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                              weight_decay=r.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def poly(it: int) -> float:
+            return max(0.0, 1.0 - it / total) ** r.poly_power
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- exact resume: RNG states travel with the epoch checkpoints -------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["incseg_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": list(random.getstate()[1]),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("incseg_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(("MT19937", np.asarray(rng["numpy"], dtype=np.uint32),
+                                 rng["numpy_pos"], 0, 0.0))
+            random.setstate((3, tuple(rng["python"]), None))
+

