@@ -216,46 +216,47 @@ def fit(ctx: Context, trainer: L.Trainer, module, dm, step: int) -> None:
     trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
 
 
-def step0_key(ctx: Context) -> str:
-    """Everything the step-0 model depends on: a method sweep shares it across FT/LwF/ILT/MiB
-    and across tasks with the same step 0 (15-5 and 15-5s)."""
+def teacher_key(ctx: Context, classes: list[int]) -> str:
+    """Everything a teacher model (step 0 or Joint) depends on. The method is not part of it,
+    so a sweep shares step 0 across FT/LwF/ILT/MiB and across tasks with the same step 0
+    (15-5 and 15-5s), and Joint across tasks over the same classes."""
     fp = fingerprint(ctx.cfg)
-    return content_key("step0", {
+    return content_key("teacher", {
         "dataset": fp["dataset"], "data_root": str(ctx.source.root), "data": fp["data"],
-        "overlap": fp["overlap"], "classes": ctx.task.steps[0], "model": fp["model"],
+        "overlap": fp["overlap"], "classes": classes, "model": fp["model"],
         "train": {k: v for k, v in fp["train"].items() if not k.endswith("_incremental")},
         "trainer": {k: fp["trainer"].get(k) for k in ("precision", "accelerator")},
         "seed": fp["seed"],
     })
 
 
-def train_step0(ctx: Context, dm) -> tuple:
+def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
+    """Train a TeacherModule, or load it from the teacher cache (filled under a file lock, so
+    parallel sweep jobs train it once)."""
     cfg = ctx.cfg
-    model = build_model(cfg.model.name, [len(ctx.task.steps[0])], cfg.model.pretrained)
-    module = TeacherModule(model, ctx.task, 0, recipe(cfg, 0))
     trainer = make_trainer(ctx, 0, cfg.train.epochs, "teacher")
     if not cfg.protocol.step0_cache:
         fit(ctx, trainer, module, dm, 0)
-        return module, trainer
-    key = step0_key(ctx)
+        return trainer
+    key = teacher_key(ctx, task.steps[0])
     entry = ctx.cache / "step0" / f"{key}.pt"
-    ctx.provenance.setdefault("cache_keys", {})["step0"] = key
+    ctx.provenance.setdefault("cache_keys", {})[kind] = key
     with entry_lock(entry):
         if entry.exists():
             try:
-                cached = load_model(entry, cfg.model.name, ctx.task.steps, 0)
-                model.load_state_dict(cached.state_dict())
-                log.info("step-0 cache hit: %s (step 0 is not retrained)", entry)
+                cached = load_model(entry, cfg.model.name, task.steps, 0)
+                module.model.load_state_dict(cached.state_dict())
+                log.info("%s cache hit: %s (not retrained)", kind, entry)
                 ctx.provenance["step0_cache"] = "hit"
-                return module, trainer
+                return trainer
             except CheckpointError as err:
-                log.warning("step-0 cache entry unusable (%s); retraining", err)
+                log.warning("%s cache entry unusable (%s); retraining", kind, err)
                 entry.unlink()
-        log.info("step-0 cache miss: training step 0 (entry %s)", entry.name)
+        log.info("%s cache miss: training (entry %s)", kind, entry.name)
         ctx.provenance["step0_cache"] = "miss"
         fit(ctx, trainer, module, dm, 0)
-        save_model(entry, module.model, cfg.model.name, ctx.task.steps, 0)
-    return module, trainer
+        save_model(entry, module.model, cfg.model.name, task.steps, 0)
+    return trainer
 
 
 def run_step(ctx: Context, step: int):
@@ -263,7 +264,9 @@ def run_step(ctx: Context, step: int):
     L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
     dm = make_datamodule(ctx, ctx.task, step)
     if step == 0:
-        return train_step0(ctx, dm)
+        model = build_model(cfg.model.name, [len(ctx.task.steps[0])], cfg.model.pretrained)
+        module = TeacherModule(model, ctx.task, 0, recipe(cfg, 0))
+        return module, fit_teacher(ctx, module, dm, ctx.task, "step-0")
     prev = ctx.run_dir / "checkpoints" / f"step{step - 1}.pt"
     old = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
     model = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
@@ -283,9 +286,7 @@ def run_joint(ctx: Context):
     model = build_model(cfg.model.name, [len(joint.steps[0])], cfg.model.pretrained)
     module = TeacherModule(model, joint, 0, recipe(cfg, 0), score_task=ctx.task,
                            score_step=ctx.task.num_steps - 1)
-    trainer = make_trainer(ctx, 0, cfg.train.epochs, "teacher")
-    fit(ctx, trainer, module, dm, 0)
-    return module, trainer, joint
+    return module, fit_teacher(ctx, module, dm, joint, "joint"), joint
 
 
 def evaluate(trainer: L.Trainer, module, dm) -> dict:

@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from incseg.cli import report_errors
-from incseg.config import cache_dir_from_cfg, compose, setup_logging, source_from_cfg, task_from_cfg
+from incseg.config import (
+    cache_dir_from_cfg,
+    check_overrides,
+    compose,
+    setup_logging,
+    source_from_cfg,
+    task_from_cfg,
+)
 from incseg.errors import ConfigError
 
 USAGE = "usage: python -m incseg.data {prepare,stats} dataset=NAME [data.root=DIR] [task=NAME] ..."
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("prepare", "stats"):
         raise ConfigError(USAGE)
     setup_logging()
+    check_overrides(argv[1:])
     cfg = compose(argv[1:])
     out = stats(cfg) if argv[0] == "stats" else prepare(cfg)
     print(json.dumps(out))

@@ -1,0 +1,58 @@
+"""Kill a protocol run during step 1 (SIGKILL), rerun the same command: same final numbers as an
+uninterrupted run with the same seed, and step 0 is not retrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["experiment=smoke", "logger=none", "train.epochs_incremental=4",
+        "protocol.step0_cache=false"]
+
+
+def _env(tmp_path):
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
+               INCSEG_CACHE=str(tmp_path / "cache"))
+    return env
+
+
+def _cmd(run_dir):
+    return [sys.executable, "-m", "incseg.run", *ARGS, f"hydra.run.dir={run_dir}"]
+
+
+def test_kill_during_step1_then_resume(tmp_path):
+    env = _env(tmp_path)
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_cmd(ref_dir), env=env, check=True, capture_output=True, timeout=900)
+    reference = json.loads((ref_dir / "results.json").read_text())
+
+    proc = subprocess.Popen(_cmd(run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoints" / "step1-last.ckpt"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "the run never reached an epoch checkpoint of step 1"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+
+    rerun = subprocess.run(_cmd(run_dir), env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "step 0 already finished: skipped" in rerun.stderr
+    assert "step 1: resuming from the epoch checkpoint" in rerun.stderr
+    resumed = json.loads((run_dir / "results.json").read_text())
+
+    def numbers(res):  # everything but the wall times
+        return [{k: v for k, v in s.items() if k != "wall_time_s"} for s in res["steps"]]
+
+    assert numbers(resumed) == numbers(reference)
+    assert resumed["final"] == reference["final"]
