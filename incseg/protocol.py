@@ -43,11 +43,12 @@ from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
 from incseg.data.datamodule import IncrementalDataModule
 from incseg.errors import CheckpointError, ConfigError
 from incseg.io import atomic_write_json, content_key, entry_lock, stable_hash
+from incseg.losses import REPLAY_LOSSES
 from incseg.models import build_model
 from incseg.results import format_table, step_record, write_results
 from incseg.systems import StudentModule, TeacherModule
 from incseg.systems.base import Recipe
-from incseg.systems.student import MethodSpec
+from incseg.systems.student import MethodSpec, ReplaySpec, freeze
 from incseg.tasks import Task
 
 log = logging.getLogger("incseg.protocol")
@@ -145,6 +146,7 @@ class Context:
     source: object
     cache: Path
     provenance: dict = field(default_factory=dict)
+    replay_info: dict = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -163,20 +165,20 @@ def make_datamodule(ctx: Context, task: Task, step: int) -> IncrementalDataModul
         cache_dir=ctx.cache, progress=bool(ctx.cfg.trainer.progress_bar))
 
 
-def make_loggers(ctx: Context, step: int, job_type: str) -> list:
+def make_loggers(ctx: Context, stage: str, step: int, job_type: str) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
     kind = ctx.cfg.logger.name
     if kind == "none":
         return []
-    loggers = [CSVLogger(save_dir=str(ctx.run_dir), name="logs", version=f"step{step}")]
+    loggers = [CSVLogger(save_dir=str(ctx.run_dir), name="logs", version=stage)]
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         lc = ctx.cfg.logger
         loggers.append(WandbLogger(
             project=str(lc.project), entity=lc.get("entity"), group=ctx.group,
-            job_type=job_type, name=f"step{step}", save_dir=str(ctx.run_dir),
+            job_type=job_type, name=stage, save_dir=str(ctx.run_dir),
             offline=bool(lc.offline), reinit="finish_previous",
             config={"task": ctx.task.name, "method": str(ctx.cfg.method.name), "step": step,
                     "seed": int(ctx.cfg.seed), "dataset": ctx.task.dataset,
@@ -184,16 +186,18 @@ def make_loggers(ctx: Context, step: int, job_type: str) -> list:
     return loggers
 
 
-def make_trainer(ctx: Context, step: int, epochs: int, job_type: str) -> L.Trainer:
+def make_trainer(ctx: Context, stage: str, step: int, epochs: int, job_type: str) -> L.Trainer:
+    """A new Trainer for one stage (``step0``, ``step1``, ..., ``joint``): a finished Trainer is
+    never reused (fitting it again silently does nothing)."""
     tc = ctx.cfg.trainer
-    ckpt = ctx.run_dir / "checkpoints" / f"step{step}-last.ckpt"
+    ckpt = ctx.run_dir / "checkpoints" / f"{stage}-last.ckpt"
     callbacks = [EpochCheckpoint(ckpt)]
     if tc.progress_bar:
         callbacks.append(StderrProgressBar())
     return L.Trainer(
         accelerator=str(tc.accelerator), devices=tc.devices, strategy=str(tc.strategy),
-        precision=str(tc.precision), max_epochs=int(epochs), logger=make_loggers(ctx, step,
-                                                                                 job_type),
+        precision=str(tc.precision), max_epochs=int(epochs),
+        logger=make_loggers(ctx, stage, step, job_type),
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
         enable_progress_bar=bool(tc.progress_bar), enable_model_summary=False,
         num_sanity_val_steps=0, check_val_every_n_epoch=int(ctx.cfg.train.val_every),
@@ -202,16 +206,16 @@ def make_trainer(ctx: Context, step: int, epochs: int, job_type: str) -> L.Train
         limit_val_batches=tc.get("limit_val_batches", 1.0))
 
 
-def fit(ctx: Context, trainer: L.Trainer, module, dm, step: int) -> None:
-    ckpt = ctx.run_dir / "checkpoints" / f"step{step}-last.ckpt"
+def fit(ctx: Context, trainer: L.Trainer, module, dm, stage: str) -> None:
+    ckpt = ctx.run_dir / "checkpoints" / f"{stage}-last.ckpt"
     resume_from = None
     if ckpt.exists():
         try:
             safe_load(ckpt, "epoch checkpoint")
             resume_from = str(ckpt)
-            log.info("step %d: resuming from the epoch checkpoint %s", step, ckpt)
+            log.info("%s: resuming from the epoch checkpoint %s", stage, ckpt)
         except CheckpointError as err:
-            log.warning("%s; training step %d from its start", err, step)
+            log.warning("%s; training %s from its start", err, stage)
             ckpt.unlink()
     trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
 
@@ -232,11 +236,12 @@ def teacher_key(ctx: Context, classes: list[int]) -> str:
 
 def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
     """Train a TeacherModule, or load it from the teacher cache (filled under a file lock, so
-    parallel sweep jobs train it once)."""
+    parallel sweep jobs train it once). ``kind`` is ``step-0`` or ``joint``."""
     cfg = ctx.cfg
-    trainer = make_trainer(ctx, 0, cfg.train.epochs, "teacher")
+    stage = "step0" if kind == "step-0" else "joint"
+    trainer = make_trainer(ctx, stage, 0, cfg.train.epochs, "teacher")
     if not cfg.protocol.step0_cache:
-        fit(ctx, trainer, module, dm, 0)
+        fit(ctx, trainer, module, dm, stage)
         return trainer
     key = teacher_key(ctx, task.steps[0])
     entry = ctx.cache / "step0" / f"{key}.pt"
@@ -247,16 +252,102 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
                 cached = load_model(entry, cfg.model.name, task.steps, 0)
                 module.model.load_state_dict(cached.state_dict())
                 log.info("%s cache hit: %s (not retrained)", kind, entry)
-                ctx.provenance["step0_cache"] = "hit"
+                ctx.provenance[f"{kind}_cache"] = "hit"
                 return trainer
             except CheckpointError as err:
                 log.warning("%s cache entry unusable (%s); retraining", kind, err)
                 entry.unlink()
         log.info("%s cache miss: training (entry %s)", kind, entry.name)
-        ctx.provenance["step0_cache"] = "miss"
-        fit(ctx, trainer, module, dm, 0)
+        ctx.provenance[f"{kind}_cache"] = "miss"
+        fit(ctx, trainer, module, dm, stage)
         save_model(entry, module.model, cfg.model.name, task.steps, 0)
     return trainer
+
+
+def replay_spec(cfg: DictConfig) -> ReplaySpec | None:
+    rc = cfg.get("replay")
+    if rc is None or rc.name == "none":
+        return None
+    if rc.loss not in REPLAY_LOSSES:
+        raise ConfigError(f"replay.loss={rc.loss!r} is not valid; use one of "
+                          f"{', '.join(REPLAY_LOSSES)}")
+    weight = rc.weight if rc.weight is not None else rc.weights[rc.loss]
+    return ReplaySpec(kind=str(rc.name), loss=str(rc.loss), weight=float(weight),
+                      temperature=float(rc.temperature))
+
+
+def verifier_model(ctx: Context):
+    """An independent judge of synthetic images: the (cached) Joint model over all classes of
+    the task. It never trains the student; it only scores the replay set."""
+    cfg = ctx.cfg
+    joint = ctx.task.joint()
+    model = build_model(cfg.model.name, [len(joint.steps[0])], cfg.model.pretrained)
+    module = TeacherModule(model, joint, 0, recipe(cfg, 0))
+    with _seeded(derive_seed(cfg.seed, 0, 1)):
+        fit_teacher(ctx, module, make_datamodule(ctx, joint, 0), joint, "joint")
+    return freeze(module.model), {c: i for i, c in enumerate(joint.steps[0])}
+
+
+class _seeded:
+    """Seed everything for a block and restore the global RNG states afterwards."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        import random
+
+        self.states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        L.seed_everything(self.seed, workers=True, verbose=False)
+
+    def __exit__(self, *exc):
+        import random
+
+        torch.set_rng_state(self.states[0])
+        np.random.set_state(self.states[1])
+        random.setstate(self.states[2])
+
+
+def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
+    """The replay images of ``step`` (SPEC 6): synthesised from model t-1 for all its old
+    foreground classes (DeepInversion), or the controls (noise, real exemplars)."""
+    from incseg.inversion import InversionSettings
+    from incseg.replay import ReplayDataset, class_grid, ensure_replay_set, noise_replay_set
+
+    cfg, task = ctx.cfg, ctx.task
+    spec = replay_spec(cfg)
+    if spec is None:
+        return None
+    class_ids = task.classes_before(step)
+    targets = list(range(1, len(class_ids)))  # old foreground channels; background is no target
+    settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
+    if spec.kind == "exemplars":
+        from incseg.data.exemplars import exemplar_dataset
+
+        ds, info = exemplar_dataset(ctx.source, task, step, settings.n_per_class,
+                                    settings.image_size, ctx.cache, derive_seed(cfg.seed, step))
+        dm.replay_dataset = ds
+        return info
+    verifier, channel_of = (verifier_model(ctx) if cfg.replay.verifier == "joint"
+                            else (None, None))
+    verifier_channel_of = ({k: channel_of[c] for k, c in enumerate(class_ids)}
+                           if channel_of else None)
+    make = ensure_replay_set if spec.kind == "deepinversion" else noise_replay_set
+    if spec.kind not in ("deepinversion", "noise"):
+        raise ConfigError(f"replay={spec.kind!r} is not valid; use none, deepinversion, noise "
+                          "or exemplars")
+    rs = make(ctx.cache, old_model, targets, settings, class_ids=class_ids,
+              verifier=verifier, verifier_channel_of=verifier_channel_of,
+              progress=bool(cfg.trainer.progress_bar))
+    ctx.provenance.setdefault("cache_keys", {})[f"replay_step{step}"] = rs.key
+    if is_rank_zero():
+        class_grid(rs, ctx.run_dir / "replay" / f"step{step}_classes.png")
+    dm.replay_dataset = ReplayDataset(rs, hflip=True)
+    info = rs.as_dict()
+    log.info("step %d replay: %d %s images, teacher accuracy %.2f, verifier accuracy %s",
+             step, info["images"], spec.kind, info["teacher_accuracy"],
+             _fmt(info["verifier_accuracy"]))
+    return info
 
 
 def run_step(ctx: Context, step: int):
@@ -272,9 +363,13 @@ def run_step(ctx: Context, step: int):
     model = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
     spec = method_spec(cfg)
     model.add_step(len(ctx.task.steps[step]), init_balanced=spec.init_balanced)
-    module = StudentModule(model, old, ctx.task, step, recipe(cfg, step), spec)
-    trainer = make_trainer(ctx, step, cfg.train.epochs_incremental, "student")
-    fit(ctx, trainer, module, dm, step)
+    replay = build_replay(ctx, step, old, dm)
+    if replay is not None:
+        ctx.replay_info[step] = replay
+    module = StudentModule(model, old, ctx.task, step, recipe(cfg, step), spec,
+                           replay_spec(cfg))
+    trainer = make_trainer(ctx, f"step{step}", step, cfg.train.epochs_incremental, "student")
+    fit(ctx, trainer, module, dm, f"step{step}")
     return module, trainer
 
 
@@ -358,15 +453,19 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         walls[t] = round(time.perf_counter() - start, 2)
         save_model(run_dir / "checkpoints" / f"step{t}.pt", module.model, cfg.model.name,
                    trained_task.steps, t)
+        extra = {"replay": ctx.replay_info[t]} if t in ctx.replay_info else {}
         record = step_record(t, classes, summary, wall_time_s=walls[t],
-                             step0_cache=ctx.provenance.get("step0_cache") if t == 0 else None)
+                             step0_cache=ctx.provenance.get("step-0_cache") if t == 0 else None,
+                             **extra)
         state.finish_step(t, record)
-        (run_dir / "checkpoints" / f"step{t}-last.ckpt").unlink(missing_ok=True)
+        for stage in (f"step{t}", "joint"):
+            (run_dir / "checkpoints" / f"{stage}-last.ckpt").unlink(missing_ok=True)
         log.info("step %d: old %s new %s all %s (%.1f s)", t, _fmt(record["miou_old"]),
                  _fmt(record["miou_new"]), _fmt(record["miou_all"]), walls[t])
         _finish_wandb()
     header = {"dataset": task.dataset, "task": task.name, "method": str(cfg.method.name),
-              "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name)}
+              "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name),
+              "replay": str(cfg.replay.name)}
     records = [state.steps[t] for t in sorted(state.steps)]
     ctx.provenance["wall_times_s"] = walls
     return write_results(run_dir, header, records, ctx.provenance)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -39,8 +38,11 @@ def test_smoke_joint_writes_results_per_spec(tmp_path):
     assert set(step["iou"]) == {str(c) for c in range(21)}  # keyed by dataset class id
     assert all(v is None or 0.0 <= v <= 1.0 for v in step["iou"].values())
     assert step["miou_new"] is not None  # Joint is scored with the task's split (16-20 new)
-    assert on_disk["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0] or True
+    assert on_disk["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert on_disk["provenance"]["config"]["method"]["name"] == "joint"
     assert (run / "results.csv").read_text().startswith("step,class,iou")
+    ious = [v for v in step["iou"].values() if v is not None]
+    assert step["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)
     assert "old" in (run / "results.md").read_text()
 
 
@@ -110,7 +112,7 @@ def test_teacher_unchanged_by_student_step():
 def test_non_finite_loss_names_step_and_batch(monkeypatch):
     module, _ = _student()
     monkeypatch.setattr(module, "training_loss",
-                        lambda x, y: {"loss": torch.tensor(float("nan"))})
+                        lambda x, y, replay=None: {"loss": torch.tensor(float("nan"))})
     with pytest.raises(TrainingError, match="non-finite loss .* step 1, epoch 0, batch 7"):
         module.training_step((torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8).long()), 7)
 
@@ -149,11 +151,3 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path):
         r.stderr.strip().splitlines()[-1]]
     assert "unknown model 'bisenet_r34'" in r.stderr and "bisenet_r18" in r.stderr
     assert not list((tmp_path / "runs").rglob("results.json"))
-
-
-def test_results_json_roundtrip_values(tmp_path):
-    run = tmp_path / "run"
-    run_protocol(smoke_cfg(tmp_path / "cache", "method=joint"), run)
-    data = json.loads((run / "results.json").read_text())
-    ious = [v for v in data["steps"][0]["iou"].values() if v is not None]
-    assert data["steps"][0]["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)

@@ -73,6 +73,8 @@ class IncrementalDataModule(L.LightningDataModule):
         self.train_tf = train_transform(crop, hflip, rotation, color_jitter)
         self.eval_tf = eval_transform(crop, test_mode)
         self.selection: dict[str, list[int]] | None = None
+        #: images replayed beside every real batch (synthetic, noise or exemplars), or None
+        self.replay_dataset = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.selection is not None:
@@ -105,7 +107,17 @@ class IncrementalDataModule(L.LightningDataModule):
                 f"{self.batch_size}; lower data.batch_size"
             )
         sampler = SeededSampler(len(ds), self.seed, self.step, True, self.num_replicas, self.rank)
-        return self._loader(ds, self.batch_size, sampler, drop_last=True)
+        real = self._loader(ds, self.batch_size, sampler, drop_last=True)
+        if self.replay_dataset is None:
+            return real
+        from lightning.pytorch.utilities import CombinedLoader
+
+        # One synthetic batch per real batch (1:1, the paper); the replay set cycles.
+        rs = SeededSampler(len(self.replay_dataset), self.seed + 1, self.step, True,
+                           self.num_replicas, self.rank)
+        replay = self._loader(self.replay_dataset, min(self.batch_size, len(self.replay_dataset)),
+                              rs, drop_last=True)
+        return CombinedLoader({"real": real, "replay": replay}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.eval_batch_size)

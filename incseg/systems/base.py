@@ -68,7 +68,8 @@ class SegmentationSystem(L.LightningModule):
         return bisenet_loss(out.logits, out.aux, labels,
                             lambda z, y: unbiased_cross_entropy(z, y, num_old))
 
-    def training_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor,
+                      replay: Tensor | None = None) -> dict[str, Tensor]:
         out = self.model(images)
         return {"loss": self.segmentation_loss(out, labels)}
 
@@ -83,8 +84,15 @@ class SegmentationSystem(L.LightningModule):
         return images
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        # With replay the loader is a CombinedLoader: {"real": (x, y), "replay": x_synthetic}.
+        replay = None
+        if isinstance(batch, dict):
+            replay = batch.get("replay")
+            batch = batch["real"]
         images, labels = batch
-        terms = self.training_loss(self._prepare(images), labels)
+        if replay is not None:
+            replay = self._prepare(replay)
+        terms = self.training_loss(self._prepare(images), labels, replay)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise TrainingError(

@@ -17,6 +17,7 @@ from incseg.errors import ConfigError
 from incseg.losses import (
     feature_distillation,
     knowledge_distillation,
+    replay_loss,
     unbiased_knowledge_distillation,
 )
 from incseg.models import BiSeNet
@@ -47,6 +48,21 @@ class MethodSpec:
                                   f"{', '.join(valid)}")
 
 
+@dataclass
+class ReplaySpec:
+    """Replay in the student (SPEC 6.2): w * D(z_student, z_teacher) on a synthetic batch.
+
+    ``loss``: mse (first C_o channels, the paper's best), kl (T^2 KL(teacher||student)), ukd
+    (MiB's unbiased KD on the student's full logits). The three differ in scale, so the weight
+    is per loss.
+    """
+
+    kind: str = "deepinversion"
+    loss: str = "mse"
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
 def freeze(model: BiSeNet) -> BiSeNet:
     """Frozen previous model: eval mode (BN running statistics fixed), no gradients."""
     model.eval()
@@ -59,10 +75,11 @@ class StudentModule(SegmentationSystem):
     """Step t >= 1: the method's losses against ``old_model`` (frozen; never updated)."""
 
     def __init__(self, model: BiSeNet, old_model: BiSeNet, task: Task, step: int,
-                 recipe: Recipe, method: MethodSpec):
+                 recipe: Recipe, method: MethodSpec, replay: ReplaySpec | None = None):
         super().__init__(model, task, step, recipe)
         self.old_model = freeze(old_model)
         self.method = method
+        self.replay = replay
         self.num_old = len(task.classes_before(step))
         if old_model.num_classes != self.num_old:
             raise ConfigError(f"the previous model has {old_model.num_classes} outputs but "
@@ -73,7 +90,9 @@ class StudentModule(SegmentationSystem):
         self.old_model.eval()  # Lightning puts every submodule in train mode: not this one
         return self
 
-    def training_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor,
+                      replay: Tensor | None = None) -> dict[str, Tensor]:
+        """L = L_B + lambda L_KD (+ ILT feature term) (+ w D_replay on the synthetic batch)."""
         m = self.method
         out = self.model(images)
         with torch.no_grad():
@@ -88,5 +107,12 @@ class StudentModule(SegmentationSystem):
         if m.feat_weight:
             terms["feat"] = m.feat_weight * feature_distillation(out.features[m.feat_layer],
                                                                  old.features[m.feat_layer])
+        if replay is not None and self.replay is not None:
+            # Both models see the synthetic batch (paper Fig. 4, blue path); no labels needed.
+            z = self.model(replay).logits
+            with torch.no_grad():
+                z_old = self.old_model(replay).logits
+            terms["replay"] = self.replay.weight * replay_loss(
+                self.replay.loss, z, z_old, self.replay.temperature)
         terms["loss"] = sum(terms.values())
         return terms
