@@ -454,6 +454,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         save_model(run_dir / "checkpoints" / f"step{t}.pt", module.model, cfg.model.name,
                    trained_task.steps, t)
         extra = {"replay": ctx.replay_info[t]} if t in ctx.replay_info else {}
+        if module.val_summary is not None:  # model selection and calibration use val, never test
+            extra["val_miou_all"] = module.val_summary["miou_all"]
         record = step_record(t, classes, summary, wall_time_s=walls[t],
                              step0_cache=ctx.provenance.get("step-0_cache") if t == 0 else None,
                              **extra)

@@ -114,3 +114,18 @@ def test_cli_usage(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2 and "usage" in capsys.readouterr().err
+
+
+def test_shapes_stats_background_shift(tmp_path, capsys):
+    gen = ["dataset.generator.size=32", "dataset.generator.n_train=400",
+           "dataset.generator.n_val=20", "dataset.generator.n_test=60"]
+    counts = {}
+    for overlap in ("true", "false"):
+        main(["stats", "dataset=shapes", "task=15-5s", f"overlap={overlap}",
+              f"paths.cache_dir={tmp_path}", *gen])
+        out = json.loads(capsys.readouterr().out)
+        assert len(out["steps"]) == 6 and all(s["train_images"] > 0 for s in out["steps"])
+        counts[overlap] = [s["train_images"] for s in out["steps"]]
+    assert all(d <= o for d, o in zip(counts["false"], counts["true"]))
+    assert counts["false"][-1] == counts["true"][-1]  # nothing is "future" at the last step
+    assert counts["true"][0] > counts["false"][0]  # images of future classes exist at step 0

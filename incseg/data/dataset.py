@@ -14,6 +14,7 @@ from incseg.data.index import read_mask
 from incseg.data.sources import Sample
 from incseg.data.transforms import reseed
 from incseg.errors import DataError
+from incseg.tasks import remap
 
 
 def read_image(path) -> np.ndarray:
@@ -49,7 +50,7 @@ class SegmentationDataset(Dataset):
             reseed(self.transform, seed)
         s = self.samples[item]
         image = read_image(s.image)
-        mask = self.lut[read_mask(s.mask)]
+        mask = remap(read_mask(s.mask), self.lut)
         if mask.shape != image.shape[:2]:
             raise DataError(f"mask {s.mask} and image {s.image} differ in size")
         out = self.transform(image=image, mask=mask)

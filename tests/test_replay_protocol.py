@@ -1,0 +1,43 @@
+"""Replay in the protocol: every incremental step gets a replay set from model t-1, recorded in
+results.json; the cached sets are reused by a second run; the controls run the same path."""
+
+from __future__ import annotations
+
+import pytest
+
+from incseg.config import compose
+from incseg.protocol import run_protocol
+
+TINY = ["experiment=smoke", "logger=none", "inversion.n_per_class=1",
+        "inversion.iterations_low=2", "inversion.iterations_full=2", "inversion.batch_size=8",
+        "dataset.generator.n_train=200"]
+
+
+def cfg(cache, *extra):
+    return compose([*TINY, f"paths.cache_dir={cache}", *extra])
+
+
+def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    res = run_protocol(cfg(cache, "task=15-5s", "replay=deepinversion", "replay.verifier=none"),
+                       tmp_path / "a")
+    assert "replay" not in res["steps"][0]
+    for t, step in enumerate(res["steps"][1:], start=1):
+        rep = step["replay"]
+        assert rep["images"] == 15 + t - 1  # one image per old foreground class of model t-1
+        assert 0.0 <= rep["teacher_accuracy"] <= 1.0 and rep["verifier_accuracy"] is None
+    assert (tmp_path / "a" / "replay" / "step5_classes.png").exists()
+    with caplog.at_level("INFO"):
+        again = run_protocol(cfg(cache, "task=15-5s", "replay=deepinversion",
+                                 "replay.verifier=none"), tmp_path / "b")
+    assert "generating batch" not in caplog.text  # every set came from the cache
+    assert [s["replay"]["path"] for s in again["steps"][1:]] == [
+        s["replay"]["path"] for s in res["steps"][1:]]
+
+
+@pytest.mark.parametrize("kind", ["noise", "exemplars"])
+def test_replay_controls(tmp_path, kind):
+    res = run_protocol(cfg(tmp_path / "cache", f"replay={kind}", "replay.verifier=none",
+                           "replay.loss=kl"), tmp_path / kind)
+    assert res["replay"] == kind
+    assert res["steps"][1]["replay"]["images"] == 15
