@@ -151,3 +151,21 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path):
         r.stderr.strip().splitlines()[-1]]
     assert "unknown model 'bisenet_r34'" in r.stderr and "bisenet_r18" in r.stderr
     assert not list((tmp_path / "runs").rglob("results.json"))
+
+
+def test_wandb_logger_groups_runs_offline(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from incseg.protocol import Context, make_loggers
+    from incseg.tasks import get_task as task_of
+
+    cfg = compose(["logger=wandb", "task=15-5s", "method=lwf", "seed=3"])
+    ctx = Context(cfg, tmp_path / "run", task_of("shapes", "15-5s"), None, tmp_path)
+    loggers = make_loggers(ctx, "step2", 2, "student")
+    assert any(isinstance(lg, CSVLogger) for lg in loggers)  # a CSV logger always
+    wb = next(lg for lg in loggers if isinstance(lg, WandbLogger))
+    init = wb._wandb_init
+    assert init["group"] == str(tmp_path / "run") and init["job_type"] == "student"
+    assert init["name"] == "step2" and init["mode"] == "offline"
+    assert {k: init["config"][k] for k in ("task", "method", "step", "seed")} == {
+        "task": "15-5s", "method": "lwf", "step": 2, "seed": 3}

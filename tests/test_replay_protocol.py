@@ -18,6 +18,7 @@ def cfg(cache, *extra):
 
 
 def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
+    caplog.set_level("INFO")
     cache = tmp_path / "cache"
     res = run_protocol(cfg(cache, "task=15-5s", "replay=deepinversion", "replay.verifier=none"),
                        tmp_path / "a")
@@ -27,10 +28,12 @@ def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
         assert rep["images"] == 15 + t - 1  # one image per old foreground class of model t-1
         assert 0.0 <= rep["teacher_accuracy"] <= 1.0 and rep["verifier_accuracy"] is None
     assert (tmp_path / "a" / "replay" / "step5_classes.png").exists()
+    caplog.clear()
     with caplog.at_level("INFO"):
         again = run_protocol(cfg(cache, "task=15-5s", "replay=deepinversion",
                                  "replay.verifier=none"), tmp_path / "b")
     assert "generating batch" not in caplog.text  # every set came from the cache
+    assert "step-0 cache hit" in caplog.text
     assert [s["replay"]["path"] for s in again["steps"][1:]] == [
         s["replay"]["path"] for s in res["steps"][1:]]
 
