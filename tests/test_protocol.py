@@ -166,6 +166,6 @@ def test_wandb_logger_groups_runs_offline(tmp_path):
     wb = next(lg for lg in loggers if isinstance(lg, WandbLogger))
     init = wb._wandb_init
     assert init["group"] == str(tmp_path / "run") and init["job_type"] == "student"
-    assert init["name"] == "step2" and init["mode"] == "offline"
+    assert init["name"] == "step2" and wb._offline
     assert {k: init["config"][k] for k in ("task", "method", "step", "seed")} == {
         "task": "15-5s", "method": "lwf", "step": 2, "seed": 3}
