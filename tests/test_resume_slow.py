@@ -48,7 +48,7 @@ def test_kill_during_step1_then_resume(tmp_path):
     rerun = subprocess.run(_cmd(run_dir), env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "step 0 already finished: skipped" in rerun.stderr
-    assert "step 1: resuming from the epoch checkpoint" in rerun.stderr
+    assert "step1: resuming from the epoch checkpoint" in rerun.stderr
     resumed = json.loads((run_dir / "results.json").read_text())
 
     def numbers(res):  # everything but the wall times
