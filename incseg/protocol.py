@@ -15,6 +15,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -45,7 +46,7 @@ from incseg.errors import CheckpointError, ConfigError
 from incseg.io import atomic_write_json, content_key, entry_lock, stable_hash
 from incseg.losses import REPLAY_LOSSES
 from incseg.models import build_model
-from incseg.results import format_table, step_record, write_results
+from incseg.results import step_record, write_results
 from incseg.systems import StudentModule, TeacherModule
 from incseg.systems.base import Recipe
 from incseg.systems.student import MethodSpec, ReplaySpec, freeze
@@ -360,7 +361,7 @@ def run_step(ctx: Context, step: int):
         return module, fit_teacher(ctx, module, dm, ctx.task, "step-0")
     prev = ctx.run_dir / "checkpoints" / f"step{step - 1}.pt"
     old = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
-    model = load_model(prev, cfg.model.name, ctx.task.steps, step - 1)
+    model = copy.deepcopy(old)  # the student starts from model t-1; `old` stays frozen
     spec = method_spec(cfg)
     model.add_step(len(ctx.task.steps[step]), init_balanced=spec.init_balanced)
     replay = build_replay(ctx, step, old, dm)
@@ -486,5 +487,3 @@ def _finish_wandb() -> None:
     except ImportError:
         pass
 
-
-__all__ = ["format_table", "run_protocol"]
