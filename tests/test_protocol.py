@@ -83,13 +83,43 @@ def test_different_config_in_run_dir_is_refused(tmp_path):
         run_protocol(smoke_cfg(tmp_path / "c", "method=joint", "seed=5"), run)
 
 
-def _student(task_name="15-5"):
+def _student(task_name="15-5", method=None):
     task = get_task("voc", task_name)
     old = build_model("bisenet_r18", [16])
     new = build_model("bisenet_r18", [16])
     new.load_state_dict(old.state_dict())
     new.add_step(5)
-    return StudentModule(new, old, task, 1, Recipe(), MethodSpec()), old
+    return StudentModule(new, old, task, 1, Recipe(), method or MethodSpec()), old
+
+
+def _warm_bn(model, steps=3):
+    """Running statistics that differ from any one batch's (as after step-0 training)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(4, 3, 32, 32) * 2 + 1)
+
+
+@pytest.mark.parametrize("feat_bn", ["batch", "running"])
+def test_ilt_feature_term_compares_like_with_like(feat_bn):
+    torch.manual_seed(0)
+    ilt = MethodSpec(name="ilt", loss="ce", kd="kd", kd_weight=100, feat_weight=100,
+                     init_balanced=False, feat_bn=feat_bn)
+    module, old = _student(method=ilt)
+    _warm_bn(old)
+    module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher so far
+    module.train()
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    terms = module.training_loss(x, torch.randint(0, 21, (4, 32, 32)))
+    if feat_bn == "batch":  # same weights, same normalisation: no drift, no penalty
+        assert terms["feat"].item() == pytest.approx(0.0, abs=1e-10)
+    else:  # eval-mode teacher: the BN mode alone is penalised
+        assert terms["feat"].item() > 1e-3
+    after = old.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # incl. num_batches_tracked
+    assert not old.training and all(
+        m.track_running_stats for m in old.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_teacher_unchanged_by_student_step():
