@@ -2,7 +2,7 @@
 
 A method is a set of loss terms with weights (conf/method/*.yaml), not a subclass:
     ft   CE                              lwf  CE + 100 KD
-    ilt  CE + 100 KD + 100 feature MSE   mib  unbiased CE + 10 unbiased KD (+ init_balanced)
+    ilt  CE + 100 KD + 100 FFM-feature MSE  mib  unbiased CE + 10 unbiased KD (+ init_balanced)
 KD terms act on the main head only (as MiB and the paper's code do).
 """
 
