@@ -457,6 +457,10 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         extra = {"replay": ctx.replay_info[t]} if t in ctx.replay_info else {}
         if module.val_summary is not None:  # model selection and calibration use val, never test
             extra["val_miou_all"] = module.val_summary["miou_all"]
+        # Test confusion (rows: ground truth, columns: prediction) over the seen classes in task
+        # order, so the report can show where old classes went (mostly: background).
+        extra["confusion"] = {"classes": [int(c) for c in trained_task.classes_seen(t)],
+                              "counts": module.test_confusion.long().tolist()}
         record = step_record(t, classes, summary, wall_time_s=walls[t],
                              step0_cache=ctx.provenance.get("step-0_cache") if t == 0 else None,
                              **extra)

@@ -44,6 +44,13 @@ def test_smoke_joint_writes_results_per_spec(tmp_path):
     ious = [v for v in step["iou"].values() if v is not None]
     assert step["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)
     assert "old" in (run / "results.md").read_text()
+    conf = step["confusion"]  # rows ground truth, columns prediction, seen classes in order
+    assert conf["classes"] == list(range(21)) and len(conf["counts"]) == 21
+    for c, row in zip(conf["classes"], conf["counts"]):  # the IoU is the confusion's
+        tp, gt = row[c], sum(row)
+        pred = sum(r[c] for r in conf["counts"])
+        if step["iou"][str(c)] is not None:
+            assert step["iou"][str(c)] == pytest.approx(tp / (gt + pred - tp), abs=1e-5)
 
 
 def test_two_step_protocol_resume_and_step0_cache(tmp_path, monkeypatch, caplog):
