@@ -36,9 +36,16 @@ def task_dirname(name: str, steps) -> str:
     return f"{name}-{stable_hash(steps, 8)}"
 
 
-def run_path(dataset: str, task: str, steps, method: str, replay: str, seed) -> str:
-    """``<dataset>/<task>/<method>[+<replay>]/seed<seed>`` (SPEC 8)."""
+def run_path(dataset: str, task: str, steps, method: str, replay: str, seed,
+             replay_loss: str | None = None) -> str:
+    """``<dataset>/<task>/<method>[+<replay>[-<loss>]]/seed<seed>`` (SPEC 8).
+
+    DeepInversion replay carries its distance in the name (``mib+deepinversion-kl``): a Table-3
+    sweep over ``replay.loss`` would otherwise put three configs in one run directory.
+    """
     m = method if replay in (None, "none", "None") else f"{method}+{replay}"
+    if replay == "deepinversion" and replay_loss not in (None, "none", "None"):
+        m = f"{m}-{replay_loss}"
     return f"{dataset}/{task_dirname(task, steps)}/{m}/seed{seed}"
 
 

@@ -1,0 +1,66 @@
+"""The versioned experiments (conf/experiment/{cpu,paper}/table*.yaml) compose, and each job of
+their sweeps composes, validates and gets a run directory of its own."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from incseg.config import CONF_DIR, compose, validate
+from incseg.inversion import InversionSettings
+from incseg.protocol import replay_spec
+
+EXPERIMENTS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
+                     for p in (CONF_DIR / "experiment").glob("*/table*.yaml"))
+
+
+def _jobs(name: str) -> list[list[str]]:
+    """The override lists of every job of the experiment's sweep (the basic sweeper's product)."""
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def test_every_table_has_a_cpu_and_a_paper_experiment():
+    for table in (1, 2, 3, 4):
+        assert f"cpu/table{table}" in EXPERIMENTS and f"paper/table{table}" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_sweep_jobs_compose_validate_and_do_not_share_run_dirs(name):
+    family = name.split("/")[0]
+    dirs = set()
+    jobs = _jobs(name)
+    assert len(jobs) >= 2  # each table is a sweep over its axes
+    for overrides in jobs:
+        cfg = compose([f"experiment={name}", *overrides], return_hydra_config=True)
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        assert cfg.dataset.name == ("shapes" if family == "cpu" else "voc")
+        assert cfg.trainer.accelerator == ("cpu" if family == "cpu" else "gpu")
+        HydraConfig.instance().set_config(cfg)
+        dirs.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
+        assert str(cfg.hydra.sweep.dir) == f"runs/{name}".removesuffix("_controls")
+        plain = cfg  # validate reads the job's keys, never hydra's
+        validate(plain)
+        if plain.replay.name != "none":
+            assert replay_spec(plain).loss in ("mse", "kl", "ukd")
+            InversionSettings.from_dict(OmegaConf.to_container(plain.inversion))
+    assert len(dirs) == len(jobs)  # e.g. replay.loss=mse,kl,ukd must not collide
+
+
+def test_table_axes_match_the_paper():
+    axes = {n: {o.split("=")[0] for o in _jobs(n)[0]} for n in EXPERIMENTS}
+    assert axes["cpu/table1"] == axes["paper/table1"] == {
+        "model", "data.batch_size", "train.lr", "data.augment.rotation",
+        "data.augment.color_jitter"}
+    assert {"task", "method", "seed"} <= axes["cpu/table2"] == axes["paper/table2"]
+    assert "replay.loss" in axes["cpu/table3"] and "replay.loss" in axes["paper/table3"]
+    assert axes["cpu/table4"] == axes["paper/table4"] == {"inversion"}
+    methods = {o for job in _jobs("cpu/table2") for o in job if o.startswith("method=")}
+    assert methods == {f"method={m}" for m in ("ft", "lwf", "ilt", "mib", "joint")}
+    paper4 = [compose(["experiment=paper/table4", *j]).inversion for j in _jobs("paper/table4")]
+    assert sorted(i.iterations_low + i.iterations_full for i in paper4) == [10000, 20000]
