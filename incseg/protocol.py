@@ -33,6 +33,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from incseg.checkpoints import (
+    FORMAT as CKPT_FORMAT,
+)
+from incseg.checkpoints import (
     AtomicCheckpointIO,
     EpochCheckpoint,
     StderrProgressBar,
@@ -117,8 +120,20 @@ class RunState:
             log.info("resuming %s: steps %s already finished", run_dir, sorted(steps))
         return cls(path, h, steps)
 
+    def forget_from(self, step: int) -> None:
+        """Mark ``step`` and every later step unfinished (their models are rebuilt)."""
+        stale = [k for k in self.steps if k >= step]
+        if stale:
+            log.info("steps %s will be trained again", sorted(stale))
+            for k in stale:
+                del self.steps[k]
+            self._write()
+
     def finish_step(self, step: int, record: dict) -> None:
         self.steps[step] = record
+        self._write()
+
+    def _write(self) -> None:
         atomic_write_json(self.path, {"config_hash": self.config_hash,
                                       "steps": {str(k): v for k, v in sorted(self.steps.items())}})
 
@@ -351,6 +366,22 @@ def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
     return info
 
 
+def _usable_model(path: Path) -> bool:
+    """A finished step's model file is readable and ours (a truncated or foreign file is
+    reported, then the step is trained again: never loaded)."""
+    if not path.exists():
+        return False
+    try:
+        ok = safe_load(path, "model checkpoint").get("format") == CKPT_FORMAT
+    except CheckpointError as err:
+        log.warning("%s; retraining that step", err)
+        return False
+    if not ok:
+        log.warning("%s is not an incseg model checkpoint (foreign file); retraining that step",
+                    path)
+    return ok
+
+
 def run_step(ctx: Context, step: int):
     cfg = ctx.cfg
     L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
@@ -439,9 +470,10 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
     walls = {}
     steps = [0] if joint else range(task.num_steps)
     for t in steps:
-        if t in state.steps and (run_dir / "checkpoints" / f"step{t}.pt").exists():
+        if t in state.steps and _usable_model(run_dir / "checkpoints" / f"step{t}.pt"):
             log.info("step %d already finished: skipped", t)
             continue
+        state.forget_from(t)  # a lost or damaged model: this step and the later ones rerun
         start = time.perf_counter()
         if joint:
             module, trainer, trained_task = run_joint(ctx)

@@ -73,6 +73,19 @@ def test_two_step_protocol_resume_and_step0_cache(tmp_path, monkeypatch, caplog)
     assert again["steps"] == res["steps"]
     monkeypatch.undo()
 
+    # a truncated model of a finished step is reported and that step is trained again (same
+    # numbers: the step's seeds derive from (seed, step)); it is never loaded
+    ckpt = run / "checkpoints" / "step1.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="incseg.protocol"):
+        rebuilt = run_protocol(smoke_cfg(cache), run)
+    assert "unreadable or truncated" in caplog.text
+    assert "steps [1] will be trained again" in caplog.text
+    assert "step 0 already finished: skipped" in caplog.text
+    strip = lambda steps: [{k: v for k, v in s.items() if k != "wall_time_s"} for s in steps]  # noqa: E731
+    assert strip(rebuilt["steps"]) == strip(res["steps"])
+
     # another method on another task with the same step 0: the step-0 model comes from the cache
     with caplog.at_level("INFO", logger="incseg.protocol"):
         ft = run_protocol(smoke_cfg(cache, "method=ft", "task=15-5s"), tmp_path / "ft")
