@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,7 +50,7 @@ from incseg.errors import CheckpointError, ConfigError
 from incseg.io import atomic_write_json, content_key, entry_lock, stable_hash
 from incseg.losses import REPLAY_LOSSES
 from incseg.models import build_model
-from incseg.results import step_record, write_results
+from incseg.results import final_block, step_record, write_results
 from incseg.systems import StudentModule, TeacherModule
 from incseg.systems.base import Recipe
 from incseg.systems.student import MethodSpec, ReplaySpec, freeze
@@ -64,6 +65,19 @@ VOLATILE = ("resume", "logger", "paths", "hydra", "experiment")
 def is_rank_zero() -> bool:
     """Lightning's DDP relaunches the command per rank with LOCAL_RANK/NODE_RANK set."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def is_distributed(cfg: DictConfig) -> bool:
+    """The config asks for several processes (trainer=ddp): known before any process starts."""
+    tc = cfg.trainer
+    return str(tc.strategy).startswith("ddp") and (
+        int(tc.get("num_nodes", 1)) > 1 or str(tc.devices) not in ("1", "auto"))
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process): rank 0 has written what the others read."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def derive_seed(*parts: int) -> int:
@@ -95,7 +109,7 @@ class RunState:
         h = stable_hash(fingerprint(cfg))
         if cfg.resume not in ("auto", "never"):
             raise ConfigError(f"resume={cfg.resume!r} is not valid; use auto or never")
-        if cfg.resume == "never" or not path.exists():
+        if (cfg.resume == "never" or not path.exists()) and is_rank_zero():
             for stale in ("checkpoints", "state.json", "results.json"):
                 p = run_dir / stale
                 if p.is_dir():
@@ -134,6 +148,8 @@ class RunState:
         self._write()
 
     def _write(self) -> None:
+        if not is_rank_zero():  # the other ranks keep the same state in memory
+            return
         atomic_write_json(self.path, {"config_hash": self.config_hash,
                                       "steps": {str(k): v for k, v in sorted(self.steps.items())}})
 
@@ -262,7 +278,11 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
     key = teacher_key(ctx, task.steps[0])
     entry = ctx.cache / "step0" / f"{key}.pt"
     ctx.provenance.setdefault("cache_keys", {})[kind] = key
-    with entry_lock(entry):
+    # Under DDP every rank must join the fit, so no rank may wait on the lock meanwhile; the
+    # ranks agree without it (rank 0 alone decides before the others exist: Lightning starts
+    # them at the first fit, and they find the same entry, or none) and rank 0 writes.
+    lock = nullcontext() if is_distributed(cfg) else entry_lock(entry)
+    with lock:
         if entry.exists():
             try:
                 cached = load_model(entry, cfg.model.name, task.steps, 0)
@@ -272,11 +292,14 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
                 return trainer
             except CheckpointError as err:
                 log.warning("%s cache entry unusable (%s); retraining", kind, err)
-                entry.unlink()
+                if is_rank_zero():
+                    entry.unlink(missing_ok=True)
         log.info("%s cache miss: training (entry %s)", kind, entry.name)
         ctx.provenance[f"{kind}_cache"] = "miss"
         fit(ctx, trainer, module, dm, stage)
-        save_model(entry, module.model, cfg.model.name, task.steps, 0)
+        if is_rank_zero():
+            save_model(entry, module.model, cfg.model.name, task.steps, 0)
+        barrier()
     return trainer
 
 
@@ -289,6 +312,7 @@ def replay_spec(cfg: DictConfig) -> ReplaySpec | None:
                           f"{', '.join(REPLAY_LOSSES)}")
     weight = rc.weight if rc.weight is not None else rc.weights[rc.loss]
     return ReplaySpec(kind=str(rc.name), loss=str(rc.loss), weight=float(weight),
+                      bn=str(rc.get("bn", "running")),
                       temperature=float(rc.temperature))
 
 
@@ -354,7 +378,7 @@ def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
                           "or exemplars")
     rs = make(ctx.cache, old_model, targets, settings, class_ids=class_ids,
               verifier=verifier, verifier_channel_of=verifier_channel_of,
-              progress=bool(cfg.trainer.progress_bar))
+              progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
     ctx.provenance.setdefault("cache_keys", {})[f"replay_step{step}"] = rs.key
     if is_rank_zero():
         class_grid(rs, ctx.run_dir / "replay" / f"step{step}_classes.png")
@@ -484,8 +508,9 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         dm = make_datamodule(ctx, trained_task, t)
         summary = evaluate(trainer, module, dm)
         walls[t] = round(time.perf_counter() - start, 2)
-        save_model(run_dir / "checkpoints" / f"step{t}.pt", module.model, cfg.model.name,
-                   trained_task.steps, t)
+        if is_rank_zero():
+            save_model(run_dir / "checkpoints" / f"step{t}.pt", module.model, cfg.model.name,
+                       trained_task.steps, t)
         extra = {"replay": ctx.replay_info[t]} if t in ctx.replay_info else {}
         if module.val_summary is not None:  # model selection and calibration use val, never test
             extra["val_miou_all"] = module.val_summary["miou_all"]
@@ -497,8 +522,10 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
                              step0_cache=ctx.provenance.get("step-0_cache") if t == 0 else None,
                              **extra)
         state.finish_step(t, record)
-        for stage in (f"step{t}", "joint"):
-            (run_dir / "checkpoints" / f"{stage}-last.ckpt").unlink(missing_ok=True)
+        if is_rank_zero():
+            for stage in (f"step{t}", "joint"):
+                (run_dir / "checkpoints" / f"{stage}-last.ckpt").unlink(missing_ok=True)
+        barrier()  # step t's model is on disk before any rank starts step t+1 from it
         log.info("step %d: old %s new %s all %s (%.1f s)", t, _fmt(record["miou_old"]),
                  _fmt(record["miou_new"]), _fmt(record["miou_all"]), walls[t])
         _finish_wandb()
@@ -507,6 +534,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
               "replay": str(cfg.replay.name)}
     records = [state.steps[t] for t in sorted(state.steps)]
     ctx.provenance["wall_times_s"] = walls
+    if not is_rank_zero():
+        return {**header, "steps": records, "final": final_block(records)}
     return write_results(run_dir, header, records, ctx.provenance)
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -407,7 +408,7 @@ def _ensure(
     cache: Path, teacher: nn.Module, targets: Sequence[int], settings: InversionSettings,
     class_ids: Sequence[int] | None, kind: str, student: nn.Module | None,
     verifier: nn.Module | None, verifier_channel_of: Mapping[int, int] | None,
-    progress: bool, device: str | torch.device | None,
+    progress: bool, device: str | torch.device | None, fill: bool = True,
 ) -> ReplaySet:
     targets = [int(t) for t in targets]
     if class_ids is None:
@@ -428,6 +429,13 @@ def _ensure(
         device = _device_of(teacher)
 
     manifest = _verify_entry(final, key, settings_dict, n_total, warn=False)
+    if manifest is None and not fill:
+        # DDP ranks > 0: rank 0 generates (no collective involved, so no barrier timeout on
+        # long generations); the others poll until its entry verifies.
+        log.info("replay set %s: waiting for rank 0 to write it", key)
+        while manifest is None:
+            time.sleep(2.0)
+            manifest = _verify_entry(final, key, settings_dict, n_total, warn=False)
     if manifest is None:
         with entry_lock(final):
             manifest = _verify_entry(final, key, settings_dict, n_total)
@@ -524,6 +532,7 @@ def ensure_replay_set(
     verifier_channel_of: Mapping[int, int] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    fill: bool = True,
 ) -> ReplaySet:
     """The DeepInversion replay set of ``teacher`` for ``targets``, generated once and cached.
 
@@ -539,9 +548,10 @@ def ensure_replay_set(
         verifier_channel_of: teacher channel -> verifier channel (default identity).
         progress: tqdm bars on stderr.
         device: where to optimise (default: the teacher's device).
+        fill: generate a missing entry (false: wait until another process has written it).
     """
     return _ensure(Path(cache), teacher, targets, settings, class_ids, "deepinversion", student,
-                   verifier, verifier_channel_of, progress, device)
+                   verifier, verifier_channel_of, progress, device, fill)
 
 
 def noise_replay_set(
@@ -554,11 +564,12 @@ def noise_replay_set(
     verifier_channel_of: Mapping[int, int] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    fill: bool = True,
 ) -> ReplaySet:
     """Control (SPEC 6.2, a lower bound): the generator's unoptimised initialisation (N(0, 1) in
     the normalised space, clamped), same count, targets and layout; ``kind="noise"`` in the key."""
     return _ensure(Path(cache), teacher, targets, settings, class_ids, "noise", None,
-                   verifier, verifier_channel_of, progress, device)
+                   verifier, verifier_channel_of, progress, device, fill)
 
 
 # --------------------------------------------------------------------------------------------

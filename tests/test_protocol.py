@@ -219,3 +219,38 @@ def test_wandb_logger_groups_runs_offline(tmp_path):
     assert init["name"] == "step2" and wb._offline
     assert {k: init["config"][k] for k in ("task", "method", "step", "seed")} == {
         "task": "15-5s", "method": "lwf", "step": 2, "seed": 3}
+
+
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
+    from incseg.systems.student import ReplaySpec
+
+    torch.manual_seed(0)
+    module, old = _student()
+    _warm_bn(old)
+    module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher so far
+    module.replay = ReplaySpec(loss="mse", weight=1.0, bn=bn)
+    module.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
+    replay = torch.randn(4, 3, 32, 32) * 0.5 + 0.3  # "synthetic": other statistics
+    bns = [m for m in module.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    start = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+    for m in bns:  # the real batch must not move the statistics for this check
+        m.momentum = 0.0
+    terms = module.training_loss(x, y, replay)
+    if bn == "running":
+        assert terms["replay"].item() == pytest.approx(0.0, abs=1e-10)  # no drift, no penalty
+    else:
+        assert terms["replay"].item() > 1e-3  # the BN mode alone is penalised
+
+    def buffers_after(with_replay: bool) -> dict:
+        module.model.load_state_dict(start)
+        for m in bns:
+            m.momentum = 0.1
+        module.training_loss(x, y, replay if with_replay else None)
+        return {k: v.clone() for k, v in module.model.state_dict().items() if "running" in k}
+
+    real_only, with_replay = buffers_after(False), buffers_after(True)
+    same = all(torch.equal(real_only[k], with_replay[k]) for k in real_only)
+    assert same == (bn == "running")  # synthetic images never reach the test-time statistics

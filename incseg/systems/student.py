@@ -29,6 +29,30 @@ LOSSES = ("ce", "unbiased_ce")
 KDS = ("none", "kd", "ukd")
 FEATURES = ("body", "ffm")
 FEAT_BN = ("batch", "running")
+REPLAY_BN = ("running", "batch")
+
+
+@contextmanager
+def running_statistics(model: torch.nn.Module):
+    """Run ``model``'s BatchNorms on their running statistics (as in eval mode), without
+    updating them, while the rest of the model stays in training mode.
+
+    The replay forward of the student uses it: the frozen teacher scores the synthetic batch
+    with running statistics, so a train-mode student would differ from it by the BN mode alone
+    (on `shapes` 15-5 the replay MSE of a student equal to its teacher is 1.4, a third of the
+    logits' spread) and be pushed to distort its weights to close that gap; and synthetic
+    batches would leak into the running statistics used at test time.
+    """
+    saved = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            saved.append((mod, mod.training))
+            mod.training = False
+    try:
+        yield model
+    finally:
+        for mod, training in saved:
+            mod.training = training
 
 
 @contextmanager
@@ -88,6 +112,12 @@ class ReplaySpec:
     loss: str = "mse"
     weight: float = 1.0
     temperature: float = 1.0
+    bn: str = "running"
+
+    def __post_init__(self):
+        if self.bn not in REPLAY_BN:
+            raise ConfigError(f"replay.bn={self.bn!r} is not valid; use one of "
+                              f"{', '.join(REPLAY_BN)}")
 
 
 def freeze(model: BiSeNet) -> BiSeNet:
@@ -140,7 +170,11 @@ class StudentModule(SegmentationSystem):
                                                                  old_feat)
         if replay is not None and self.replay is not None:
             # Both models see the synthetic batch (paper Fig. 4, blue path); no labels needed.
-            z = self.model(replay).logits
+            if self.replay.bn == "running":  # like the teacher: see running_statistics
+                with running_statistics(self.model):
+                    z = self.model(replay).logits
+            else:  # batch statistics of the synthetic batch (and their running average)
+                z = self.model(replay).logits
             with torch.no_grad():
                 z_old = self.old_model(replay).logits
             terms["replay"] = self.replay.weight * replay_loss(

@@ -1,0 +1,113 @@
+"""DDP on CPU (gloo, 2 processes): the gradient of one optimisation step equals the one-process
+gradient at the same global batch; SyncBatchNorm (GPU only) is tested as a conversion."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from incseg.models import build_model
+from incseg.systems import StudentModule
+from incseg.systems.base import Recipe
+from incseg.systems.student import MethodSpec
+from incseg.tasks import get_task
+
+GLOBAL_BATCH = 4
+
+
+def _student() -> StudentModule:
+    torch.manual_seed(0)
+    old = build_model("bisenet_r18", [16])
+    new = build_model("bisenet_r18", [16])
+    new.load_state_dict(old.state_dict())
+    new.add_step(5)
+    task = get_task("voc", "15-5")
+    return StudentModule(new, old, task, 1, Recipe(), MethodSpec())  # MiB: UCE + UKD
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, 21, (GLOBAL_BATCH, 32, 32), generator=g)  # no void: equal pixel counts
+    return x, y
+
+
+def _grads(module: StudentModule, x, y, bn_train: bool) -> dict[str, torch.Tensor]:
+    module.train()
+    if not bn_train:
+        for m in module.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    module.model.zero_grad()
+    module.training_loss(x, y)["loss"].backward()
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, world: int, port: int, out: str, bn_train: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    module = _student()
+    ddp = torch.nn.parallel.DistributedDataParallel(module.model)
+    module.model = ddp  # the student's forward goes through DDP (gradient all-reduce hooks)
+    x, y = _batch()
+    per = GLOBAL_BATCH // world
+    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    module.train()
+    if not bn_train:
+        for m in module.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    ddp.zero_grad()
+    # the method's loss on this rank's share; DDP averages the gradients over the ranks
+    loss = module.training_loss(xs, ys)["loss"]
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad.clone() for n, p in ddp.module.named_parameters()
+                    if p.grad is not None}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_ddp_gradient_equals_one_process_at_same_global_batch(tmp_path, bn_train):
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out, bn_train), nprocs=2, join=True)
+    ddp_grads = torch.load(out, weights_only=True)
+    x, y = _batch()
+    if bn_train:
+        # plain BN (CPU has no SyncBatchNorm): each rank normalises with its own half's
+        # statistics, so DDP equals the mean of the two half-batch gradients of one process
+        halves = [_grads(_student(), x[i * 2:(i + 1) * 2], y[i * 2:(i + 1) * 2], True)
+                  for i in range(2)]
+        ref = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
+    else:  # BN with running statistics: exactly the one-process full-batch gradient
+        ref = _grads(_student(), x, y, False)
+    assert set(ddp_grads) == set(ref) and len(ref) > 50
+    for name, g in ref.items():
+        torch.testing.assert_close(ddp_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sync_batchnorm_conversion_of_bisenet():
+    model = build_model("bisenet_r18", [16, 5]).eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x).logits
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert n_bn > 20
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    with torch.no_grad():  # in eval mode SyncBatchNorm is BatchNorm with the same buffers
+        torch.testing.assert_close(synced(x).logits, before)
