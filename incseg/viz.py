@@ -1,0 +1,130 @@
+"""Colouring, overlays and checkpoint inference shared by ``incseg.report`` and ``incseg.predict``.
+
+A model's output channel k is the k-th class of ``task.classes_seen(step)`` (task order), so a
+prediction is only meaningful once channels are mapped back to dataset class ids; the map comes
+from the checkpoint itself (its ``task_steps`` flattened up to its ``step``), never from a
+config that might describe another task. Images are normalised with the eval transform's own
+``normalize()`` so that inference here sees exactly what the test split saw.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from incseg.checkpoints import FORMAT, safe_load
+from incseg.data.prepare import voc_colormap
+from incseg.errors import CheckpointError
+from incseg.io import atomic_write_bytes
+from incseg.models import BiSeNet, build_model
+
+_CMAP = voc_colormap(256)
+
+
+def colorize(ids: np.ndarray) -> np.ndarray:
+    """H x W class ids (uint8, 255 = void) -> H x W x 3 uint8 in the PASCAL VOC palette."""
+    return _CMAP[np.asarray(ids, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * colour(ids)``: H x W x 3 uint8 (image and ids same H x W)."""
+    if image.shape[:2] != ids.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {ids.shape} differ in size")
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(ids).astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def palette_png_bytes(ids: np.ndarray) -> bytes:
+    """A palette (P-mode) PNG of class ids, the format of VOC's own masks (pixel = class id)."""
+    im = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
+    im.putpalette(_CMAP.ravel().tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_palette_png(ids: np.ndarray, path: str | os.PathLike) -> None:
+    atomic_write_bytes(path, palette_png_bytes(ids))
+
+
+def write_rgb_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB").save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_segmenter(path: str | Path, model_name: str | None = None
+                   ) -> tuple[BiSeNet, list[int], dict]:
+    """(model in eval mode, dataset class id of every output channel, checkpoint metadata).
+
+    Unlike :func:`incseg.checkpoints.load_model` it needs no task: the checkpoint says which
+    classes it was trained on. ``model_name`` (optional) must match the stored model name.
+    """
+    ckpt = safe_load(path, "model checkpoint")
+    if ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
+                              f"{ckpt.get('format')!r}); pass a checkpoints/step<t>.pt of a run")
+    stored = str(ckpt.get("model"))
+    if model_name is not None and str(model_name) != stored:
+        raise CheckpointError(f"checkpoint {path} holds a {stored} but model={model_name} was "
+                              f"given; drop model= or set model={stored}")
+    step = int(ckpt.get("step", -1))
+    steps = ckpt.get("task_steps") or []
+    class_ids = [int(c) for s in steps[: step + 1] for c in s]
+    per_step = [int(n) for n in ckpt.get("classes_per_step", [])]
+    if step < 0 or not class_ids or sum(per_step) != len(class_ids):
+        raise CheckpointError(f"checkpoint {path} has inconsistent class metadata (step {step}, "
+                              f"{sum(per_step)} channels, classes {class_ids}); re-save it")
+    try:
+        model = build_model(stored, per_step)
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit a {stored}: "
+                              f"{str(err).splitlines()[0]}") from None
+    model.eval()
+    meta = {k: ckpt.get(k) for k in ("model", "step", "task_steps", "classes_per_step")}
+    return model, class_ids, meta
+
+
+def channel_lut(class_ids: Sequence[int]) -> np.ndarray:
+    """Channel index -> dataset class id, as a uint8 array for one gather per prediction."""
+    return np.asarray(class_ids, dtype=np.uint8)
+
+
+def to_input(image: np.ndarray, size: int | None = None) -> torch.Tensor:
+    """H x W x 3 uint8 RGB -> 1 x 3 x h x w float, normalised like the eval transform.
+
+    ``size`` resizes the shorter side (the eval ``resize`` mode without its centre crop, so the
+    whole image is segmented); None keeps the image's resolution (``test_mode=full``).
+    """
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    from incseg.data.transforms import normalize
+
+    ops: list = [A.SmallestMaxSize(max_size=int(size))] if size else []
+    out = A.Compose(ops + [normalize(), ToTensorV2()])(image=image)["image"]
+    return out.unsqueeze(0)
+
+
+@torch.no_grad()
+def predict_ids(model: BiSeNet, x: torch.Tensor, class_ids: Sequence[int],
+                out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """B x 3 x h x w normalised images -> B x H x W uint8 dataset class ids.
+
+    Logits are resized to ``out_size`` (bilinear, as the heads' own upsampling) before the
+    argmax, so a mask for the original image is as sharp as the model allows.
+    """
+    device = next(model.parameters()).device
+    logits = model(x.to(device)).logits
+    if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+        logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear",
+                                                 align_corners=False)
+    channels = logits.argmax(dim=1).cpu().numpy()
+    return channel_lut(class_ids)[channels]
