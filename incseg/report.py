@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import sys
@@ -64,27 +65,30 @@ class Variant:
     method: str
     replay: str = "none"
     loss: str | None = None
+    detail: str = ""  # the config values that tell apart runs of one sweep (Tables 1 and 4)
 
     @property
     def label(self) -> str:
         name = METHOD_NAMES.get(self.method, self.method)
+        tail = f" [{self.detail}]" if self.detail else ""
         if self.replay == "none":
-            return name
+            return name + tail
         extra = f" ({self.loss})" if self.loss else ""
-        return f"{name} + {REPLAY_NAMES.get(self.replay, self.replay)}{extra}"
+        return f"{name} + {REPLAY_NAMES.get(self.replay, self.replay)}{extra}{tail}"
 
     @property
     def slug(self) -> str:
+        tail = ("_" + "_".join(self.detail.replace("=", "").split())) if self.detail else ""
         if self.replay == "none":
-            return self.method
-        return f"{self.method}+{self.replay}" + (f"-{self.loss}" if self.loss else "")
+            return self.method + tail
+        return f"{self.method}+{self.replay}" + (f"-{self.loss}" if self.loss else "") + tail
 
     @property
     def sort_key(self) -> tuple:
         # Joint is the upper bound: last, as in the paper's tables.
         m = 99 if self.method == "joint" else _rank(self.method, METHOD_ORDER)
         return (m, self.method, _rank(self.replay, REPLAY_ORDER), self.replay,
-                _rank(self.loss or "", LOSS_ORDER), self.loss or "")
+                _rank(self.loss or "", LOSS_ORDER), self.loss or "", self.detail)
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,51 @@ def variant_of(results: dict[str, Any]) -> Variant:
     return Variant(str(results["method"]), replay, str(loss) if loss else None)
 
 
+#: config keys that never tell experiments apart (where and how a run was written)
+_NOT_AXES = ("seed", "paths.", "logger.", "trainer.progress_bar", "data.num_workers", "resume",
+             "hydra.", "experiment")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: json_scalar(d)}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def json_scalar(v: Any) -> Any:
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+def _details(results_files: Sequence[Path]) -> dict[Path, str]:
+    """For runs that share method, replay, task and model but differ in other settings (a
+    tuning sweep: batch size, lr, augmentation; a generator budget), the differing settings as
+    ``key=value`` words, so each setting is its own row instead of a duplicate."""
+    by_kind: dict[tuple, list[tuple[Path, dict]]] = {}
+    for path in results_files:
+        try:
+            res = load_results(path)
+        except IncsegError:
+            continue
+        cfg = _flat(_config_of(res))
+        v = variant_of(res)
+        kind = (res.get("dataset"), res.get("task"), res.get("model"), res.get("overlap"),
+                v.method, v.replay, v.loss)
+        by_kind.setdefault(kind, []).append((path, cfg))
+    out: dict[Path, str] = {}
+    for members in by_kind.values():
+        if len(members) < 2:
+            continue
+        keys = sorted({k for _, c in members for k in c})
+        differ = [k for k in keys if not k.startswith(_NOT_AXES)
+                  and len({json.dumps(c.get(k), sort_keys=True) for _, c in members}) > 1]
+        for path, cfg in members:
+            out[path] = " ".join(f"{k.split('.')[-1]}={cfg.get(k)}" for k in differ)
+    return out
+
+
 def _hydra_label(run_dir: Path) -> str:
     """'MiB 15-5s seed 0' from an unfinished run's ``.hydra/config.yaml``, if it is there."""
     try:
@@ -242,6 +291,7 @@ def discover(root: Path) -> tuple[list[Run], list[Missing]]:
                                    + f"unfinished, no results.json yet (steps finished: "
                                    f"{done if done else 'none'})"))
     seen: dict[tuple, Path] = {}
+    details = _details(results_files)
     for path in results_files:
         try:
             results = load_results(path)
@@ -250,6 +300,8 @@ def discover(root: Path) -> tuple[list[Run], list[Missing]]:
             missing.append(Missing(path.parent, f"unreadable results: {err}"))
             continue
         variant = variant_of(results)
+        if details.get(path):
+            variant = Variant(variant.method, variant.replay, variant.loss, details[path])
         model = str(results.get("model") or _sub(_config_of(results), "model").get("name")
                     or "?")
         group = Group(str(results["dataset"]), model, bool(results.get("overlap", True)))

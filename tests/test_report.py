@@ -304,3 +304,22 @@ def test_report_on_a_real_smoke_run(tmp_path):
     for name in ("curves", "heatmap", "forgetting", "confusion"):
         _assert_png(run / "report" / f"{name}_shapes_bisenet_r18_overlap.png")
     _assert_png(run / "report" / "overlays_shapes_bisenet_r18_overlap_15-5.png")
+
+
+def test_runs_that_differ_in_a_setting_become_rows_of_their_own(tmp_path):
+    """A tuning sweep (Table 1: lr, batch, augmentation) or a budget sweep (Table 4): the same
+    method/task/seed with other settings is a row per setting, averaged over its seeds."""
+    root = tmp_path / "tuning"
+    for lr, finals in ((0.01, [(0.6, 0.4, 0.55), (0.62, 0.42, 0.57)]),
+                       (0.05, [(0.7, 0.5, 0.65), (0.7, 0.5, 0.65)])):
+        for seed, f in enumerate(finals):
+            run = write_run(root / f"lr{lr}", "15-5", "mib", seed, f, (0.8, 0.6))
+            res = json.loads((run / "results.json").read_text())
+            res["provenance"]["config"]["train"] = {"lr": lr, "epochs": 3}
+            (run / "results.json").write_text(json.dumps(res))
+    make_report(root, overlays=False)
+    rows = _csv_rows(root / "report" / "table.csv")
+    assert set(rows) == {("MiB [lr=0.01]", "15-5"), ("MiB [lr=0.05]", "15-5")}
+    assert float(rows[("MiB [lr=0.01]", "15-5")]["all_mean"]) == pytest.approx(0.56)
+    assert rows[("MiB [lr=0.05]", "15-5")]["n"] == "2"
+    assert "duplicate" not in (root / "report" / "table.md").read_text()
