@@ -254,3 +254,16 @@ def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
     real_only, with_replay = buffers_after(False), buffers_after(True)
     same = all(torch.equal(real_only[k], with_replay[k]) for k in real_only)
     assert same == (bn == "running")  # synthetic images never reach the test-time statistics
+
+
+def test_same_seed_same_results_on_cpu(tmp_path):
+    """Determinism (CPU): two runs with the same seed, each with its own cache (step 0 trained
+    twice), give identical results.json numbers; another seed does not."""
+    def numbers(res):
+        return [{k: v for k, v in s.items() if k != "wall_time_s"} for s in res["steps"]]
+
+    a = run_protocol(smoke_cfg(tmp_path / "c1", "task=10-5-5"), tmp_path / "a")
+    b = run_protocol(smoke_cfg(tmp_path / "c2", "task=10-5-5"), tmp_path / "b")
+    c = run_protocol(smoke_cfg(tmp_path / "c3", "task=10-5-5", "seed=1"), tmp_path / "c")
+    assert numbers(a) == numbers(b) and a["final"] == b["final"]
+    assert numbers(a) != numbers(c)

@@ -1,0 +1,28 @@
+"""Hooks around every atomic write, for checks that need to see or break them.
+
+``INCSEG_FAULT=kill-before-rename:<substring>``: the process SIGKILLs itself when a file whose
+path contains ``<substring>`` has been written to its temporary name but not yet renamed into
+place — the worst moment to die (experiments/kill_resume.py). ``INCSEG_WRITE_LOG=<file>``:
+every completed atomic write appends ``<rank> <path>`` to ``<file>``, so a test can prove that
+under DDP only rank 0 writes. Both are off unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def before_rename(path: os.PathLike | str) -> None:
+    spec = os.environ.get("INCSEG_FAULT", "")
+    kind, _, target = spec.partition(":")
+    if kind == "kill-before-rename" and target and target in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_write(path: os.PathLike | str) -> None:
+    log = os.environ.get("INCSEG_WRITE_LOG")
+    if log:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        with open(log, "a") as fh:
+            fh.write(f"{rank} {path}\n")
