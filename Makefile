@@ -12,7 +12,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,slurm]'
 	touch $(BIN)/activate
 
 setup: $(BIN)/activate
