@@ -50,6 +50,7 @@ from incseg.errors import CheckpointError, ConfigError
 from incseg.io import atomic_write_json, content_key, entry_lock, stable_hash
 from incseg.losses import REPLAY_LOSSES
 from incseg.models import build_model
+from incseg.precision import training_format
 from incseg.results import final_block, step_record, write_results
 from incseg.systems import StudentModule, TeacherModule
 from incseg.systems.base import Recipe
@@ -155,10 +156,13 @@ class RunState:
 
 
 def recipe(cfg: DictConfig, step: int) -> Recipe:
+    """The training recipe of ``step``; ``train.channels_last: auto`` resolved with the
+    precision (:mod:`incseg.precision`), so the memory format matches the Trainer's."""
     t = cfg.train
     return Recipe(lr=float(t.lr if step == 0 else t.lr_incremental), momentum=float(t.momentum),
                   nesterov=bool(t.nesterov), weight_decay=float(t.weight_decay),
-                  poly_power=float(t.poly_power), channels_last=bool(t.channels_last))
+                  poly_power=float(t.poly_power),
+                  channels_last=training_format(cfg).channels_last)
 
 
 def method_spec(cfg: DictConfig) -> MethodSpec:
@@ -226,15 +230,22 @@ def make_trainer(ctx: Context, stage: str, step: int, epochs: int, job_type: str
     callbacks = [EpochCheckpoint(ckpt)]
     if tc.progress_bar:
         callbacks.append(StderrProgressBar())
+    # trainer.precision / train.channels_last: auto -> what this hardware trains fastest with
+    fmt = training_format(ctx.cfg)
+    if ctx.provenance.get("training_format") != fmt.as_dict():
+        log.info("%s: precision %s, channels_last %s", stage, fmt.precision,
+                 str(fmt.channels_last).lower())
+    ctx.provenance["training_format"] = fmt.as_dict()
     return L.Trainer(
         accelerator=str(tc.accelerator), devices=tc.devices, strategy=str(tc.strategy),
-        precision=str(tc.precision), max_epochs=int(epochs),
+        precision=fmt.precision, max_epochs=int(epochs),
         logger=make_loggers(ctx, stage, step, job_type),
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
         enable_progress_bar=bool(tc.progress_bar), enable_model_summary=False,
         num_sanity_val_steps=0, check_val_every_n_epoch=int(ctx.cfg.train.val_every),
         log_every_n_steps=int(tc.log_every_n_steps), default_root_dir=str(ctx.run_dir),
         use_distributed_sampler=False, deterministic=bool(tc.deterministic),
+        limit_train_batches=tc.get("limit_train_batches", 1.0),
         limit_val_batches=tc.get("limit_val_batches", 1.0))
 
 
@@ -313,6 +324,7 @@ def replay_spec(cfg: DictConfig) -> ReplaySpec | None:
     weight = rc.weight if rc.weight is not None else rc.weights[rc.loss]
     return ReplaySpec(kind=str(rc.name), loss=str(rc.loss), weight=float(weight),
                       bn=str(rc.get("bn", "running")),
+                      background=str(rc.get("background", "unbiased")),
                       temperature=float(rc.temperature))
 
 

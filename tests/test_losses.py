@@ -221,27 +221,62 @@ def test_replay_mse_hand_value():
     old, new = _pixels(*OLD), _pixels(*NEW)
     # squared differences on channels 0, 1 of both pixels; new channel 2 is ignored
     sq = (0.5 - 1.0) ** 2 + (1.5 - 0.0) ** 2 + (1.0 + 0.5) ** 2 + (0.0 - 2.0) ** 2
+    assert replay_mse(new, old, "plain").item() == pytest.approx(sq / 4, rel=1e-12)
+    assert replay_loss("mse", new, old, background="plain").item() == pytest.approx(
+        sq / 4, rel=1e-12)
+
+
+def test_replay_mse_unbiased_background_hand_value():
+    old, new = _pixels(*OLD), _pixels(*NEW)
+    # the student's background = log(e^bg + e^new): pixel 1 log(e^0.5 + e^2), pixel 2 log(e + 1/e)
+    bg1, bg2 = LN(E(0.5) + E(2.0)), LN(E(1.0) + E(-1.0))
+    sq = (bg1 - 1.0) ** 2 + (1.5 - 0.0) ** 2 + (bg2 + 0.5) ** 2 + (0.0 - 2.0) ** 2
     assert replay_mse(new, old).item() == pytest.approx(sq / 4, rel=1e-12)
     assert replay_loss("mse", new, old).item() == pytest.approx(sq / 4, rel=1e-12)
+
+
+def test_replay_distances_are_zero_after_init_balanced():
+    """init_balanced lowers the background bias by log(N_new + 1): the unbiased view of the
+    student equals its teacher exactly, the plain view is off on the background channel."""
+    from incseg.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("bisenet_r18", [16]).eval()
+    student = build_model("bisenet_r18", [16])
+    student.load_state_dict(teacher.state_dict())
+    student.add_step(5, init_balanced=True)
+    student.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        z_old, z = teacher(x).logits, student(x).logits
+    assert replay_mse(z, z_old).item() == pytest.approx(0.0, abs=1e-9)
+    assert replay_kl(z, z_old, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    plain = replay_mse(z, z_old, "plain").item()
+    assert plain == pytest.approx(LN(6) ** 2 / 16, rel=1e-4)  # (log 6)^2 on 1 of 16 channels
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_replay_kl_hand_value(temperature):
     old, new = _pixels(*OLD), _pixels(*NEW)
-    hand = 0.0
+    plain = unbiased = 0.0
     for z_old, z in zip(OLD, NEW):
         q = _softmax([v / temperature for v in z_old])
         p = _softmax([v / temperature for v in z[:2]])
-        hand += sum(qc * LN(qc / pc) for qc, pc in zip(q, p))
-    hand = temperature**2 * hand / 2
-    assert replay_kl(new, old, temperature).item() == pytest.approx(hand, rel=1e-12)
-    assert replay_loss("kl", new, old, temperature).item() == pytest.approx(hand, rel=1e-12)
+        plain += sum(qc * LN(qc / pc) for qc, pc in zip(q, p))
+        bg = LN(E(z[0]) + E(z[2]))  # background or new, at T = 1, then tempered
+        p = _softmax([bg / temperature, z[1] / temperature])
+        unbiased += sum(qc * LN(qc / pc) for qc, pc in zip(q, p))
+    plain, unbiased = temperature**2 * plain / 2, temperature**2 * unbiased / 2
+    assert replay_kl(new, old, temperature, "plain").item() == pytest.approx(plain, rel=1e-12)
+    assert replay_kl(new, old, temperature).item() == pytest.approx(unbiased, rel=1e-12)
+    assert replay_loss("kl", new, old, temperature).item() == pytest.approx(unbiased,
+                                                                           rel=1e-12)
 
 
 def test_replay_kl_zero_when_equal():
     old = torch.randn(2, 3, 4, 4)
     student = torch.cat([old, torch.randn(2, 2, 4, 4)], dim=1)
-    assert replay_kl(student, old, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert replay_kl(student, old, 2.0, "plain").item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_replay_dispatcher_ukd_and_unknown_kind():

@@ -101,30 +101,57 @@ def feature_distillation(features: Tensor, old_features: Tensor) -> Tensor:
     return F.mse_loss(features, old_features.detach())
 
 
-def replay_mse(logits: Tensor, old_logits: Tensor) -> Tensor:
-    """Replay distance ``mse`` (SPEC 6.2, the paper's best): MSE on the first ``C_o`` channels.
+BACKGROUNDS = ("unbiased", "plain")
+
+
+def old_view(logits: Tensor, num_old: int, background: str = "unbiased") -> Tensor:
+    """The student's scores for the teacher's ``C_o`` classes, ``B x C_o x H x W``.
+
+    ``plain``: the first ``C_o`` channels. ``unbiased`` (MiB's view of the background): what the
+    teacher calls background is background *or a new class* for the student, so channel 0 is
+    ``logsumexp`` over the background and the new channels. After ``init_balanced`` (background
+    bias lowered by ``log(N_new + 1)``, new classes copies of it) this view equals the teacher's
+    scores exactly; the plain view is off by ``log(N_new + 1)`` on the background, which a
+    replay distance would then undo, un-balancing the new classes.
+    """
+    if background == "plain" or logits.shape[1] == num_old:
+        return logits[:, :num_old]
+    if background != "unbiased":
+        raise ConfigError(f"replay.background={background!r} is not valid; use unbiased or plain")
+    bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, num_old:]], dim=1), dim=1,
+                         keepdim=True)
+    return torch.cat([bg, logits[:, 1:num_old]], dim=1)
+
+
+def replay_mse(logits: Tensor, old_logits: Tensor, background: str = "unbiased") -> Tensor:
+    """Replay distance ``mse`` (SPEC 6.2, the paper's best): MSE between the teacher's scores
+    and the student's scores for the same ``C_o`` classes (:func:`old_view`).
 
     Args:
         logits: ``B x C x H x W`` student scores on the synthetic batch.
         old_logits: ``B x C_o x H x W`` teacher scores on the same batch.
+        background: ``unbiased`` (background = background or new) or ``plain`` (channel 0).
 
     Returns:
         Scalar mean over all ``B * C_o * H * W`` elements.
     """
     num_old = _check_old(logits, old_logits)
-    return F.mse_loss(logits[:, :num_old], old_logits.detach())
+    return F.mse_loss(old_view(logits, num_old, background), old_logits.detach())
 
 
-def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
+              background: str = "unbiased") -> Tensor:
     """Replay distance ``kl``: ``T^2 * KL(teacher || student)`` per pixel, mean over pixels.
 
-    Both distributions are softmaxes at temperature ``T`` over the first ``C_o`` channels; the
-    ``T^2`` factor (Hinton et al., 2015) keeps gradient magnitudes comparable across ``T``.
+    Both distributions are softmaxes at temperature ``T`` over the ``C_o`` old classes (the
+    student's through :func:`old_view`); the ``T^2`` factor (Hinton et al., 2015) keeps gradient
+    magnitudes comparable across ``T``.
 
     Args:
         logits: ``B x C x H x W`` student scores.
         old_logits: ``B x C_o x H x W`` teacher scores.
         temperature: ``T > 0``.
+        background: ``unbiased`` or ``plain`` (see :func:`old_view`).
 
     Returns:
         Scalar mean over the ``B * H * W`` pixels; 0 when the old channels agree exactly.
@@ -132,25 +159,29 @@ def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> T
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     num_old = _check_old(logits, old_logits)
-    log_p = F.log_softmax(logits[:, :num_old] / temperature, dim=1)
+    # the unbiased background logit is formed at T = 1, then tempered like every other logit
+    # (so a student fresh from init_balanced matches its teacher at any T)
+    log_p = F.log_softmax(old_view(logits, num_old, background) / temperature, dim=1)
     log_q = F.log_softmax(old_logits.detach() / temperature, dim=1)
     kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)  # per pixel
     return temperature**2 * kl.mean()
 
 
-def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
+                background: str = "unbiased") -> Tensor:
     """Dispatch ``replay.loss`` (SPEC 6.2): ``mse`` | ``kl`` | ``ukd``.
 
     ``ukd`` reuses :func:`unbiased_knowledge_distillation` on the student's full logits
-    (alpha 1); ``temperature`` only affects ``kl``.
+    (alpha 1; unbiased by construction); ``temperature`` only affects ``kl``; ``background``
+    only ``mse`` and ``kl``.
 
     Raises:
         ConfigError: unknown ``kind`` (one line listing the valid kinds).
     """
     if kind == "mse":
-        return replay_mse(logits, old_logits)
+        return replay_mse(logits, old_logits, background)
     if kind == "kl":
-        return replay_kl(logits, old_logits, temperature=temperature)
+        return replay_kl(logits, old_logits, temperature=temperature, background=background)
     if kind == "ukd":
         return unbiased_knowledge_distillation(logits, old_logits)
     raise ConfigError(

@@ -113,8 +113,12 @@ class ReplaySpec:
     weight: float = 1.0
     temperature: float = 1.0
     bn: str = "running"
+    background: str = "unbiased"
 
     def __post_init__(self):
+        if self.background not in ("unbiased", "plain"):
+            raise ConfigError(f"replay.background={self.background!r} is not valid; use "
+                              "unbiased or plain")
         if self.bn not in REPLAY_BN:
             raise ConfigError(f"replay.bn={self.bn!r} is not valid; use one of "
                               f"{', '.join(REPLAY_BN)}")
@@ -178,6 +182,6 @@ class StudentModule(SegmentationSystem):
             with torch.no_grad():
                 z_old = self.old_model(replay).logits
             terms["replay"] = self.replay.weight * replay_loss(
-                self.replay.loss, z, z_old, self.replay.temperature)
+                self.replay.loss, z, z_old, self.replay.temperature, self.replay.background)
         terms["loss"] = sum(terms.values())
         return terms
