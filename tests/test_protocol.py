@@ -229,7 +229,7 @@ def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
     module, old = _student()
     _warm_bn(old)
     module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher so far
-    module.replay = ReplaySpec(loss="mse", weight=1.0, bn=bn)
+    module.replay = ReplaySpec(loss="mse", weight=1.0, bn=bn, background="plain")
     module.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
     replay = torch.randn(4, 3, 32, 32) * 0.5 + 0.3  # "synthetic": other statistics
