@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from incseg.errors import CheckpointError
+from incseg.errors import CheckpointError, TrainingError
 from incseg.io import atomic_path
 from incseg.models import BiSeNet, build_model
 
@@ -94,13 +94,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path, "epoch checkpoint")
 
 
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or floating buffer holding a NaN or an infinity."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 class EpochCheckpoint(Callback):
-    """Save the whole training state at every epoch end (resume restarts the next epoch)."""
+    """Save the whole training state at every epoch end (resume restarts the next epoch).
+
+    The loss is checked at every batch, but the optimiser step after the last finite loss of an
+    epoch can still overflow the weights; such a state is never saved over the previous epoch's
+    checkpoint, so the file on disk is always the last good one.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        bad = first_non_finite(pl_module)
+        if bad is not None:
+            kept = (f"the last good checkpoint {self.path} is kept, so rerunning resumes from it"
+                    if self.path.exists() else "no epoch of this stage finished cleanly")
+            raise TrainingError(
+                f"non-finite weights ({bad}) at the end of step {getattr(pl_module, 'step', '?')}"
+                f", epoch {trainer.current_epoch}; lower the learning rate (train.lr / "
+                f"train.lr_incremental) or use trainer.precision=32-true — {kept}"
+            )
         trainer.save_checkpoint(self.path)
 
 

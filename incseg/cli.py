@@ -5,21 +5,32 @@ from __future__ import annotations
 import functools
 import sys
 
-from incseg.errors import IncsegError
+from incseg.errors import IncsegError, user_message
 
 EXIT_USER_ERROR = 2
 
 
 def report_errors(fn):
-    """Turn an :class:`IncsegError` into ``error: <one line>`` on stderr and exit code 2."""
+    """Turn an :class:`IncsegError` into ``error: <one line>`` on stderr and exit code 2.
+
+    A storage ``OSError`` raised by code that is not ours (Lightning's CSV logger, W&B, Hydra's
+    own files) on a full disk or an unwritable folder is reported the same way: it is the
+    user's disk, not a bug. Any other exception keeps its traceback — that one *is* a bug.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except IncsegError as err:
-            msg = " ".join(str(err).split())  # always one line
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USER_ERROR) from None
+            msg = user_message(err)
+        except OSError as err:
+            from incseg.io import is_storage_error, storage_error
+
+            if not is_storage_error(err):
+                raise
+            msg = user_message(storage_error(err))
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper

@@ -7,6 +7,7 @@ One option system: everything is a Hydra override. ``compose`` gives the same co
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,13 +70,32 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
             return hydra_compose("config", overrides=list(overrides),
                                  return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(one_line(str(err))) from None
+        raise ConfigError(hydra_message(str(err))) from None
 
 
 def one_line(msg: str) -> str:
     """Hydra's messages span several lines; keep the first meaningful one."""
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     return lines[0] if lines else msg
+
+
+def hydra_message(msg: str) -> str:
+    """A Hydra composition error as one line that says what to do.
+
+    Hydra's advice for a misspelt key ("To append to your config use +foo=1") would silently add
+    a key nothing reads; the useful fix is the spelling.
+    """
+    unknown = re.match(r"Could not override '([^']+)'", msg.strip())
+    if unknown:
+        key = unknown.group(1)
+        return (f"unknown config key {key!r}; check its spelling (`python -m incseg.run --cfg "
+                "job` prints every key)")
+    lines = [ln.strip().rstrip(".") for ln in msg.strip().splitlines() if ln.strip()]
+    if any("override_grammar" in ln for ln in lines):
+        return (f"cannot parse an override ({lines[0]}); check its brackets and quotes, e.g. "
+                "task.steps='[[0,1,2],[3]]' (grammar: "
+                "https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    return "; ".join(lines) if lines else msg
 
 
 def task_from_cfg(cfg: DictConfig):
@@ -140,25 +160,62 @@ def check_overrides(argv: Sequence[str]) -> None:
                 raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")
 
 
+def _int(cfg: DictConfig, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a whole number; pass e.g. {key}=16") from None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check the whole config before anything trains (SPEC 9): task, model, method, data keys."""
+    """Check the whole config before anything trains or is written (SPEC 9): task, model,
+    pretrained weights, method, replay, data keys. Each failure is one line with its fix."""
     from incseg.models import MODELS
+    from incseg.models.backbones import pretrained_file
 
     task_from_cfg(cfg)  # validates the split (one-line error on a bad one)
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model {cfg.model.name!r}; choose one of {', '.join(MODELS)}")
+    # "imagenet" must already be in the torch hub cache: fail now, not at step 0 after the scan.
+    pretrained_file(MODELS[cfg.model.name], cfg.model.get("pretrained"))
+    if cfg.get("resume", "auto") not in ("auto", "never"):
+        raise ConfigError(f"resume={cfg.resume!r} is not valid; use resume=auto or resume=never")
     if cfg.data.unseen_as not in ("ignore", "background"):
         raise ConfigError(f"data.unseen_as={cfg.data.unseen_as!r}: use ignore or background")
     if cfg.data.test_mode not in ("resize", "full"):
         raise ConfigError(f"data.test_mode={cfg.data.test_mode!r}: use resize or full")
     for key in ("batch_size", "crop"):
-        if int(cfg.data[key]) < (2 if key == "batch_size" else 8):
+        if _int(cfg, f"data.{key}") < (2 if key == "batch_size" else 8):
             raise ConfigError(f"data.{key}={cfg.data[key]} is too small (BatchNorm after global "
                               "pooling needs a batch of at least 2; crops of at least 8 px)")
     for key in ("epochs", "epochs_incremental"):
-        if int(cfg.train[key]) < 1:
+        if _int(cfg, f"train.{key}") < 1:
             raise ConfigError(f"train.{key} must be at least 1")
+    _int(cfg, "seed")
     from incseg.protocol import method_spec
 
     if not cfg.method.get("joint", False):
         method_spec(cfg)
+    _validate_replay(cfg)
+
+
+def _validate_replay(cfg: DictConfig) -> None:
+    """``replay.loss`` and the inversion settings are otherwise first read at step 1, after
+    step 0 has trained."""
+    rc = cfg.get("replay")
+    if rc is None or rc.get("name", "none") == "none":
+        return
+    from incseg.inversion import InversionSettings
+    from incseg.losses import REPLAY_LOSSES
+    from incseg.protocol import replay_spec
+
+    if rc.get("loss") not in REPLAY_LOSSES:
+        raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "
+                          f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
+    try:
+        replay_spec(cfg)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
+                          "numbers") from None
+    InversionSettings.from_dict(_plain(cfg.get("inversion")) or {})

@@ -1,10 +1,14 @@
 """User-facing errors.
 
-Everything the user can cause (a bad override, a broken dataset, a foreign checkpoint) raises a
-subclass of :class:`IncsegError` with a message of one line that names the problem and the fix.
-The command-line entry points catch these, print ``error: <message>`` on stderr and exit with
-status 2 — no traceback, nothing half-written left behind.
+Everything the user can cause (a bad override, a broken dataset, a foreign checkpoint, a full
+disk) raises a subclass of :class:`IncsegError` with a message of one line that names the
+problem and the fix. The command-line entry points catch these, print ``error: <message>`` on
+stderr and exit with status 2 — no traceback, nothing half-written left behind.
 """
+
+from __future__ import annotations
+
+import re
 
 
 class IncsegError(Exception):
@@ -21,3 +25,29 @@ class DataError(IncsegError):
 
 class CheckpointError(IncsegError):
     """A checkpoint or cache entry that is missing, truncated, foreign or incompatible."""
+
+
+class StorageError(IncsegError):
+    """A file or folder that cannot be written: no permission, a read-only or full disk."""
+
+
+class TrainingError(IncsegError):
+    """Training cannot go on (a non-finite loss or weights); the last good checkpoint is kept."""
+
+
+# torch's DataLoader re-raises an exception from a worker process as
+#   ExcType("Caught ExcType in DataLoader worker process 0.\nOriginal Traceback ...\n
+#            incseg.errors.DataError: <message>")
+# so the user's one line is the last line of the embedded traceback, minus the type prefix.
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process", re.MULTILINE)
+_TYPE_PREFIX = re.compile(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ")
+
+
+def user_message(err: BaseException) -> str:
+    """The one-line message of ``err``: unwrapped from a DataLoader worker's traceback, with
+    every run of whitespace (newlines included) collapsed to one space."""
+    msg = str(err)
+    if _WORKER_TRACEBACK.search(msg):
+        last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1].strip()
+        msg = _TYPE_PREFIX.sub("", last)
+    return " ".join(msg.split())

@@ -3,11 +3,16 @@
 A file that matters (checkpoint, cache entry, results) is written to a temporary sibling and
 renamed into place, so a reader sees either the old complete file or the new complete file,
 never a prefix — even when the process is killed (SIGKILL) in the middle of the write.
+
+A write that fails for a reason the user can fix (a full disk, a read-only or foreign folder, a
+file where a folder should be) raises :class:`incseg.errors.StorageError` with one line that
+names the file and the fix; the temporary file is removed and the target is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +25,104 @@ from typing import Any
 from filelock import FileLock
 
 from incseg import __version__
+from incseg.errors import StorageError
+
+#: errno values that mean "this location cannot be written", not "the code is wrong"
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+NOT_A_FOLDER = frozenset({errno.ENOTDIR, errno.EEXIST})
+STORAGE_ERRNOS = NO_SPACE | NOT_WRITABLE | NOT_A_FOLDER
+
+WHERE_HINT = "paths.cache_dir=DIR for caches, hydra.run.dir=DIR for run outputs"
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` says "this location cannot be written" rather than "the code is wrong".
+
+    EEXIST counts only when a *file* is in the way (``mkdir -p`` over a file); EEXIST for an
+    existing folder is a bug in the caller, and keeps its traceback.
+    """
+    if not isinstance(err, OSError) or err.errno not in STORAGE_ERRNOS:
+        return False
+    if err.errno == errno.EEXIST:
+        if err.filename is None:
+            return False
+        blocker = _blocker(Path(err.filename))
+        return blocker.exists() and not blocker.is_dir()
+    return True
+
+
+def storage_error(err: OSError, path: str | os.PathLike | None = None) -> StorageError:
+    """A one-line :class:`StorageError` for an ``OSError`` met while writing ``path``.
+
+    ``path`` defaults to the file the error names; an error raised by a write on an open file
+    (a logger's ``fh.write``) names none, hence the fallback wording.
+    """
+    target = path if path is not None else err.filename
+    culprit = err.filename if err.filename is not None else target
+    what = str(target) if target is not None else "a file of this run"
+    if err.errno in NO_SPACE:
+        return StorageError(f"no space left on device while writing {what}; free some space "
+                            f"or write elsewhere ({WHERE_HINT})")
+    if err.errno in NOT_WRITABLE:
+        who = f"{culprit} is not writable" if culprit is not None else "it is not writable"
+        return StorageError(f"cannot write {what}: {who} ({err.strerror}); fix its permissions "
+                            f"or write elsewhere ({WHERE_HINT})")
+    if err.errno in NOT_A_FOLDER and culprit is not None:
+        return StorageError(f"cannot write {what}: {_blocker(Path(culprit))} is a file where "
+                            f"a folder is needed; remove it or write elsewhere ({WHERE_HINT})")
+    return StorageError(f"cannot write {what}: {err.strerror or err}; write elsewhere "
+                        f"({WHERE_HINT})")
+
+
+@contextlib.contextmanager
+def _reported(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a storage ``OSError`` inside the block into a :class:`StorageError` for ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        raise storage_error(err, path) from None
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path`` with a one-line :class:`StorageError` when it cannot be created."""
+    path = Path(path)
+    with _reported(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """Create ``path`` if needed and prove that a file can be written in it, before any work
+    starts (fail fast, not after an hour of training). ``fix`` names the setting to change."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        if err.errno in NO_SPACE:
+            reason = "no space left on device"
+        elif err.errno in NOT_A_FOLDER:
+            reason = f"{_blocker(path)} is a file, not a folder"
+        else:
+            reason = f"{err.filename or path} is not writable: {err.strerror}"
+        raise StorageError(f"the {what} {path} cannot be written ({reason}); use {fix}") from None
+    return path
+
+
+def _blocker(path: Path) -> Path:
+    """The nearest existing ancestor of ``path`` (itself included) that is not a folder: the
+    file that makes ``mkdir -p path`` fail with ENOTDIR or EEXIST."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            return p
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,15 +142,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    with _reported(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with _reported(path):
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
@@ -75,16 +180,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     the entry appears complete or not at all.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    make_dirs(path.parent)
+    with _reported(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        _fsync_dir(tmp)
-        if path.exists():
-            # Someone else finished the same entry first (content-keyed: same content).
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
+        with _reported(path):
+            yield tmp
+            _fsync_dir(tmp)
+            if path.exists():
+                # Someone else finished the same entry first (content-keyed: same content).
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
@@ -122,6 +229,10 @@ def cache_dir(configured: str | os.PathLike | None = None) -> Path:
 
 def entry_lock(path: str | os.PathLike, timeout: float = -1) -> FileLock:
     """A lock file beside a cache entry, so parallel sweep jobs fill it once."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock", timeout=timeout)
+    lock = Path(str(path) + ".lock")
+    make_dirs(lock.parent)
+    # FileLock creates its file only on acquire, deep inside a `with`; touch it here so an
+    # unwritable cache folder is reported (one line) where the entry is named.
+    with _reported(path), open(lock, "a"):
+        pass
+    return FileLock(str(lock), timeout=timeout)

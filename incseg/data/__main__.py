@@ -25,25 +25,11 @@ USAGE = "usage: python -m incseg.data {prepare,stats} dataset=NAME [data.root=DI
 
 
 def stats(cfg) -> dict:
-    from incseg.data.index import scan_labels, select_test, select_train
-    from incseg.errors import DataError
+    from incseg.data.datamodule import check_steps
 
     task = task_from_cfg(cfg)
     source = source_from_cfg(cfg)
-    cache = cache_dir_from_cfg(cfg)
-    train = scan_labels(source, "train", cache)
-    test = scan_labels(source, "test", cache)
-    steps = []
-    for t in range(task.num_steps):
-        n_train = len(select_train(train, task, t, bool(cfg.overlap)))
-        if n_train == 0:
-            raise DataError(
-                f"step {t} of task {task.name} (classes {task.classes_added(t)}) has no training "
-                f"images in {source.name} (overlap={str(bool(cfg.overlap)).lower()}); "
-                "use overlap=true or another split"
-            )
-        steps.append({"step": t, "classes": task.classes_added(t), "train_images": n_train,
-                      "test_images": len(select_test(test, task, t))})
+    steps = check_steps(source, task, bool(cfg.overlap), cache_dir_from_cfg(cfg))
     return {"dataset": source.name, "task": task.name, "overlap": bool(cfg.overlap),
             "steps": steps}
 

@@ -44,6 +44,36 @@ def step_selection(source: Source, task: Task, step: int, overlap: bool, cache: 
     return {"train": train, "val": val, "test": test}
 
 
+def check_steps(source: Source, task: Task, overlap: bool, cache: Path | None,
+                batch_size: int | None = None, progress: bool = True) -> list[dict]:
+    """Scan the dataset once and check every step of ``task`` before step 0 trains (SPEC 9):
+    a step with no training images (or fewer than one ``batch_size``) is a DataError now, not
+    after the earlier steps have trained. Returns per-step counts (SPEC 11's ``stats``)."""
+    train = scan_labels(source, "train", cache, progress)
+    test = scan_labels(source, "test", cache, progress)
+    scan_labels(source, "val", cache, progress)  # a broken val mask fails now, too
+    steps = []
+    for t in range(task.num_steps):
+        n_train = len(select_train(train, task, t, overlap))
+        if n_train == 0:
+            raise DataError(
+                f"step {t} of task {task.name} (classes {task.classes_added(t)}) has no "
+                f"training images in {source.name} (overlap={str(overlap).lower()}); use "
+                "overlap=true or a split whose classes occur in the training set"
+            )
+        if batch_size is not None and n_train < batch_size:
+            # training batches are full (drop_last): fewer images than one batch train nothing
+            raise DataError(
+                f"step {t} of task {task.name} has {n_train} training image(s) in "
+                f"{source.name}, fewer than one batch of {batch_size} (overlap="
+                f"{str(overlap).lower()}); lower data.batch_size (at least 2), or use "
+                "overlap=true or a split with more images per step"
+            )
+        steps.append({"step": t, "classes": task.classes_added(t), "train_images": n_train,
+                      "test_images": len(select_test(test, task, t))})
+    return steps
+
+
 class IncrementalDataModule(L.LightningDataModule):
     """Loaders for one step of a task (MiB protocol, SPEC 3.5).
 

@@ -88,12 +88,13 @@ class Source(ABC):
             raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         samples = self.samples(split)
         if not samples:
-            raise DataError(f"the {split} split of {self.name} at {self.root} lists no images")
+            raise DataError(f"the {split} split of {self.name} at {self.root} lists no images; "
+                            "check its list file (or re-run python -m incseg.data prepare)")
         for s in samples:
-            if not s.image.is_file():
-                raise DataError(f"image {s.image} (listed for split {split}) is missing")
-            if not s.mask.is_file():
-                raise DataError(f"mask {s.mask} (listed for split {split}) is missing")
+            for path, what in ((s.image, "image"), (s.mask, "mask")):
+                if not path.is_file():
+                    raise DataError(f"{what} {path} (listed for split {split}) is missing; "
+                                    f"restore it, or remove {s.id} from the {split} list")
         return samples
 
 

@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from incseg.errors import ConfigError
 
-__all__ = ["RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights"]
+__all__ = [
+    "RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights",
+    "pretrained_file",
+]
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,7 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2 = net.layer1, net.layer2
         self.layer3, self.layer4 = net.layer3, net.layer4
         del net  # drops fc/avgpool with it
-        if pretrained is not None:
-            load_backbone_weights(self, pretrained)
+        load_backbone_weights(self, pretrained)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """B x 3 x H x W -> (B x C3 x H/16 x W/16, B x C4 x H/32 x W/32)."""
@@ -97,31 +99,51 @@ def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | os.PathLike) -> None:
+def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The weights file that ``model.pretrained`` names for backbone `name`, and what it is.
+
+    None, "none" or "null": no file (train from scratch). "imagenet": torchvision's file in the
+    torch hub cache. Anything else: a path. Raises ConfigError (one line) when the file is not
+    there — checked by ``incseg.config.validate`` before anything runs. Nothing is downloaded:
+    torchvision would fetch the ImageNet file on a miss, which hangs or fails on an offline
+    cluster node long after the job started.
+    """
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
+        return None
+    if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
+        if name not in RESNETS:
+            raise ConfigError(f"unknown backbone {name!r}; valid backbones: "
+                              f"{', '.join(sorted(RESNETS))}")
+        path = imagenet_weights_path(name)
+        if not path.is_file():
+            url = RESNETS[name].weights.url
+            raise ConfigError(
+                f"model.pretrained=imagenet: the ImageNet weights of {name} are not in the torch "
+                f"hub cache ({path} is missing) and nothing is downloaded; place {path.name} "
+                f"(from {url}) in {path.parent}/, or set model.pretrained=null (or none) to "
+                "train from scratch"
+            )
+        return path, "ImageNet weights"
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"model.pretrained={pretrained}: no such file; give a ResNet state dict path, "
+            "'imagenet', or null to train from scratch"
+        )
+    return path, "model.pretrained file"
+
+
+def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | os.PathLike | None) -> None:
     """Load ``pretrained`` ("imagenet" or a file path) into `backbone`, strictly, offline.
 
-    Accepts a backbone ``state_dict`` or a full torchvision ResNet one (``fc.*`` is ignored).
-    Raises ConfigError (one line) for a missing file, an unreadable file, or mismatched keys
-    or shapes.
+    None/"none" loads nothing. Accepts a backbone ``state_dict`` or a full torchvision ResNet one
+    (``fc.*`` is ignored). Raises ConfigError (one line) for a missing file, an unreadable file,
+    or mismatched keys or shapes.
     """
-    if isinstance(pretrained, str) and pretrained.lower() == "imagenet":
-        path = imagenet_weights_path(backbone.name)
-        if not path.is_file():
-            url = RESNETS[backbone.name].weights.url
-            raise ConfigError(
-                f"model.pretrained=imagenet: ImageNet weights {path.name} for {backbone.name} "
-                f"not found at {path} (nothing is downloaded); put {path.name} (from {url}) in "
-                f"{path.parent}/, or set model.pretrained=null to train from scratch"
-            )
-        what = "ImageNet weights"
-    else:
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"model.pretrained={pretrained}: no such file; give a ResNet state dict path, "
-                "'imagenet', or null to train from scratch"
-            )
-        what = "model.pretrained file"
+    found = pretrained_file(backbone.name, pretrained)
+    if found is None:
+        return
+    path, what = found
     state = {k: v for k, v in _read_state_dict(path, what).items() if not k.startswith("fc.")}
     own = backbone.state_dict()
     # torchvision's older ImageNet files predate BN's num_batches_tracked buffer; BatchNorm's
