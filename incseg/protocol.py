@@ -93,6 +93,12 @@ def fingerprint(cfg: DictConfig) -> dict:
         plain.pop(key, None)
     plain.get("data", {}).pop("num_workers", None)
     plain.get("trainer", {}).pop("progress_bar", None)
+    if "trainer" in plain and "train" in plain and "data" in plain:
+        # what the numbers depend on is the resolved format, not the word "auto": a run or a
+        # cache entry made with an explicit 32-true is the same as one that auto resolved so
+        fmt = training_format(cfg)
+        plain["trainer"]["precision"] = fmt.precision
+        plain["train"]["channels_last"] = fmt.channels_last
     return plain
 
 
