@@ -24,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from incseg import __version__
+from incseg import __version__, faults
 from incseg.errors import StorageError
 
 #: errno values that mean "this location cannot be written", not "the code is wrong"
@@ -152,8 +152,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            faults.before_rename(path)
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+        faults.after_write(path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -191,8 +193,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 # Someone else finished the same entry first (content-keyed: same content).
                 shutil.rmtree(tmp)
             else:
+                faults.before_rename(path)
                 os.replace(tmp, path)
         _fsync_dir(path.parent)
+        faults.after_write(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

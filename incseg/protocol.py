@@ -116,13 +116,17 @@ class RunState:
         h = stable_hash(fingerprint(cfg))
         if cfg.resume not in ("auto", "never"):
             raise ConfigError(f"resume={cfg.resume!r} is not valid; use auto or never")
-        if (cfg.resume == "never" or not path.exists()) and is_rank_zero():
-            for stale in ("checkpoints", "state.json", "results.json"):
-                p = run_dir / stale
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+        # DDP ranks > 0 start (Lightning relaunches the command) when rank 0 reaches its first
+        # fit or test; by then rank 0 has removed a stale run (resume=never) and written nothing
+        # new, so they read the state as rank 0 saw it and never delete anything themselves.
+        if not path.exists() or (cfg.resume == "never" and is_rank_zero()):
+            if is_rank_zero():
+                for stale in ("checkpoints", "state.json", "results.json"):
+                    p = run_dir / stale
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
             return cls(path, h)
         import json
 
@@ -242,8 +246,18 @@ def make_trainer(ctx: Context, stage: str, step: int, epochs: int, job_type: str
         log.info("%s: precision %s, channels_last %s", stage, fmt.precision,
                  str(fmt.channels_last).lower())
     ctx.provenance["training_format"] = fmt.as_dict()
+    strategy, sync_bn = str(tc.strategy), False
+    if strategy.startswith("ddp"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        cuda = str(tc.accelerator) in ("gpu", "cuda") or (
+            str(tc.accelerator) == "auto" and torch.cuda.is_available())
+        # NCCL and SyncBatchNorm on GPUs; gloo and plain BN on CPUs (no SyncBatchNorm there)
+        strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
+        sync_bn = cuda and bool(tc.get("sync_batchnorm", True))
     return L.Trainer(
-        accelerator=str(tc.accelerator), devices=tc.devices, strategy=str(tc.strategy),
+        accelerator=str(tc.accelerator), devices=tc.devices, strategy=strategy,
+        num_nodes=int(tc.get("num_nodes", 1)), sync_batchnorm=sync_bn,
         precision=fmt.precision, max_epochs=int(epochs),
         logger=make_loggers(ctx, stage, step, job_type),
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
@@ -495,6 +509,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # epoch-level metrics come from torchmetrics states that are already summed across ranks
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
     # the frozen previous model is in eval mode on purpose (BN statistics fixed)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 

@@ -111,3 +111,32 @@ def test_sync_batchnorm_conversion_of_bisenet():
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
     with torch.no_grad():  # in eval mode SyncBatchNorm is BatchNorm with the same buffers
         torch.testing.assert_close(synced(x).logits, before)
+
+
+@pytest.mark.slow
+def test_ddp_smoke_protocol_with_replay_rank0_writes_everything(tmp_path):
+    """trainer=ddp on 2 CPU processes (gloo): the protocol finishes, both ranks train every
+    step, and every file (caches, replay set, checkpoints, state, results) is written by rank 0
+    (INCSEG_WRITE_LOG records the rank of each atomic write)."""
+    import subprocess
+    import sys
+
+    writes = tmp_path / "writes.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1",
+               WANDB_MODE="disabled", INCSEG_WRITE_LOG=str(writes))
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "incseg.run", "experiment=smoke", "trainer=ddp",
+         "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "replay=deepinversion",
+         "replay.verifier=none", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("step 1: old") == 2  # rank 0 and rank 1 both ran step 1
+    assert proc.stderr.count("waiting for rank 0") == 1  # rank 1 read rank 0's replay set
+    lines = [ln.split(" ", 1) for ln in writes.read_text().splitlines()]
+    assert {rank for rank, _ in lines} == {"0"}
+    paths = [p for _, p in lines]
+    for name in ("results.json", "state.json", "step1.pt", "manifest.json"):
+        assert any(p.endswith(name) for p in paths), name
+    assert any("/step0/" in p for p in paths)  # the step-0 cache entry
+    assert (run / "results.json").exists()

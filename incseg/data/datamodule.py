@@ -131,12 +131,13 @@ class IncrementalDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        if len(ds) < self.batch_size * self.num_replicas:
+        if len(ds) < self.batch_size * self._replicas()[0]:
             raise DataError(
                 f"step {self.step} has {len(ds)} training images, fewer than one batch of "
                 f"{self.batch_size}; lower data.batch_size"
             )
-        sampler = SeededSampler(len(ds), self.seed, self.step, True, self.num_replicas, self.rank)
+        replicas, rank = self._replicas()
+        sampler = SeededSampler(len(ds), self.seed, self.step, True, replicas, rank)
         real = self._loader(ds, self.batch_size, sampler, drop_last=True)
         if self.replay_dataset is None:
             return real
@@ -144,13 +145,29 @@ class IncrementalDataModule(L.LightningDataModule):
 
         # One synthetic batch per real batch (1:1, the paper); the replay set cycles.
         rs = SeededSampler(len(self.replay_dataset), self.seed + 1, self.step, True,
-                           self.num_replicas, self.rank)
+                           replicas, rank)
         replay = self._loader(self.replay_dataset, min(self.batch_size, len(self.replay_dataset)),
                               rs, drop_last=True)
         return CombinedLoader({"real": real, "replay": replay}, mode="max_size_cycle")
 
+    def _replicas(self) -> tuple[int, int]:
+        """(number of ranks, this rank): the Trainer's under DDP, else the constructor's."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.world_size, trainer.global_rank
+        return self.num_replicas, self.rank
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        n, rank = self._replicas()
+        # Under DDP each rank scores every n-th image (no padding: a duplicate would be counted
+        # twice) and the confusion matrices are summed across ranks: the exact single-process
+        # numbers.
+        sampler = list(range(rank, len(ds), n)) if n > 1 else None
+        return self._loader(ds, self.eval_batch_size, sampler)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.eval_batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.eval_batch_size)
+        return self._eval_loader("test")
