@@ -147,23 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     damaged = {}
     run_dir, cache = workdir / "damaged", workdir / "cache-damaged"
     r.run(run_dir, cache, log_name="damaged-0")  # complete run: caches filled
+    # (name, file to damage, how, first step whose work must read it again)
     cases = [("step-0 cache entry", lambda: next(iter((cache / "step0").glob("*.pt")), None),
-              "truncate"),
+              "truncate", 0),
              ("replay manifest", lambda: next(iter(cache.glob("replay/*/manifest.json")), None),
-              "foreign"),
-             ("step-1 model", lambda: run_dir / "checkpoints" / "step1.pt", "truncate")]
-    for name, find, how in cases:
+              "foreign", 1),
+             ("step-1 model", lambda: run_dir / "checkpoints" / "step1.pt", "truncate", 2)]
+    for name, find, how, redo in cases:
         path = find()
         ok = path is not None and damage(path, how)
-        if name == "step-1 model":  # a finished step's model is re-read only when resuming
-            state = json.loads((run_dir / "state.json").read_text())
-            state["steps"] = {k: v for k, v in state["steps"].items() if int(k) <= 1}
-            (run_dir / "state.json").write_text(json.dumps(state))
-            (run_dir / "results.json").unlink(missing_ok=True)
+        # mark the steps from `redo` on unfinished, so the rerun has to read the damaged file
+        state = json.loads((run_dir / "state.json").read_text())
+        state["steps"] = {k: v for k, v in state["steps"].items() if int(k) < redo}
+        (run_dir / "state.json").write_text(json.dumps(state))
+        (run_dir / "results.json").unlink(missing_ok=True)
         res = r.finish(run_dir, cache, f"damaged-{name.replace(' ', '_')}")
         log_text = (workdir / "logs" / f"damaged-{name.replace(' ', '_')}.log").read_text()
         reported = any(w in log_text for w in ("unreadable", "truncated", "not an incseg",
-                                               "unusable", "corrupt", "rebuil", "foreign"))
+                                               "unusable", "corrupt", "invalid", "foreign"))
         same = numbers(res) == reference
         damaged[name] = {"damaged": ok, "reported": reported, "identical": same}
         print(f"{how} {name}: reported={reported} identical={same}", file=sys.stderr)
