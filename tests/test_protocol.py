@@ -267,3 +267,31 @@ def test_same_seed_same_results_on_cpu(tmp_path):
     c = run_protocol(smoke_cfg(tmp_path / "c3", "task=10-5-5", "seed=1"), tmp_path / "c")
     assert numbers(a) == numbers(b) and a["final"] == b["final"]
     assert numbers(a) != numbers(c)
+
+
+def test_replay_leaves_out_images_the_teacher_cannot_score():
+    from incseg.systems.student import ReplaySpec
+
+    torch.manual_seed(0)
+    module, old = _student()
+    module.replay = ReplaySpec(loss="mse", weight=1.0)
+    module.train()
+    for m in module.model.modules():  # the real forwards must not move the statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32))
+    replay = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = module.training_loss(x, y, replay[:2])["replay"]
+    real_forward = old.forward
+
+    def teacher_with_inf(images):  # images 2 and 3 overflow for the teacher
+        out = real_forward(images)
+        if images.shape[0] == 4:
+            out.logits[2:] = float("inf")
+        return out
+
+    old.forward = teacher_with_inf
+    with torch.no_grad():
+        masked = module.training_loss(x, y, replay)["replay"]
+    assert torch.isfinite(masked) and masked.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -181,7 +181,18 @@ class StudentModule(SegmentationSystem):
                 z = self.model(replay).logits
             with torch.no_grad():
                 z_old = self.old_model(replay).logits
-            terms["replay"] = self.replay.weight * replay_loss(
-                self.replay.loss, z, z_old, self.replay.temperature, self.replay.background)
+            # An image the teacher itself cannot score (non-finite logits: an under-trained
+            # teacher's tiny BN variances blow up on out-of-distribution inputs such as the
+            # noise control) carries no knowledge to distil; it is left out, never averaged in.
+            usable = torch.isfinite(z_old).flatten(1).all(dim=1)
+            if bool(usable.all()):
+                terms["replay"] = self.replay.weight * replay_loss(
+                    self.replay.loss, z, z_old, self.replay.temperature, self.replay.background)
+            elif bool(usable.any()):
+                terms["replay"] = self.replay.weight * replay_loss(
+                    self.replay.loss, z[usable], z_old[usable], self.replay.temperature,
+                    self.replay.background)
+            else:
+                terms["replay"] = z.sum() * 0.0  # keeps the graph; nothing to distil
         terms["loss"] = sum(terms.values())
         return terms
