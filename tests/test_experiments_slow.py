@@ -17,7 +17,7 @@ TINY = ["dataset.generator.size=32", "dataset.generator.n_train=160",
         "dataset.generator.n_val=24", "dataset.generator.n_test=48", "data.crop=32",
         "data.batch_size=4", "data.num_workers=0", "train.epochs=1",
         "train.epochs_incremental=1", "inversion.n_per_class=1", "inversion.image_size=32",
-        "replay.verifier=none"]
+        "++replay.verifier=none"]
 
 #: experiment -> (extra overrides, expected table rows (label, task))
 CASES = {
