@@ -318,6 +318,8 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
             try:
                 cached = load_model(entry, cfg.model.name, task.steps, 0)
                 module.model.load_state_dict(cached.state_dict())
+                # the record of a cache hit equals the one of the run that trained the entry
+                module.val_summary = safe_load(entry, "cache entry").get("val_summary")
                 log.info("%s cache hit: %s (not retrained)", kind, entry)
                 ctx.provenance[f"{kind}_cache"] = "hit"
                 return trainer
@@ -329,7 +331,8 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
         ctx.provenance[f"{kind}_cache"] = "miss"
         fit(ctx, trainer, module, dm, stage)
         if is_rank_zero():
-            save_model(entry, module.model, cfg.model.name, task.steps, 0)
+            save_model(entry, module.model, cfg.model.name, task.steps, 0,
+                       extra={"val_summary": module.val_summary})
         barrier()
     return trainer
 

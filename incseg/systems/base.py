@@ -155,8 +155,12 @@ class SegmentationSystem(L.LightningModule):
             "numpy_pos": int(np.random.get_state()[2]),
             "python": list(random.getstate()[1]),
         }
+        # a run killed after its last epoch resumes with nothing left to train: the record it
+        # then writes must still carry the last validation (exact resume)
+        checkpoint["incseg_val_summary"] = self.val_summary
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_summary = checkpoint.get("incseg_val_summary", self.val_summary)
         rng = checkpoint.get("incseg_rng")
         if rng:
             torch.set_rng_state(rng["torch"])
