@@ -98,8 +98,10 @@ class SegmentationSystem(L.LightningModule):
         terms = self.training_loss(self._prepare(images), labels, replay)
         loss = terms["loss"]
         if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step}, epoch "
+                f"non-finite loss ({loss.item()}; term {', '.join(bad) or 'loss'}) at step "
+                f"{self.step}, epoch "
                 f"{self.current_epoch}, batch {batch_idx}; lower the learning rate "
                 "(train.lr / train.lr_incremental) or use trainer.precision=32-true — the last "
                 "good epoch checkpoint is kept, so rerunning resumes from it"

@@ -181,10 +181,17 @@ class StudentModule(SegmentationSystem):
                 z = self.model(replay).logits
             with torch.no_grad():
                 z_old = self.old_model(replay).logits
-            # An image the teacher itself cannot score (non-finite logits: an under-trained
-            # teacher's tiny BN variances blow up on out-of-distribution inputs such as the
-            # noise control) carries no knowledge to distil; it is left out, never averaged in.
-            usable = torch.isfinite(z_old).flatten(1).all(dim=1)
+            # An image the teacher itself cannot score (non-finite or absurd logits: an
+            # under-trained teacher's tiny BN variances blow up on out-of-distribution inputs
+            # such as the noise control; a softmax is one-hot long before |z| = 1e4, while the
+            # squared distance of such logits overflows) carries no knowledge to distil: it is
+            # left out, never averaged in.
+            # The same for the student: near-zero running variances amplify small weight
+            # changes on such inputs; an image it cannot score yet gives no usable gradient.
+            def sane(t: torch.Tensor) -> torch.Tensor:
+                return (torch.isfinite(t) & (t.abs() < 1e4)).flatten(1).all(dim=1)
+
+            usable = sane(z_old) & sane(z.detach())
             if bool(usable.all()):
                 terms["replay"] = self.replay.weight * replay_loss(
                     self.replay.loss, z, z_old, self.replay.temperature, self.replay.background)
