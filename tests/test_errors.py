@@ -240,8 +240,8 @@ def test_non_finite_loss_keeps_the_last_good_epoch_checkpoint(tmp_path, monkeypa
         incseg.run._main(cfg, run)
     assert exc.value.code == 2
     line = last_line(capsys.readouterr().err)
-    assert line.startswith("error: non-finite loss (nan) at step 0, epoch 1, batch 0; lower the "
-                           "learning rate")
+    assert line.startswith("error: non-finite loss (nan; term loss) at step 0, epoch 1, "
+                           "batch 0; lower the learning rate")
     assert "the last good epoch checkpoint is kept" in line
     good = safe_load(run / "checkpoints" / "joint-last.ckpt")
     assert good["epoch"] == 0  # written after epoch 0, never by the NaN epoch
