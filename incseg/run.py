@@ -76,10 +76,14 @@ def precheck(argv: list[str]) -> None:
     validate(cfg)
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
-        run_dir = Path(str(cfg.hydra.run.dir))
+        # a sweep (hydra.mode: MULTIRUN in an experiment) writes below its sweep dir; proving
+        # the single-run dir writable would create an empty stray folder there
+        multirun = str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        run_dir = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     except OmegaConfBaseException:  # e.g. ${hydra:...} that only a running job resolves
         return
-    ensure_writable_dir(run_dir, "run directory", RUN_DIR_FIX)
+    ensure_writable_dir(run_dir, "sweep directory" if multirun else "run directory",
+                        RUN_DIR_FIX)
 
 
 @report_errors

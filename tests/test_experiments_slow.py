@@ -58,8 +58,10 @@ def test_cpu_experiment_runs_and_reports(tmp_path, name):
 
 def test_cpu_table1_and_controls_run(tmp_path):
     sweep = tmp_path / "sweep"
-    _run(["incseg.run", "experiment=cpu/table1", *TINY, f"paths.runs_dir={sweep}"], tmp_path)
+    swept = [o for o in TINY if not o.startswith("data.batch_size=")]  # table 1 sweeps it
+    _run(["incseg.run", "experiment=cpu/table1", *swept, f"paths.runs_dir={sweep}"], tmp_path)
     assert len(list(sweep.rglob("results.json"))) == 32  # 2 x 2 x 2 x 2 x 2 settings
+    assert not (sweep / "shapes").exists()  # no stray single-run folder
     _run(["incseg.run", "experiment=cpu/table3_controls", *TINY, "hydra.sweeper.params.seed=0",
           f"paths.runs_dir={sweep}/controls"], tmp_path)
     assert len(list((sweep / "controls").rglob("results.json"))) == 6  # 2 tasks x 3 replays
