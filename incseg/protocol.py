@@ -264,7 +264,8 @@ def make_trainer(ctx: Context, stage: str, step: int, epochs: int, job_type: str
         enable_progress_bar=bool(tc.progress_bar), enable_model_summary=False,
         num_sanity_val_steps=0, check_val_every_n_epoch=int(ctx.cfg.train.val_every),
         log_every_n_steps=int(tc.log_every_n_steps), default_root_dir=str(ctx.run_dir),
-        use_distributed_sampler=False, deterministic=bool(tc.deterministic),
+        use_distributed_sampler=False,
+        deterministic="warn" if str(tc.deterministic) == "warn" else bool(tc.deterministic),
         limit_train_batches=tc.get("limit_train_batches", 1.0),
         limit_val_batches=tc.get("limit_val_batches", 1.0))
 
