@@ -33,6 +33,7 @@ def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
         again = run_protocol(cfg(cache, "task=15-5s", "replay=deepinversion",
                                  "replay.verifier=none"), tmp_path / "b")
     assert "generating batch" not in caplog.text  # every set came from the cache
+    assert caplog.text.count("replay set cache hit") == 5  # one per incremental step
     assert "step-0 cache hit" in caplog.text
     assert [s["replay"]["path"] for s in again["steps"][1:]] == [
         s["replay"]["path"] for s in res["steps"][1:]]
