@@ -221,6 +221,18 @@ def test_wandb_logger_groups_runs_offline(tmp_path):
         "task": "15-5s", "method": "lwf", "step": 2, "seed": 3}
 
 
+def test_smoke_protocol_with_the_default_wandb_logger_offline(tmp_path, monkeypatch):
+    """The default logger (W&B, offline) through a whole 2-step run: every stage's W&B run is
+    finished and written offline (the default job once crashed in wandb.finish)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    res = run_protocol(compose(["experiment=smoke", f"paths.cache_dir={tmp_path / 'c'}",
+                                "logger=wandb", "logger.name=wandb"]), run)  # smoke sets csv
+    assert len(res["steps"]) == 2
+    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*") if p.is_dir())
+    assert len(offline) == 2  # one W&B run per stage: step0 and step1
+
+
 @pytest.mark.parametrize("bn", ["running", "batch"])
 def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
     from incseg.systems.student import ReplaySpec
