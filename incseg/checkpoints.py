@@ -56,9 +56,11 @@ def save_model(path: str | Path, model: BiSeNet, model_name: str, task_steps, st
         tmp.write_bytes(buf.getvalue())
 
 
-def load_model(path: str | Path, model_name: str, task_steps, step: int) -> BiSeNet:
-    """The model of ``step`` saved by :func:`save_model`; its classes must match the task."""
-    ckpt = safe_load(path, "model checkpoint")
+def load_model(path: str | Path, model_name: str, task_steps, step: int,
+               ckpt: dict | None = None) -> BiSeNet:
+    """The model of ``step`` saved by :func:`save_model`; its classes must match the task.
+    ``ckpt``: the file's contents when the caller has already read them."""
+    ckpt = safe_load(path, "model checkpoint") if ckpt is None else ckpt
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
                               f"{ckpt.get('format')!r}); delete it and rerun")

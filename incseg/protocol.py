@@ -317,10 +317,11 @@ def fit_teacher(ctx: Context, module, dm, task: Task, kind: str) -> L.Trainer:
     with lock:
         if entry.exists():
             try:
-                cached = load_model(entry, cfg.model.name, task.steps, 0)
+                payload = safe_load(entry, "cache entry")
+                cached = load_model(entry, cfg.model.name, task.steps, 0, ckpt=payload)
                 module.model.load_state_dict(cached.state_dict())
                 # the record of a cache hit equals the one of the run that trained the entry
-                module.val_summary = safe_load(entry, "cache entry").get("val_summary")
+                module.val_summary = payload.get("val_summary")
                 log.info("%s cache hit: %s (not retrained)", kind, entry)
                 ctx.provenance[f"{kind}_cache"] = "hit"
                 return trainer

@@ -443,10 +443,8 @@ def _ensure(
                 _discard(final)
                 manifest = _fill(work, final, key, kind, teacher, targets, plan, settings,
                                  settings_dict, class_of, student, verifier, progress, device)
-            else:
-                log.info("replay set cache hit: %s (%d images, not regenerated)", final, n_total)
-    else:
-        log.info("replay set cache hit: %s (%d images, not regenerated)", final, n_total)
+                return _finish(final, manifest, settings, verifier, verifier_channel_of)
+    log.info("replay set cache hit: %s (%d images, not regenerated)", final, n_total)
     return _finish(final, manifest, settings, verifier, verifier_channel_of)
 
 

@@ -33,29 +33,36 @@ REPLAY_BN = ("running", "batch")
 
 
 @contextmanager
+def _bn_mode(model: torch.nn.Module, training: bool, track_running_stats: bool | None = None):
+    """Set every BatchNorm of ``model`` to ``training`` (and ``track_running_stats``) for the
+    block, whatever mode the rest of the model is in; restored afterwards."""
+    saved = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            saved.append((mod, mod.training, mod.track_running_stats))
+            mod.training = training
+            if track_running_stats is not None:
+                mod.track_running_stats = track_running_stats
+    try:
+        yield model
+    finally:
+        for mod, training_, track in saved:
+            mod.training, mod.track_running_stats = training_, track
+
+
 def running_statistics(model: torch.nn.Module):
     """Run ``model``'s BatchNorms on their running statistics (as in eval mode), without
     updating them, while the rest of the model stays in training mode.
 
     The replay forward of the student uses it: the frozen teacher scores the synthetic batch
     with running statistics, so a train-mode student would differ from it by the BN mode alone
-    (on `shapes` 15-5 the replay MSE of a student equal to its teacher is 1.4, a third of the
-    logits' spread) and be pushed to distort its weights to close that gap; and synthetic
+    (on `shapes` 15-5 the replay MSE of a student equal to its teacher is 1.4, 15% of the
+    logits' mean square) and be pushed to distort its weights to close that gap; and synthetic
     batches would leak into the running statistics used at test time.
     """
-    saved = []
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            saved.append((mod, mod.training))
-            mod.training = False
-    try:
-        yield model
-    finally:
-        for mod, training in saved:
-            mod.training = training
+    return _bn_mode(model, training=False)
 
 
-@contextmanager
 def batch_statistics(model: torch.nn.Module):
     """Run ``model``'s BatchNorms on the batch's statistics without touching their buffers.
 
@@ -66,16 +73,7 @@ def batch_statistics(model: torch.nn.Module):
     not the drift of the weights. Inside this context the teacher normalises like the student:
     at the start of a step the two features are equal and the MSE is 0.
     """
-    saved = []
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            saved.append((mod, mod.training, mod.track_running_stats))
-            mod.training, mod.track_running_stats = True, False  # batch stats, no buffer update
-    try:
-        yield model
-    finally:
-        for mod, training, track in saved:
-            mod.training, mod.track_running_stats = training, track
+    return _bn_mode(model, training=True, track_running_stats=False)  # no buffer update
 
 
 @dataclass
@@ -192,14 +190,11 @@ class StudentModule(SegmentationSystem):
                 return (torch.isfinite(t) & (t.abs() < 1e4)).flatten(1).all(dim=1)
 
             usable = sane(z_old) & sane(z.detach())
-            if bool(usable.all()):
-                terms["replay"] = self.replay.weight * replay_loss(
-                    self.replay.loss, z, z_old, self.replay.temperature, self.replay.background)
-            elif bool(usable.any()):
-                terms["replay"] = self.replay.weight * replay_loss(
-                    self.replay.loss, z[usable], z_old[usable], self.replay.temperature,
-                    self.replay.background)
-            else:
-                terms["replay"] = z.sum() * 0.0  # keeps the graph; nothing to distil
+            if not bool(usable.all()):
+                z, z_old = z[usable], z_old[usable]
+            terms["replay"] = (z.sum() * 0.0 if z.shape[0] == 0  # nothing to distil
+                               else self.replay.weight * replay_loss(
+                                   self.replay.loss, z, z_old, self.replay.temperature,
+                                   self.replay.background))
         terms["loss"] = sum(terms.values())
         return terms
