@@ -61,6 +61,15 @@ def test_tiny_run_writes_every_ratio_and_the_machine_block(tmp_path):
     assert res["precision"]["default"]["variant"] in res["precision"]["images_per_s"]
     assert len(res["inversion"]["ours"]) == 2 and res["inversion"]["reference"]["seconds"] > 0
     assert res["sweep"]["without_cache_s"] > 0 and res["sweep"]["with_cache_s"] > 0
+    # the paper estimate: our preset does half the iterations at a quarter of the pixels
+    est = res["inversion"]["paper_estimate"]
+    f = est["flops_per_image_iteration"]
+    assert est["ours_flops"] / est["paper_loop_flops"] == pytest.approx(
+        (f["256"] + f["512"]) / (2 * f["512"]))
+    assert est["paper_implied_t4_flops_per_s"] == pytest.approx(
+        est["paper_loop_flops"] / (150 * 3600))
+    assert 0 < res["inversion"]["cpu"]["fraction_of_peak"]
+    assert "T4-hours" in proc.stdout
     # the table goes to stdout, progress to stderr
     for key in RATIOS:
         assert key in proc.stdout
@@ -121,3 +130,26 @@ def test_remap_bench_checks_both_ways_agree(bench_modules):
 
     figures = remap.main(size=32, n_masks=1, repeats=1, number=1, naive_number=1)
     assert figures["lut_ms"] > 0 and figures["naive_ms"] > 0 and figures["mask_px"] == 32
+
+
+def test_inversion_iteration_flops_is_forward_plus_the_image_gradient(bench_modules):
+    """A 1x1 conv 3 -> 4 on an 8x8 image: forward 2*3*4*64 = 1536 FLOPs; the backward to the
+    image (weights frozen: no weight gradient) costs the same again; x4 at 16 px."""
+    run, _ = bench_modules
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1, bias=False)
+
+        def forward(self, x):
+            return Out(self.conv(x))
+
+    net = Net()
+    assert run.inversion_iteration_flops(net, 8) == 2 * 1536
+    assert run.inversion_iteration_flops(net, 16, at=8) == 4 * 2 * 1536
+    assert all(p.requires_grad for p in net.parameters())  # a copy was frozen, not the model

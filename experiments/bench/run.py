@@ -104,6 +104,7 @@ class Sizes:
     inv_iterations: tuple[int, int] | None = None  # None: the cpu settings' (low, full)
     inv_budgets: tuple[float, ...] = (0.25, 0.5, 1.0)
     inv_repeats: int = 1
+    est_size: int = 512                      # FLOPs of the paper's generator counted at this size
     model_steps: int = 120                   # SGD steps of the teacher and of the verifier
     # precision at 128 px
     prec_crop: int = 128
@@ -130,6 +131,7 @@ TINY = Sizes("tiny", repeats=1, batch=4, crop=32, warmup=1, steps=2, eval_batche
              matmul_n=128, loader_warm=1, loader_batches=2, mask_px=64, n_masks=2,
              remap_repeats=1, lut_number=2, naive_number=1, inv_classes=2, inv_per_class=2,
              inv_image_size=32, inv_iterations=(2, 2), inv_budgets=(0.5, 1.0), model_steps=2,
+             est_size=64,
              prec_crop=32, prec_batch=2, prec_warmup=1, prec_steps=1, prec_repeats=1,
              sweep_methods=("ft", "mib"),
              sweep_overrides=("train.epochs=1", "train.epochs_incremental=1",
@@ -441,8 +443,10 @@ def bench_loader(sizes: Sizes, cache: Path | None, work: Path) -> dict:
 def trained_model(sizes: Sizes, cache: Path | None, task, seed: int, crop: int) -> torch.nn.Module:
     """A BiSeNet-R18 trained ``sizes.model_steps`` SGD steps on ``task`` (one step) with seed
     ``seed``; kept in ``<cache>/bench/`` under a content key, so reruns skip the training."""
+    # untimed set-up, so no loader workers: a fork of this process after the timed benchmarks
+    # once left the teacher's workers stuck (main waiting in _try_get_data, load 0)
     cfg = base_cfg(sizes, cache, f"seed={seed}", f"data.crop={crop}",
-                   f"data.batch_size={sizes.batch}")
+                   f"data.batch_size={sizes.batch}", "data.num_workers=0")
     source = source_from_cfg(cfg, progress=False)
     cache_root = cache_dir_from_cfg(cfg)
     key = content_key("bench-model", {"root": str(source.root), "steps": task.steps,
@@ -486,6 +490,56 @@ def time_to_reach(points: list[tuple[float, float]], target: float) -> tuple[flo
             t0, a0 = points[k - 1]
             return t0 + (target - a0) / (acc - a0) * (t - t0), True
     return points[-1][0], False
+
+
+#: the paper's generator (Sec. 4.3 and appendix): 15 old classes x 32 images x 20k iterations at
+#: 512 px, teacher BiSeNet-R50, competition student BiSeNet-R18; "almost 10 hours" per class on a T4
+PAPER_WORKLOAD = {"classes": 15, "images_per_class": 32, "iterations": 20000, "image_size": 512,
+                  "teacher": "bisenet_r50", "student": "bisenet_r18", "t4_hours": 150.0}
+#: NVIDIA T4 datasheet peaks (FLOP/s): fp16 tensor cores and fp32
+T4_PEAK = {"fp16": 65e12, "fp32": 8.1e12}
+
+
+def inversion_iteration_flops(model: torch.nn.Module, size: int, at: int | None = None) -> int:
+    """FLOPs of one generator iteration for one image through ``model``: the forward and the
+    backward to the image only (the weights are frozen). Counted at ``at`` px and scaled by the
+    pixel count to ``size`` (a conv net's FLOPs are proportional to it)."""
+    at = at or size
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    x = torch.rand(1, 3, at, at, requires_grad=True)
+    flops = count_flops(lambda: model(x).logits.float().sum().backward())
+    return round(flops * (size / at) ** 2)
+
+
+def paper_estimate(sizes: Sizes, cpu_fraction_of_peak: float) -> dict:
+    """GPU-hours of the paper's workload: the paper's own loop (every iteration at 512 px) and
+    ours with the paper preset (half the iterations at 256 px), each at two rates: the rate the
+    paper's 150 T4-hours imply for its loop, and a T4 in fp16 running at the fraction of its peak
+    that our generator reaches of this CPU's matmul peak."""
+    w = PAPER_WORKLOAD
+    at = min(sizes.est_size, w["image_size"])
+    n_out = 16  # background + 15 classes
+    teacher = build_model(w["teacher"], [n_out], None)
+    student = build_model(w["student"], [n_out], None)
+    full = (inversion_iteration_flops(teacher, w["image_size"], at)
+            + inversion_iteration_flops(student, w["image_size"], at))
+    half = (inversion_iteration_flops(teacher, w["image_size"] // 2, at // 2)
+            + inversion_iteration_flops(student, w["image_size"] // 2, at // 2))
+    images = w["classes"] * w["images_per_class"]
+    paper_flops = images * w["iterations"] * full
+    ours_flops = images * (w["iterations"] // 2) * (half + full)
+    paper_rate = paper_flops / (w["t4_hours"] * 3600)
+    t4_rate = cpu_fraction_of_peak * T4_PEAK["fp16"]
+    return {
+        "workload": w, "flops_per_image_iteration": {"512": full, "256": half},
+        "paper_loop_flops": paper_flops, "ours_flops": ours_flops,
+        "paper_implied_t4_flops_per_s": paper_rate,
+        "paper_implied_fraction_of_t4_fp16_peak": paper_rate / T4_PEAK["fp16"],
+        "ours_t4_hours_at_paper_rate": ours_flops / paper_rate / 3600,
+        "assumed_fraction_of_t4_fp16_peak": cpu_fraction_of_peak,
+        "paper_loop_t4_hours_at_that_fraction": paper_flops / t4_rate / 3600,
+        "ours_t4_hours_at_that_fraction": ours_flops / t4_rate / 3600,
+    }
 
 
 def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
@@ -536,6 +590,19 @@ def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
         say(f"inversion: ours x{b}: {median(runs):.1f} s, verifier accuracy {acc:.2f}")
     seconds, reached = time_to_reach([(o["seconds"], o["verifier_accuracy"]) for o in ours],
                                      ref_acc)
+    # how much of this CPU our generator uses (its largest budget), for the paper estimate
+    top = ours[-1]
+    size = settings.image_size
+    flops = len(targets) * sizes.inv_per_class * (
+        top["iterations_low"] * inversion_iteration_flops(teacher, size // 2)
+        + top["iterations_full"] * inversion_iteration_flops(teacher, size))
+    peak = matmul_peak_flops(sizes.matmul_n)
+    fraction = flops / top["seconds"] / peak
+    estimate = paper_estimate(sizes, fraction)
+    say(f"inversion: ours at {flops / top['seconds'] / 1e9:.1f} GFLOP/s = {fraction:.1%} of "
+        f"the matmul peak; paper workload: ours {estimate['ours_t4_hours_at_that_fraction']:.1f} "
+        f"T4-hours at that fraction of a T4 (the paper's loop: "
+        f"{estimate['paper_loop_t4_hours_at_that_fraction']:.1f}; the paper reports 150)")
     return {
         "what": "seconds to the reference's verifier accuracy, same teacher and verifier",
         "classes": targets, "images_per_class": sizes.inv_per_class,
@@ -545,6 +612,9 @@ def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
                       "verifier_accuracy": ref_acc, "teacher_accuracy": ref_teacher_acc},
         "ours": ours, "ours_seconds_to_reference_accuracy": seconds,
         "reached": reached,
+        "cpu": {"flops_per_s": flops / top["seconds"], "matmul_peak_flops_per_s": peak,
+                "fraction_of_peak": fraction},
+        "paper_estimate": estimate,
     }
 
 
@@ -710,6 +780,15 @@ def table(results: dict, ratios: dict) -> str:
                   f"({t['achieved_gflops']:.1f} of {t['matmul_peak_gflops']:.1f} GFLOP/s fp32 "
                   f"matmul peak); eval {t['eval_images_per_s']:.1f} img/s; peak RSS "
                   f"{t['peak_rss_mb']:.0f} MB"]
+    if "inversion" in r:
+        e, c = r["inversion"]["paper_estimate"], r["inversion"]["cpu"]
+        lines += [f"generator at {100 * c['fraction_of_peak']:.1f}% of the matmul peak; the "
+                  f"paper's workload (15 x 32 images x 20k its at 512 px, R50 + R18) at that "
+                  f"fraction of a T4's fp16 peak: ours {e['ours_t4_hours_at_that_fraction']:.1f} "
+                  f"T4-hours, the paper's loop {e['paper_loop_t4_hours_at_that_fraction']:.1f} "
+                  f"(reported: {e['workload']['t4_hours']:g}, i.e. "
+                  f"{100 * e['paper_implied_fraction_of_t4_fp16_peak']:.1f}% of the fp16 peak); "
+                  f"ours at the paper's rate {e['ours_t4_hours_at_paper_rate']:.0f} T4-hours"]
     return "\n".join(lines)
 
 
