@@ -7,20 +7,24 @@ per Trainer from the accelerator, the training crop and what the hardware does f
     CPU    bf16-mixed when the crop is >= 128 px and the CPU has native bf16 matrix units
            (AMX-BF16); 32-true otherwise.
     other  (MPS, ...) 32-true: mixed precision there is not something we have measured.
-    channels_last follows the precision: on with 16/bf16 compute, off with 32-bit.
+    channels_last: on with 16/bf16 compute; with fp32 on a CPU, on from 128 px crops.
 
 Explicit values in the config always win (``trainer.precision=bf16-mixed``,
 ``train.channels_last=true``).
 
-Why "native bf16" means AMX and not merely AVX512-BF16: on the suite's reference 2-core Xeon
-(AVX512-BF16, no AMX; torch 2.14; one BiSeNet-R18 training step, one thread, medians of
-alternating runs while another job shared the machine) bf16-mixed autocast was 25-30 % *slower*
-than fp32 at 128 px (batch 16: 1.39 s vs 1.07 s) and at 256 px (batch 4: 1.50 s vs 1.15 s),
-channels_last or not, although oneDNN did pick its avx512_core_bf16 kernels: the casts and
-layout reorders around every convolution cost more than the bf16 dot products save.
-AMX tiles multiply bf16 an order of magnitude faster than AVX512 FMAs, which is where the
-trade pays. Below 128 px (the `shapes` default is 64) the per-layer overheads dominate anyway.
-``experiments/bench/run.py`` measures the trade on the machine at hand (``precision_*``).
+Why "native bf16" means AMX and not merely AVX512-BF16. On the suite's reference 2-core Xeon
+(AVX512-BF16, no AMX; torch 2.14, idle machine, 2 threads) bf16 is slower than fp32 at the
+kernel level: a 1024^2 matmul runs at 50 GFLOP/s in bf16 against 93 in fp32, and a 3x3
+convolution in NHWC at 42-54 GFLOP/s against 67, although oneDNN picks its avx512_core_bf16
+kernels (ONEDNN_VERBOSE). A BiSeNet-R18 training step at 128 px (batch 16) therefore loses with
+autocast: 23.9 img/s bf16 and 25.8 bf16 + channels_last against 32.3 fp32; the profile puts the
+loss in the convolutions themselves (forward 102 -> 169 ms, backward 226 -> 350 ms per step),
+not in casts. AMX tiles multiply bf16 an order of magnitude faster than AVX512 FMAs, which is
+where the trade pays. ``experiments/bench/run.py`` measures it on the machine at hand.
+
+Why channels_last for fp32 from 128 px: the same step at 128 px ran at 35.8 img/s in NHWC
+against 32.3 contiguous (1.11x; 1.21x at 256 px, batch 8), and the MiB student step of the
+benchmark at 18.9 against 18.2; at 64 px NHWC was 2 % slower (57.6 against 58.9 img/s).
 
 The rules are pure functions of their inputs (tested in ``tests/test_precision.py``); the
 hardware is probed only by :func:`training_format`, and only when a rule needs the answer.
@@ -38,6 +42,8 @@ from incseg.errors import ConfigError
 
 #: smallest training crop at which the CPU rule switches to bf16-mixed
 CPU_BF16_MIN_CROP = 128
+#: smallest training crop at which fp32 on a CPU trains in channels_last
+CPU_CHANNELS_LAST_MIN_CROP = 128
 
 # Lightning's legacy spellings, normalised so the rules compare one form.
 _ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true",
@@ -85,14 +91,17 @@ def resolve_precision(requested, *, device: str, crop: int, cpu_bf16: bool,
     return "32-true"
 
 
-def resolve_channels_last(requested, precision: str) -> bool:
-    """Whether to train in channels_last: explicit booleans win; ``auto`` follows the
-    precision (NHWC is the layout the bf16/fp16 convolution kernels of oneDNN and cuDNN work
-    in; with fp32 on a CPU it gained a few percent at most in our measurements, within noise)."""
+def resolve_channels_last(requested, precision: str, *, device: str = "other",
+                          crop: int = 0) -> bool:
+    """Whether to train in channels_last: explicit booleans win; ``auto`` is on with 16/bf16
+    compute (NHWC is the layout the bf16/fp16 convolution kernels of oneDNN and cuDNN work in)
+    and, with fp32 on a CPU, from ``CPU_CHANNELS_LAST_MIN_CROP`` px (see the module notes)."""
     if isinstance(requested, bool):
         return requested
     if is_auto(requested):
-        return normalise_precision(precision) in _LOW_PRECISION
+        if normalise_precision(precision) in _LOW_PRECISION:
+            return True
+        return device == "cpu" and int(crop) >= CPU_CHANNELS_LAST_MIN_CROP
     text = str(requested).strip().lower()
     if text in ("true", "false"):
         return text == "true"
@@ -140,5 +149,6 @@ def training_format(cfg) -> TrainingFormat:
     cuda_bf16 = auto and device == "cuda" and cuda_supports_bf16()
     precision = resolve_precision(requested, device=device, crop=crop, cpu_bf16=cpu_bf16,
                                   cuda_bf16=cuda_bf16)
-    channels_last = resolve_channels_last(cfg.train.get("channels_last", "auto"), precision)
+    channels_last = resolve_channels_last(cfg.train.get("channels_last", "auto"), precision,
+                                          device=device, crop=crop)
     return TrainingFormat(precision, channels_last)

@@ -623,6 +623,7 @@ def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
 
 PRECISION_VARIANTS = {
     "fp32": ("32-true", False),
+    "fp32_channels_last": ("32-true", True),
     "bf16": ("bf16-mixed", False),
     "bf16_channels_last": ("bf16-mixed", True),
 }
