@@ -268,6 +268,38 @@ def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
     assert same == (bn == "running")  # synthetic images never reach the test-time statistics
 
 
+def test_replay_bn_teacher_ignores_the_students_drifted_statistics():
+    """replay.bn=teacher: the student normalises the synthetic batch with the teacher's running
+    statistics, so a student whose own statistics drifted (to the current step's data) but whose
+    weights equal the teacher's has replay distance 0, where bn=running penalises the drift; the
+    student's buffers and BN modes come back unchanged, and a missing twin is an error."""
+    from incseg.systems.student import ReplaySpec, teacher_statistics
+
+    torch.manual_seed(0)
+    module, old = _student()
+    _warm_bn(old)
+    module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher
+    bns = [m for m in module.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # the student's statistics drift; its weights do not
+        m.running_mean.add_(0.5)
+        m.running_var.mul_(3.0)
+        m.momentum = 0.0  # and the real batch of this check must not move them
+    drifted = {k: v.clone() for k, v in module.model.state_dict().items() if "running" in k}
+    module.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
+    replay = torch.randn(4, 3, 32, 32) * 0.5 + 0.3
+    module.replay = ReplaySpec(loss="mse", weight=1.0, bn="teacher", background="plain")
+    assert module.training_loss(x, y, replay)["replay"].item() == pytest.approx(0.0, abs=1e-10)
+    module.replay = ReplaySpec(loss="mse", weight=1.0, bn="running", background="plain")
+    assert module.training_loss(x, y, replay)["replay"].item() > 1e-3
+    after = {k: v for k, v in module.model.state_dict().items() if "running" in k}
+    assert all(torch.equal(drifted[k], after[k]) for k in drifted)
+    assert all(m.training for m in bns)
+    with pytest.raises(ValueError, match="replay.bn=teacher"):
+        with teacher_statistics(module.model, torch.nn.Sequential()):
+            pass
+
+
 def test_same_seed_same_results_on_cpu(tmp_path):
     """Determinism (CPU): two runs with the same seed, each with its own cache (step 0 trained
     twice), give identical results.json numbers; another seed does not."""

@@ -29,7 +29,7 @@ LOSSES = ("ce", "unbiased_ce")
 KDS = ("none", "kd", "ukd")
 FEATURES = ("body", "ffm")
 FEAT_BN = ("batch", "running")
-REPLAY_BN = ("running", "batch")
+REPLAY_BN = ("running", "batch", "teacher")
 
 
 @contextmanager
@@ -61,6 +61,43 @@ def running_statistics(model: torch.nn.Module):
     batches would leak into the running statistics used at test time.
     """
     return _bn_mode(model, training=False)
+
+
+@contextmanager
+def teacher_statistics(model: torch.nn.Module, teacher: torch.nn.Module):
+    """Run ``model``'s BatchNorms in eval mode on the *teacher's* running statistics (the
+    BatchNorms are paired by name; the student is a copy of its teacher, so every one has a
+    twin), without updating any buffer; restored afterwards.
+
+    Why: the synthetic images are made to match the teacher's BN statistics (the old data's),
+    while the student's own running statistics drift within a few iterations toward the current
+    step's data (on 15-5s, images of one class). Normalised by those, the student's replay
+    logits leave the teacher's at the start of every step (replay MSE 1-9 in the first 20
+    iterations of 15-5s steps 4-5 with ``bn=running``, against 0 at iteration 0), and the
+    gradient that closes that gap distorts the weights: val old mIoU fell to 0.07 after the
+    first epoch of step 5. With the teacher's statistics the gap is the weights' drift alone.
+    """
+    twins = dict(teacher.named_modules())
+    pairs = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            twin = twins.get(name)
+            if not isinstance(twin, torch.nn.modules.batchnorm._BatchNorm) or \
+                    twin.running_mean is None or twin.running_mean.shape != mod.running_mean.shape:
+                raise ValueError(f"replay.bn=teacher: the teacher has no BatchNorm {name!r} "
+                                 "matching the student's")
+            pairs.append((mod, twin))
+    saved = [(mod, mod.training, mod.running_mean, mod.running_var) for mod, _ in pairs]
+    for mod, twin in pairs:
+        mod.training = False
+        mod._buffers["running_mean"] = twin.running_mean
+        mod._buffers["running_var"] = twin.running_var
+    try:
+        yield model
+    finally:
+        for mod, training, mean, var in saved:
+            mod.training = training
+            mod._buffers["running_mean"], mod._buffers["running_var"] = mean, var
 
 
 def batch_statistics(model: torch.nn.Module):
@@ -174,6 +211,9 @@ class StudentModule(SegmentationSystem):
             # Both models see the synthetic batch (paper Fig. 4, blue path); no labels needed.
             if self.replay.bn == "running":  # like the teacher: see running_statistics
                 with running_statistics(self.model):
+                    z = self.model(replay).logits
+            elif self.replay.bn == "teacher":  # the old data's statistics: teacher_statistics
+                with teacher_statistics(self.model, self.old_model):
                     z = self.model(replay).logits
             else:  # batch statistics of the synthetic batch (and their running average)
                 z = self.model(replay).logits
