@@ -13,13 +13,14 @@ Explicit values in the config always win (``trainer.precision=bf16-mixed``,
 ``train.channels_last=true``).
 
 Why "native bf16" means AMX and not merely AVX512-BF16. On the suite's reference 2-core Xeon
-(AVX512-BF16, no AMX; torch 2.14, idle machine, 2 threads) bf16 is slower than fp32 at the
-kernel level: a 1024^2 matmul runs at 50 GFLOP/s in bf16 against 93 in fp32, and a 3x3
-convolution in NHWC at 42-54 GFLOP/s against 67, although oneDNN picks its avx512_core_bf16
-kernels (ONEDNN_VERBOSE). A BiSeNet-R18 training step at 128 px (batch 16) therefore loses with
-autocast: 23.9 img/s bf16 and 25.8 bf16 + channels_last against 32.3 fp32; the profile puts the
-loss in the convolutions themselves (forward 102 -> 169 ms, backward 226 -> 350 ms per step),
-not in casts. AMX tiles multiply bf16 an order of magnitude faster than AVX512 FMAs, which is
+(AVX512-BF16, no AMX; torch 2.14, 2 threads) bf16 is slower than fp32 at the kernel level: a
+1024^2 matmul runs at 50 GFLOP/s in bf16 against 93 in fp32, and a 3x3 convolution in NHWC at
+42-54 GFLOP/s against 67 (one process timing both in turn while other jobs shared the machine,
+so the ratio counts, not the absolute rates), although oneDNN picks its avx512_core_bf16
+kernels (ONEDNN_VERBOSE). On the idle machine a BiSeNet-R18 training step at 128 px (batch 16)
+therefore loses with autocast: 23.9 img/s bf16 and 25.8 bf16 + channels_last against 32.3
+fp32; the profile puts the loss in the convolutions themselves (forward 102 -> 169 ms,
+backward 226 -> 350 ms per step), not in casts. AMX tiles multiply bf16 an order of magnitude faster than AVX512 FMAs, which is
 where the trade pays. ``experiments/bench/run.py`` measures it on the machine at hand.
 
 Why channels_last for fp32 from 128 px: the same step at 128 px ran at 35.8 img/s in NHWC

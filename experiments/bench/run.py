@@ -496,8 +496,8 @@ def time_to_reach(points: list[tuple[float, float]], target: float) -> tuple[flo
 #: 512 px, teacher BiSeNet-R50, competition student BiSeNet-R18; "almost 10 hours" per class on a T4
 PAPER_WORKLOAD = {"classes": 15, "images_per_class": 32, "iterations": 20000, "image_size": 512,
                   "teacher": "bisenet_r50", "student": "bisenet_r18", "t4_hours": 150.0}
-#: NVIDIA T4 datasheet peaks (FLOP/s): fp16 tensor cores and fp32
-T4_PEAK = {"fp16": 65e12, "fp32": 8.1e12}
+#: NVIDIA T4 datasheet peak (FLOP/s), fp16 tensor cores
+T4_FP16_PEAK = 65e12
 
 
 def inversion_iteration_flops(model: torch.nn.Module, size: int, at: int | None = None) -> int:
@@ -529,12 +529,12 @@ def paper_estimate(sizes: Sizes, cpu_fraction_of_peak: float) -> dict:
     paper_flops = images * w["iterations"] * full
     ours_flops = images * (w["iterations"] // 2) * (half + full)
     paper_rate = paper_flops / (w["t4_hours"] * 3600)
-    t4_rate = cpu_fraction_of_peak * T4_PEAK["fp16"]
+    t4_rate = cpu_fraction_of_peak * T4_FP16_PEAK
     return {
         "workload": w, "flops_per_image_iteration": {"512": full, "256": half},
         "paper_loop_flops": paper_flops, "ours_flops": ours_flops,
         "paper_implied_t4_flops_per_s": paper_rate,
-        "paper_implied_fraction_of_t4_fp16_peak": paper_rate / T4_PEAK["fp16"],
+        "paper_implied_fraction_of_t4_fp16_peak": paper_rate / T4_FP16_PEAK,
         "ours_t4_hours_at_paper_rate": ours_flops / paper_rate / 3600,
         "assumed_fraction_of_t4_fp16_peak": cpu_fraction_of_peak,
         "paper_loop_t4_hours_at_that_fraction": paper_flops / t4_rate / 3600,

@@ -88,16 +88,15 @@ def teacher_statistics(model: torch.nn.Module, teacher: torch.nn.Module):
                 raise ValueError(f"replay.bn=teacher: the teacher has no BatchNorm {name!r} "
                                  "matching the student's")
             pairs.append((mod, twin))
-    saved = [(mod, mod.training, mod.running_mean, mod.running_var) for mod, _ in pairs]
+    saved = [(mod, mod.running_mean, mod.running_var) for mod, _ in pairs]
     for mod, twin in pairs:
-        mod.training = False
         mod._buffers["running_mean"] = twin.running_mean
         mod._buffers["running_var"] = twin.running_var
     try:
-        yield model
+        with running_statistics(model):  # eval-mode BN on the swapped-in statistics
+            yield model
     finally:
-        for mod, training, mean, var in saved:
-            mod.training = training
+        for mod, mean, var in saved:
             mod._buffers["running_mean"], mod._buffers["running_var"] = mean, var
 
 
