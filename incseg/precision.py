@@ -20,8 +20,9 @@ so the ratio counts, not the absolute rates), although oneDNN picks its avx512_c
 kernels (ONEDNN_VERBOSE). On the idle machine a BiSeNet-R18 training step at 128 px (batch 16)
 therefore loses with autocast: 23.9 img/s bf16 and 25.8 bf16 + channels_last against 32.3
 fp32; the profile puts the loss in the convolutions themselves (forward 102 -> 169 ms,
-backward 226 -> 350 ms per step), not in casts. AMX tiles multiply bf16 an order of magnitude faster than AVX512 FMAs, which is
-where the trade pays. ``experiments/bench/run.py`` measures it on the machine at hand.
+backward 226 -> 350 ms per step), not in casts. AMX tiles multiply bf16 an order of magnitude
+faster than AVX512 FMAs, which is where the trade pays. ``experiments/bench/run.py``
+measures it on the machine at hand.
 
 Why channels_last for fp32 from 128 px: the same step at 128 px ran at 35.8 img/s in NHWC
 against 32.3 contiguous (1.11x; 1.21x at 256 px, batch 8), and the MiB student step of the
