@@ -38,15 +38,22 @@ def task_dirname(name: str, steps) -> str:
 
 
 def run_path(dataset: str, task: str, steps, method: str, replay: str, seed,
-             replay_loss: str | None = None) -> str:
-    """``<dataset>/<task>/<method>[+<replay>[-<loss>]]/seed<seed>`` (SPEC 8).
+             replay_loss: str | None = None, replay_weight=None) -> str:
+    """``<dataset>/<task>/<method>[+<replay>-<loss>[-w<weight>]]/seed<seed>`` (SPEC 8).
 
-    DeepInversion replay carries its distance in the name (``mib+deepinversion-kl``): a Table-3
-    sweep over ``replay.loss`` would otherwise put three configs in one run directory.
+    Replay carries its distance in the name (``mib+deepinversion-kl``, ``mib+exemplars-mse``)
+    and, when ``replay.weight`` is set, its weight (``mib+deepinversion-mse-w0.1``): a sweep
+    over either would otherwise put several configs in one run directory, and a command-line
+    ``replay.weight=...`` would meet the default run's directory (an error, not a resume).
     """
-    m = method if replay in (None, "none", "None") else f"{method}+{replay}"
-    if replay == "deepinversion" and replay_loss not in (None, "none", "None"):
+    def unset(v) -> bool:
+        return v is None or str(v) in ("none", "None", "null")
+
+    m = method if unset(replay) else f"{method}+{replay}"
+    if not unset(replay) and not unset(replay_loss):
         m = f"{m}-{replay_loss}"
+    if not unset(replay) and not unset(replay_weight):
+        m = f"{m}-w{float(replay_weight):g}"
     return f"{dataset}/{task_dirname(task, steps)}/{m}/seed{seed}"
 
 

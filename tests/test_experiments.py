@@ -45,7 +45,8 @@ def test_experiment_sweep_jobs_compose_validate_and_do_not_share_run_dirs(name):
         HydraConfig.instance().set_config(cfg)
         dirs.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
         # the controls and the 15-5s half of Table 3 write beside the table they belong to
-        assert str(cfg.hydra.sweep.dir) == "runs/" + re.sub(r"_(controls|15-5s)$", "", name)
+        table = re.sub(r"(_controls|_15-5s|_weight)+$", "", name)
+        assert str(cfg.hydra.sweep.dir) == f"runs/{table}"
         plain = cfg  # validate reads the job's keys, never hydra's
         validate(plain)
         if plain.replay.name != "none":
@@ -66,3 +67,22 @@ def test_table_axes_match_the_paper():
     assert methods == {f"method={m}" for m in ("ft", "lwf", "ilt", "mib", "joint")}
     paper4 = [compose(["experiment=paper/table4", *j]).inversion for j in _jobs("paper/table4")]
     assert sorted(i.iterations_low + i.iterations_full for i in paper4) == [10000, 20000]
+
+
+def test_run_path_names_the_replay_distance_and_a_set_weight():
+    from incseg.config import run_path
+
+    assert run_path("shapes", "15-5", None, "mib", "none", 0, "none", "none") == \
+        "shapes/15-5/mib/seed0"
+    assert run_path("shapes", "15-5", None, "mib", "deepinversion", 1, "kl", None) == \
+        "shapes/15-5/mib+deepinversion-kl/seed1"
+    assert run_path("shapes", "15-1", None, "mib", "exemplars", 2, "mse", None) == \
+        "shapes/15-5s/mib+exemplars-mse/seed2"
+    assert run_path("shapes", "15-5", None, "mib", "deepinversion", 0, "mse", 0.1) == \
+        "shapes/15-5/mib+deepinversion-mse-w0.1/seed0"
+    assert run_path("shapes", "15-5", None, "mib", "noise", 0, "ukd", "3.0") == \
+        "shapes/15-5/mib+noise-ukd-w3/seed0"
+    # a command-line weight gets a run directory of its own (not the default run's)
+    cfg = compose(["replay=deepinversion", "replay.weight=0.1"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    assert str(cfg.hydra.run.dir).endswith("shapes/15-5/mib+deepinversion-mse-w0.1/seed0")
