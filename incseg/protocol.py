@@ -350,7 +350,7 @@ def replay_spec(cfg: DictConfig) -> ReplaySpec | None:
     return ReplaySpec(kind=str(rc.name), loss=str(rc.loss), weight=float(weight),
                       bn=str(rc.get("bn", "running")),
                       background=str(rc.get("background", "unbiased")),
-                      temperature=float(rc.temperature))
+                      temperature=float(rc.temperature), check=int(rc.get("check", 20)))
 
 
 def verifier_model(ctx: Context):
@@ -463,6 +463,8 @@ def run_step(ctx: Context, step: int):
                            replay_spec(cfg))
     trainer = make_trainer(ctx, f"step{step}", step, cfg.train.epochs_incremental, "student")
     fit(ctx, trainer, module, dm, f"step{step}")
+    if replay is not None and module.replay_stability is not None:
+        replay.update(module.replay_stability)  # the curvature test, in results.json
     return module, trainer
 
 

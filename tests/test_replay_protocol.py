@@ -27,6 +27,10 @@ def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
         rep = step["replay"]
         assert rep["images"] == 15 + t - 1  # one image per old foreground class of model t-1
         assert 0.0 <= rep["teacher_accuracy"] <= 1.0 and rep["verifier_accuracy"] is None
+        # the curvature test ran at the start of the step: smoke's lr_incremental 0.001,
+        # Nesterov momentum 0.9 -> 2 * 1.9 / 2.8 / 0.001
+        assert rep["sharpness"] > 0
+        assert rep["stability_bound"] == pytest.approx(1357.1429, rel=1e-6)
     assert (tmp_path / "a" / "replay" / "step5_classes.png").exists()
     caplog.clear()
     with caplog.at_level("INFO"):

@@ -1,0 +1,169 @@
+"""Why does MSE replay collapse on 15-5s? Replays the first iterations of one incremental step of
+a finished run and records, per iteration, each loss term, the gradient norm each term alone
+would produce, the largest student logit on the replay batch and the smallest BN running
+variance the replay forward divides by.
+
+    python experiments/replay_stability.py RUN_DIR --step 3 --iters 40 [--sharpness 20]
+        [--out FILE.json] [KEY=VALUE ...]
+
+RUN_DIR is a finished run (its ``.hydra/config.yaml`` and ``checkpoints/step<t-1>.pt``);
+KEY=VALUE are config overrides for the replayed step (``replay.loss=kl``,
+``replay.weight=0.1``; ``train.grad_clip=10`` is this script's own: gradient-norm clipping).
+The step is built as the protocol builds it (same seeds, same teacher, same replay set from the
+cache), but trained by a plain loop so that every term's gradient can be measured; nothing is
+written into RUN_DIR. ``--sharpness N`` adds the curvature test of ``replay.check``
+(:mod:`incseg.stability`) on the first replay batch. The output is a short table on stdout
+and, with ``--out``, a JSON file of the per-iteration records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from incseg.checkpoints import load_model
+from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
+from incseg.io import atomic_write_json
+from incseg.protocol import (
+    Context,
+    build_replay,
+    derive_seed,
+    make_datamodule,
+    method_spec,
+    recipe,
+    replay_spec,
+)
+from incseg.stability import sgd_stability_bound
+from incseg.systems import StudentModule
+from incseg.systems.student import running_statistics
+
+
+def _grad_norm(term: torch.Tensor, params: list[torch.Tensor]) -> float:
+    if not term.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    sq = sum(float(g.pow(2).sum()) for g in grads if g is not None)
+    return math.sqrt(sq)
+
+
+def _min_running_var(model: torch.nn.Module) -> float:
+    return min(float(m.running_var.min()) for m in model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.running_var is not None)
+
+
+def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
+                sharpness_iters: int = 0) -> tuple[list[dict], dict]:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg.data.num_workers = 0
+    cfg.trainer.progress_bar = False
+    task = task_from_cfg(cfg)
+    if not 1 <= step < task.num_steps:
+        sys.exit(f"error: --step {step} is not an incremental step of {task.name} "
+                 f"(1..{task.num_steps - 1})")
+    prev = run_dir / "checkpoints" / f"step{step - 1}.pt"
+    if not prev.exists():
+        sys.exit(f"error: {prev} is missing; run the protocol to step {step - 1} first")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(cfg, Path(tmp), task, source_from_cfg(cfg, progress=False),
+                      cache_dir_from_cfg(cfg))
+        L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
+        dm = make_datamodule(ctx, task, step)
+        old = load_model(prev, cfg.model.name, task.steps, step - 1)
+        model = copy.deepcopy(old)
+        spec = method_spec(cfg)
+        model.add_step(len(task.steps[step]), init_balanced=spec.init_balanced)
+        build_replay(ctx, step, old, dm)
+        module = StudentModule(model, old, task, step, recipe(cfg, step), spec,
+                               replay_spec(cfg))
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        real, synth = (loader.iterables["real"], loader.iterables["replay"]) \
+            if dm.replay_dataset is not None else (loader, None)
+        r = module.recipe
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                              weight_decay=r.weight_decay)
+        total = int(cfg.train.epochs_incremental) * len(real)
+        clip = cfg.train.get("grad_clip")
+        module.train()
+        records: list[dict] = []
+        synth_iter = iter(synth) if synth is not None else None
+        summary = {"lr": r.lr, "momentum": r.momentum, "nesterov": r.nesterov,
+                   "stability_bound": sgd_stability_bound(r.lr, r.momentum, r.nesterov)}
+        it = 0
+        while it < iters:
+            for images, labels in real:
+                if it >= iters:
+                    break
+                rep = None
+                if synth_iter is not None:
+                    try:
+                        rep = next(synth_iter)
+                    except StopIteration:
+                        synth_iter = iter(synth)
+                        rep = next(synth_iter)
+                if it == 0 and sharpness_iters and rep is not None:
+                    module.replay.check = sharpness_iters
+                    summary["replay_sharpness"] = module.check_replay_stability(rep)["sharpness"]
+                lr = r.lr * max(0.0, 1.0 - it / total) ** r.poly_power
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                terms = module.training_loss(images, labels, rep)
+                rec = {"iter": it, "lr": lr}
+                for name, value in terms.items():
+                    rec[name] = float(value.detach())
+                    rec[f"grad_{name}"] = _grad_norm(value, params)
+                if rep is not None:
+                    with torch.no_grad(), running_statistics(model):
+                        rec["max_abs_logit"] = float(model(rep).logits.abs().max())
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, float(clip))
+                opt.step()
+                rec["min_running_var"] = _min_running_var(model)
+                records.append(rec)
+                it += 1
+                if not math.isfinite(rec["loss"]):
+                    return records, summary
+    return records, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--step", type=int, required=True)
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--sharpness", type=int, default=0, metavar="N",
+                    help="N power iterations for the replay term's largest Hessian eigenvalue")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    a = ap.parse_intermixed_args(argv)
+    if not (a.run_dir / ".hydra" / "config.yaml").exists():
+        sys.exit(f"error: {a.run_dir} holds no .hydra/config.yaml; give a run directory")
+    records, summary = replay_step(a.run_dir, a.step, a.iters, a.overrides, a.sharpness)
+    print(json.dumps(summary))
+    cols = ["iter", "loss", "seg", "kd", "replay", "grad_seg", "grad_kd", "grad_replay",
+            "max_abs_logit", "min_running_var"]
+    print(" ".join(f"{c:>12}" for c in cols))
+    for rec in records:
+        print(" ".join(f"{rec.get(c, float('nan')):>12.4g}" for c in cols))
+    if a.out:
+        atomic_write_json(a.out, {"run_dir": str(a.run_dir), "step": a.step,
+                                  "overrides": a.overrides, **summary, "records": records})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
