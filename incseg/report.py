@@ -203,7 +203,7 @@ def variant_of(results: dict[str, Any]) -> Variant:
 
 #: config keys that never tell experiments apart (where and how a run was written)
 _NOT_AXES = ("seed", "paths.", "logger.", "trainer.progress_bar", "data.num_workers", "resume",
-             "hydra.", "experiment")
+             "hydra.", "experiment", "replay.check", "replay.weights.")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,6 +230,10 @@ def _details(results_files: Sequence[Path]) -> dict[Path, str]:
         except IncsegError:
             continue
         cfg = _flat(_config_of(res))
+        if "replay.weight" in cfg and cfg["replay.weight"] is None:
+            # the weight the run used: ``replay.weight: null`` means the per-loss default, so
+            # a run with the default and one that sets it to the same value are one row
+            cfg["replay.weight"] = cfg.get(f"replay.weights.{cfg.get('replay.loss')}")
         v = variant_of(res)
         kind = (res.get("dataset"), res.get("task"), res.get("model"), res.get("overlap"),
                 v.method, v.replay, v.loss)

@@ -323,3 +323,26 @@ def test_runs_that_differ_in_a_setting_become_rows_of_their_own(tmp_path):
     assert float(rows[("MiB [lr=0.01]", "15-5")]["all_mean"]) == pytest.approx(0.56)
     assert rows[("MiB [lr=0.05]", "15-5")]["n"] == "2"
     assert "duplicate" not in (root / "report" / "table.md").read_text()
+
+
+def test_replay_weight_rows_use_the_weight_the_run_trained_with(tmp_path):
+    """``replay.weight: null`` is the per-loss default: a run that leaves it null and one that
+    sets the same value are one row; another weight is a row of its own. The curvature test's
+    setting (replay.check) never splits rows."""
+    root = tmp_path / "weights"
+    runs = [("dflt", None, 20, (0.6, 0.4, 0.55)), ("one", 1.0, None, (0.62, 0.42, 0.57)),
+            ("tenth", 0.1, 20, (0.7, 0.5, 0.65))]
+    for seed, (name, weight, check, f) in enumerate(runs):
+        run = write_run(root / name, "15-5", "mib+deepinversion", seed, f, (0.8, 0.6))
+        res = json.loads((run / "results.json").read_text())
+        res["provenance"]["config"]["replay"].update(
+            {"weight": weight, "weights": {"mse": 1.0, "kl": 1.0, "ukd": 10.0},
+             **({"check": check} if check is not None else {})})
+        (run / "results.json").write_text(json.dumps(res))
+    make_report(root, overlays=False)
+    rows = _csv_rows(root / "report" / "table.csv")
+    assert set(rows) == {("MiB + DI (mse) [weight=1.0]", "15-5"),
+                         ("MiB + DI (mse) [weight=0.1]", "15-5")}
+    assert rows[("MiB + DI (mse) [weight=1.0]", "15-5")]["n"] == "2"
+    assert float(rows[("MiB + DI (mse) [weight=1.0]", "15-5")]["all_mean"]) == \
+        pytest.approx(0.56)
