@@ -4,16 +4,19 @@ would produce, the largest student logit on the replay batch and the smallest BN
 variance the replay forward divides by.
 
     python experiments/replay_stability.py RUN_DIR --step 3 --iters 40 [--sharpness 20]
+        [--variants '' 'replay.weight=0.1' 'replay.loss=kl'] [--plot FILE.png]
         [--out FILE.json] [KEY=VALUE ...]
 
-RUN_DIR is a finished run (its ``.hydra/config.yaml`` and ``checkpoints/step<t-1>.pt``);
+RUN_DIR is a run finished up to step t-1 (``checkpoints/step<t-1>.pt`` and its config, from
+``results.json`` or ``.hydra/config.yaml``);
 KEY=VALUE are config overrides for the replayed step (``replay.loss=kl``,
 ``replay.weight=0.1``; ``train.grad_clip=10`` is this script's own: gradient-norm clipping).
 The step is built as the protocol builds it (same seeds, same teacher, same replay set from the
 cache), but trained by a plain loop so that every term's gradient can be measured; nothing is
 written into RUN_DIR. ``--sharpness N`` adds the curvature test of ``replay.check``
-(:mod:`incseg.stability`) on the first replay batch. The output is a short table on stdout
-and, with ``--out``, a JSON file of the per-iteration records.
+(:mod:`incseg.stability`) on the first replay batch; ``--variants`` repeats the step under
+several override sets. The output is a table per variant on stdout, with ``--out`` a JSON file
+of the per-iteration records and with ``--plot`` a PNG of them.
 """
 
 from __future__ import annotations
@@ -61,9 +64,21 @@ def _min_running_var(model: torch.nn.Module) -> float:
                and m.running_var is not None)
 
 
+def run_config(run_dir: Path):
+    """The run's resolved config: from its results.json (provenance) or its .hydra folder."""
+    results = run_dir / "results.json"
+    if results.exists():
+        return OmegaConf.create(json.loads(results.read_text())["provenance"]["config"])
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.exists():
+        return OmegaConf.load(hydra_cfg)
+    sys.exit(f"error: {run_dir} holds neither results.json nor .hydra/config.yaml; give a run "
+             "directory")
+
+
 def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
                 sharpness_iters: int = 0) -> tuple[list[dict], dict]:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = run_config(run_dir)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg.data.num_workers = 0
     cfg.trainer.progress_bar = False
@@ -140,28 +155,72 @@ def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
     return records, summary
 
 
+COLUMNS = ["iter", "loss", "seg", "kd", "replay", "grad_seg", "grad_kd", "grad_replay",
+           "max_abs_logit", "min_running_var"]
+
+
+def plot(variants: list[dict], path: Path, title: str) -> None:
+    """Replay term, its gradient norm and the largest student logit per iteration, one line
+    per variant (log scale: a diverging run grows geometrically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for v in variants:
+        its = [r["iter"] for r in v["records"]]
+        label = v["label"]
+        if "replay_sharpness" in v:
+            label += f" (curvature {v['replay_sharpness']:.0f})"
+        for ax, key in zip(axes, ("replay", "grad_replay", "max_abs_logit")):
+            # a dropped (unscorable) replay batch logs 0: not drawn on a log axis
+            ax.plot(its, [r.get(key) or float("nan") for r in v["records"]], marker=".",
+                    label=label)
+    for ax, name in zip(axes, ("w * D_replay", "|grad of w * D_replay|",
+                               "max |student logit| on replay")):
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(name, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--step", type=int, required=True)
     ap.add_argument("--iters", type=int, default=40)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON file of every variant's records")
     ap.add_argument("--sharpness", type=int, default=0, metavar="N",
                     help="N power iterations for the replay term's largest Hessian eigenvalue")
-    ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    ap.add_argument("--variants", nargs="+", default=[""], metavar="'K=V ...'",
+                    help="override sets to compare, each one quoted string ('' = as the run)")
+    ap.add_argument("--plot", type=Path, help="PNG of the variants side by side")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every variant")
     a = ap.parse_intermixed_args(argv)
-    if not (a.run_dir / ".hydra" / "config.yaml").exists():
-        sys.exit(f"error: {a.run_dir} holds no .hydra/config.yaml; give a run directory")
-    records, summary = replay_step(a.run_dir, a.step, a.iters, a.overrides, a.sharpness)
-    print(json.dumps(summary))
-    cols = ["iter", "loss", "seg", "kd", "replay", "grad_seg", "grad_kd", "grad_replay",
-            "max_abs_logit", "min_running_var"]
-    print(" ".join(f"{c:>12}" for c in cols))
-    for rec in records:
-        print(" ".join(f"{rec.get(c, float('nan')):>12.4g}" for c in cols))
+    variants = []
+    for extra in a.variants:
+        overrides = [*a.overrides, *extra.split()]
+        records, summary = replay_step(a.run_dir, a.step, a.iters, overrides, a.sharpness)
+        label = extra or "as run"
+        print(f"## {label}: {json.dumps(summary)}")
+        print(" ".join(f"{c:>12}" for c in COLUMNS))
+        for rec in records:
+            print(" ".join(f"{rec.get(c, float('nan')):>12.4g}" for c in COLUMNS))
+        variants.append({"label": label, "overrides": overrides, **summary,
+                         "records": records})
     if a.out:
         atomic_write_json(a.out, {"run_dir": str(a.run_dir), "step": a.step,
-                                  "overrides": a.overrides, **summary, "records": records})
+                                  "variants": variants})
+    if a.plot:
+        plot(variants, a.plot, f"{a.run_dir} step {a.step}: the first {a.iters} iterations")
     return 0
 
 

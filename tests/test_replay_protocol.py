@@ -49,3 +49,34 @@ def test_replay_controls(tmp_path, kind):
                            "replay.loss=kl"), tmp_path / kind)
     assert res["replay"] == kind
     assert res["steps"][1]["replay"]["images"] == 15
+
+
+def test_replay_stability_script_replays_a_step_under_variants(tmp_path):
+    """experiments/replay_stability.py rebuilds step 1 of a finished run: at iteration 0 the
+    student equals its teacher, so the weighted replay term and its gradient scale exactly with
+    replay.weight, and the curvature figure with them."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    run_protocol(cfg(tmp_path / "cache", "replay=noise", "replay.verifier=none"), run)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    try:
+        script = importlib.import_module("replay_stability")
+    finally:
+        sys.path.pop(0)
+    out, png = tmp_path / "stab.json", tmp_path / "stab.png"
+    assert script.main([str(run), "--step", "1", "--iters", "2", "--sharpness", "5",
+                        "--variants", "", "replay.weight=0.1", "--out", str(out),
+                        "--plot", str(png)]) == 0
+    full, tenth = json.loads(out.read_text())["variants"]
+    assert tenth["overrides"] == ["replay.weight=0.1"]
+    a, b = full["records"][0], tenth["records"][0]
+    assert a["seg"] == pytest.approx(b["seg"], rel=1e-6)  # same batch, same weights
+    assert b["replay"] == pytest.approx(0.1 * a["replay"], rel=1e-4)
+    assert b["grad_replay"] == pytest.approx(0.1 * a["grad_replay"], rel=1e-4)
+    assert tenth["replay_sharpness"] == pytest.approx(0.1 * full["replay_sharpness"], rel=1e-3)
+    assert full["stability_bound"] == pytest.approx(1357.1429, rel=1e-6)
+    assert len(full["records"]) == 2 and png.stat().st_size > 0
