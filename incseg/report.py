@@ -11,8 +11,9 @@ A run that is not finished (``state.json`` without ``results.json``, or fewer st
 task has), a results file that cannot be read, or a second run with the same key is listed
 under "Missing or unfinished" and left out of every average: never dropped silently.
 
-Everything is written into ``DIR/report/`` (``table.md``, ``table.csv``, ``table.tex`` and the
-PNG plots), each file atomically; the markdown tables are printed on stdout, logs on stderr.
+Everything is written into ``DIR/report/`` (``table.md``, ``table.csv``, ``table.tex``,
+``runs.csv`` with one line per run (the per-seed numbers) and the PNG plots), each file
+atomically; the markdown tables are printed on stdout, logs on stderr.
 """
 
 from __future__ import annotations
@@ -397,6 +398,26 @@ def csv_text(tables: dict[Group, Table]) -> str:
                 w.writerow([group.dataset, group.model, str(group.overlap).lower(),
                             variant.label, variant.method, variant.replay, variant.loss or "",
                             t, len(cell.runs), " ".join(map(str, cell.seeds)), *stats])
+    return buf.getvalue()
+
+
+def runs_csv_text(runs: Sequence[Run], root: Path) -> str:
+    """One line per finished run: its row label, task, seed, final old/new/all/avg, all-mIoU
+    after each step and, with replay, the curvature test of each step. The per-seed numbers
+    behind the table's means, for paired comparisons (method A vs B at the same seed)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "row", "task", "seed", "old", "new", "all", "avg", "all_per_step",
+                "replay_sharpness_per_step", "replay_stability_bound"])
+    for r in sorted(runs, key=lambda r: (r.task_label, r.variant.label, r.seed)):
+        final = r.results["final"]
+        reps = [s.get("replay") or {} for s in r.steps[1:]]
+        sharp = " ".join(_num(x.get("sharpness")) for x in reps if "sharpness" in x)
+        bound = next((x["stability_bound"] for x in reps if "stability_bound" in x), None)
+        w.writerow([str(r.path.relative_to(root)) if r.path.is_relative_to(root) else r.path,
+                    r.variant.label, r.task_label, r.seed,
+                    *(_num(final.get(m)) for m in ("old", "new", "all", "avg")),
+                    " ".join(_num(s.get("miou_all")) for s in r.steps), sharp, _num(bound)])
     return buf.getvalue()
 
 
@@ -873,6 +894,7 @@ def make_report(root: Path, overlays: bool = True, n_images: int = 4) -> Report:
         make_plots(rep, out_dir, overlays, n_images)
     md = rep.tables_md() + ("\n" + "\n".join(rep.plots) + "\n" if rep.plots else "")
     atomic_write_text(out_dir / "table.csv", csv_text(rep.tables))
+    atomic_write_text(out_dir / "runs.csv", runs_csv_text(runs, root))
     atomic_write_text(out_dir / "table.tex", latex_text(rep.tables))
     atomic_write_text(out_dir / "table.md", md)
     return rep

@@ -346,3 +346,25 @@ def test_replay_weight_rows_use_the_weight_the_run_trained_with(tmp_path):
     assert rows[("MiB + DI (mse) [weight=1.0]", "15-5")]["n"] == "2"
     assert float(rows[("MiB + DI (mse) [weight=1.0]", "15-5")]["all_mean"]) == \
         pytest.approx(0.56)
+
+
+def test_runs_csv_keeps_the_per_seed_numbers(tmp_path):
+    root = make_sweep(tmp_path / "sweep")
+    di = root / "shapes" / "15-5" / "mib+deepinversion" / "seed1" / "results.json"
+    res = json.loads(di.read_text())
+    res["steps"][1]["replay"] = {"images": 15, "sharpness": 512.5, "stability_bound": 271.4286}
+    di.write_text(json.dumps(res))
+    make_report(root, overlays=False)
+    with open(root / "report" / "runs.csv", newline="") as fh:
+        lines = list(csv.DictReader(fh))
+    assert len(lines) == len(FINALS)  # every finished run, none averaged away
+    by_key = {(r["row"], r["task"], r["seed"]): r for r in lines}
+    mib = by_key[("MiB", "15-5", "1")]
+    assert mib["run"] == "shapes/15-5/mib/seed1"
+    assert (float(mib["old"]), float(mib["new"]), float(mib["all"])) == (0.6, 0.44, 0.62)
+    assert float(mib["avg"]) == pytest.approx((0.8 + 0.62) / 2)  # mean over steps of all
+    assert mib["all_per_step"] == "0.8 0.62" and mib["replay_sharpness_per_step"] == ""
+    rep = by_key[("MiB + DI (mse)", "15-5", "1")]
+    assert (rep["replay_sharpness_per_step"], rep["replay_stability_bound"]) == ("512.5",
+                                                                                "271.4286")
+    assert by_key[("FT", "19-1", "0")]["all_per_step"].split()[-1] == "0.06"
