@@ -86,3 +86,17 @@ def test_run_path_names_the_replay_distance_and_a_set_weight():
     cfg = compose(["replay=deepinversion", "replay.weight=0.1"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     assert str(cfg.hydra.run.dir).endswith("shapes/15-5/mib+deepinversion-mse-w0.1/seed0")
+
+
+def test_mse_replay_weight_default_and_the_paper_tables():
+    """The default MSE replay weight is 0.1 (stable at the CPU recipe); the Table-3/4
+    experiments keep the paper's 1.0, the weight their recorded runs used."""
+    assert replay_spec(compose(["replay=deepinversion"])).weight == 0.1
+    assert replay_spec(compose(["replay=exemplars"])).weight == 0.1
+    assert replay_spec(compose(["replay=deepinversion", "replay.loss=kl"])).weight == 1.0
+    assert replay_spec(compose(["replay=deepinversion", "replay.loss=ukd"])).weight == 10.0
+    for name in ("cpu/table3", "cpu/table3_15-5s", "paper/table3", "cpu/table4", "paper/table4"):
+        assert replay_spec(compose([f"experiment={name}", "replay.loss=mse"])).weight == 1.0
+    assert replay_spec(compose(["experiment=cpu/table3_controls", "replay=noise"])).weight == 1.0
+    assert replay_spec(compose(["experiment=cpu/table3_15-5s_weight", "seed=0",
+                                "replay.weight=0.1"])).weight == 0.1
