@@ -69,7 +69,7 @@ def test_replay_stability_script_replays_a_step_under_variants(tmp_path):
         sys.path.pop(0)
     out, png = tmp_path / "stab.json", tmp_path / "stab.png"
     assert script.main([str(run), "--step", "1", "--iters", "2", "--sharpness", "5",
-                        "--variants", "", "replay.weight=0.1", "--out", str(out),
+                        "--variants", "replay.weight=1", "replay.weight=0.1", "--out", str(out),
                         "--plot", str(png)]) == 0
     full, tenth = json.loads(out.read_text())["variants"]
     assert tenth["overrides"] == ["replay.weight=0.1"]
