@@ -1,5 +1,7 @@
 """Kill a protocol run during step 1 (SIGKILL), rerun the same command: same final numbers as an
-uninterrupted run with the same seed, and step 0 is not retrained."""
+uninterrupted run with the same seed, and step 0 is not retrained. With replay too: the replay
+set comes from the cache, and the curvature test taken at the start of the step (it is not
+repeated mid-step) travels with the epoch checkpoint into results.json."""
 
 from __future__ import annotations
 
@@ -24,17 +26,19 @@ def _env(tmp_path):
     return env
 
 
-def _cmd(run_dir):
-    return [sys.executable, "-m", "incseg.run", *ARGS, f"hydra.run.dir={run_dir}"]
+def _cmd(run_dir, extra=()):
+    return [sys.executable, "-m", "incseg.run", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
 
 
-def test_kill_during_step1_then_resume(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("replay=deepinversion", "inversion.n_per_class=1")],
+                         ids=["no-replay", "replay"])
+def test_kill_during_step1_then_resume(tmp_path, extra):
     env = _env(tmp_path)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_cmd(ref_dir), env=env, check=True, capture_output=True, timeout=900)
+    subprocess.run(_cmd(ref_dir, extra), env=env, check=True, capture_output=True, timeout=900)
     reference = json.loads((ref_dir / "results.json").read_text())
 
-    proc = subprocess.Popen(_cmd(run_dir), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(run_dir, extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = run_dir / "checkpoints" / "step1-last.ckpt"
     deadline = time.time() + 600
@@ -45,7 +49,8 @@ def test_kill_during_step1_then_resume(tmp_path):
     proc.wait()
     assert not (run_dir / "results.json").exists()
 
-    rerun = subprocess.run(_cmd(run_dir), env=env, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(_cmd(run_dir, extra), env=env, capture_output=True, text=True,
+                           timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "step 0 already finished: skipped" in rerun.stderr
     assert "step1: resuming from the epoch checkpoint" in rerun.stderr
@@ -56,3 +61,7 @@ def test_kill_during_step1_then_resume(tmp_path):
 
     assert numbers(resumed) == numbers(reference)
     assert resumed["final"] == reference["final"]
+    if extra:  # the replay record, curvature figures included, survived the kill
+        replay = resumed["steps"][1]["replay"]
+        assert replay["images"] > 0 and replay["sharpness"] > 0
+        assert "replay set cache hit" in rerun.stderr
