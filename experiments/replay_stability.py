@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from incseg.checkpoints import load_model
 from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
-from incseg.io import atomic_write_json
+from incseg.io import atomic_path, atomic_write_json
 from incseg.protocol import (
     Context,
     build_replay,
@@ -185,11 +185,9 @@ def plot(variants: list[dict], path: Path, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

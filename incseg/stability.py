@@ -6,8 +6,8 @@ than the last and the iterate grows geometrically. A loss term whose Hessian has
 eigenvalue than that bound at the start of training diverges along that eigenvector as soon as
 the iterate leaves the minimum. On `shapes` 15-5s this is what made MSE replay collapse: at the
 start of a step the largest eigenvalue of ``MSE(student, teacher)`` on a replay batch is
-420-1100, the bound for lr 0.005 with Nesterov momentum 0.9 is 271 (measured with
-``experiments/replay_stability.py``); KL's is 20-40.
+364-1577, the bound for lr 0.005 with Nesterov momentum 0.9 is 271 (``replay.check`` in the
+Table-3 runs); KL's is 40-178, UKD's 21-37.
 """
 
 from __future__ import annotations
