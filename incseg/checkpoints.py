@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from incseg.errors import CheckpointError, TrainingError
 from incseg.io import atomic_path
-from incseg.models import BiSeNet, build_model
+from incseg.models import build_model, model_config
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict:
     return obj
 
 
-def save_model(path: str | Path, model: BiSeNet, model_name: str, task_steps, step: int,
+def save_model(path: str | Path, model, model_cfg, task_steps, step: int,
                extra: dict | None = None) -> None:
-    payload = {"format": FORMAT, "model": model_name,
+    """Write a step's model with what it is: its config (rebuilt from it on load), its classes
+    per step and the task's steps, so a model of another task or architecture is refused."""
+    cfg = model_config(model_cfg)
+    payload = {"format": FORMAT, "model": cfg.get("name"), "model_config": cfg,
                "classes_per_step": model.classes_per_step,
                "task_steps": [list(map(int, s)) for s in task_steps], "step": int(step),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -56,14 +59,33 @@ def save_model(path: str | Path, model: BiSeNet, model_name: str, task_steps, st
         tmp.write_bytes(buf.getvalue())
 
 
-def load_model(path: str | Path, model_name: str, task_steps, step: int,
-               ckpt: dict | None = None) -> BiSeNet:
-    """The model of ``step`` saved by :func:`save_model`; its classes must match the task.
-    ``ckpt``: the file's contents when the caller has already read them."""
-    ckpt = safe_load(path, "model checkpoint") if ckpt is None else ckpt
-    if ckpt.get("format") != FORMAT:
+def read_model_file(path: str | Path) -> dict:
+    """A model file's contents, refused with one line when it is not one of ours."""
+    ckpt = safe_load(path, "model checkpoint")
+    if ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
-                              f"{ckpt.get('format')!r}); delete it and rerun")
+                              f"{ckpt.get('format')!r}); pass a checkpoints/step<t>.pt of a run, "
+                              "or delete it and rerun")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path):
+    """The model a checkpoint holds, rebuilt from its stored config (older files name a
+    ``conf/model`` choice instead), with its weights loaded."""
+    spec = ckpt.get("model_config") or str(ckpt.get("model"))
+    try:
+        model = build_model(spec, [int(n) for n in ckpt["classes_per_step"]])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit a {ckpt.get('model')}: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model
+
+
+def load_model(path: str | Path, model_cfg, task_steps, step: int, ckpt: dict | None = None):
+    """The model of ``step`` saved by :func:`save_model`; its classes and architecture must
+    match the task and the config. ``ckpt``: the file's contents when already read."""
+    ckpt = read_model_file(path) if ckpt is None else ckpt
     want = [list(map(int, s)) for s in task_steps[: step + 1]]
     have = ckpt.get("task_steps", [])[: ckpt.get("step", -1) + 1]
     if have != want:
@@ -71,16 +93,11 @@ def load_model(path: str | Path, model_name: str, task_steps, step: int,
             f"checkpoint {path} was trained on classes {have} but step {step} of this task needs "
             f"{want}; use the checkpoint of the same task or resume=never to retrain"
         )
-    if ckpt.get("model") != model_name:
+    name = model_config(model_cfg).get("name")
+    if ckpt.get("model") != name:
         raise CheckpointError(f"checkpoint {path} holds a {ckpt.get('model')} but the config "
-                              f"asks for {model_name}; set model={ckpt.get('model')}")
-    model = build_model(model_name, ckpt["classes_per_step"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: "
-                              f"{str(err).splitlines()[0]}") from None
-    return model
+                              f"asks for {name}; set model={ckpt.get('model')}")
+    return model_from_checkpoint(ckpt, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

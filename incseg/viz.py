@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from incseg.checkpoints import FORMAT, safe_load
+from incseg.checkpoints import model_from_checkpoint, read_model_file
 from incseg.data.prepare import voc_colormap
 from incseg.errors import CheckpointError
 from incseg.io import atomic_write_bytes
-from incseg.models import BiSeNet, build_model
+from incseg.models import SegmentationModel
 
 _CMAP = voc_colormap(256)
 
@@ -60,16 +60,13 @@ def write_rgb_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
 
 
 def load_segmenter(path: str | Path, model_name: str | None = None
-                   ) -> tuple[BiSeNet, list[int], dict]:
+                   ) -> tuple[SegmentationModel, list[int], dict]:
     """(model in eval mode, dataset class id of every output channel, checkpoint metadata).
 
     Unlike :func:`incseg.checkpoints.load_model` it needs no task: the checkpoint says which
     classes it was trained on. ``model_name`` (optional) must match the stored model name.
     """
-    ckpt = safe_load(path, "model checkpoint")
-    if ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
-                              f"{ckpt.get('format')!r}); pass a checkpoints/step<t>.pt of a run")
+    ckpt = read_model_file(path)
     stored = str(ckpt.get("model"))
     if model_name is not None and str(model_name) != stored:
         raise CheckpointError(f"checkpoint {path} holds a {stored} but model={model_name} was "
@@ -81,12 +78,7 @@ def load_segmenter(path: str | Path, model_name: str | None = None
     if step < 0 or not class_ids or sum(per_step) != len(class_ids):
         raise CheckpointError(f"checkpoint {path} has inconsistent class metadata (step {step}, "
                               f"{sum(per_step)} channels, classes {class_ids}); re-save it")
-    try:
-        model = build_model(stored, per_step)
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit a {stored}: "
-                              f"{str(err).splitlines()[0]}") from None
+    model = model_from_checkpoint(ckpt, path)
     model.eval()
     meta = {k: ckpt.get(k) for k in ("model", "step", "task_steps", "classes_per_step")}
     return model, class_ids, meta
@@ -114,7 +106,7 @@ def to_input(image: np.ndarray, size: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_ids(model: BiSeNet, x: torch.Tensor, class_ids: Sequence[int],
+def predict_ids(model: SegmentationModel, x: torch.Tensor, class_ids: Sequence[int],
                 out_size: tuple[int, int] | None = None) -> np.ndarray:
     """B x 3 x h x w normalised images -> B x H x W uint8 dataset class ids.
 

@@ -1,11 +1,57 @@
-"""Model zoo: BiSeNet V1 with ResNet-18/50/101 context paths and incremental heads."""
+"""Model zoo: BiSeNet V1 with ResNet-18/50/101 context paths and incremental heads.
+
+A model is any ``nn.Module`` satisfying :class:`SegmentationModel` (``models/base.py``), built
+from its YAML in ``conf/model/`` by ``_target_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from incseg.models.backbones import ResNetBackbone
-from incseg.models.bisenet import MODELS, BiSeNet, SegOutput, build_model
+from incseg.models.base import FEATURE_KEYS, SegmentationModel, SegOutput
+from incseg.models.bisenet import BiSeNet
 from incseg.models.heads import IncrementalHead
 from incseg.models.pooling import LSELBAPool, lse_lba_pool
 
 __all__ = [
-    "MODELS", "BiSeNet", "IncrementalHead", "LSELBAPool", "ResNetBackbone", "SegOutput",
-    "build_model", "lse_lba_pool",
+    "FEATURE_KEYS", "BiSeNet", "IncrementalHead", "LSELBAPool", "ResNetBackbone",
+    "SegOutput", "SegmentationModel", "build_model", "lse_lba_pool", "model_config",
+    "model_names",
 ]
+
+
+def model_names() -> list[str]:
+    """The ``model=`` choices: the YAML files of ``conf/model``."""
+    from incseg.config import CONF_DIR
+
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def model_config(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A model's config as a plain dict: ``spec`` itself, or ``conf/model/<spec>.yaml``."""
+    from omegaconf import OmegaConf
+
+    from incseg.config import CONF_DIR
+    from incseg.config.build import plain
+
+    if isinstance(spec, str):
+        path = CONF_DIR / "model" / f"{spec}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown model {spec!r}; choose one of: {', '.join(model_names())}")
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return dict(plain(spec))
+
+
+def build_model(spec: str | Mapping[str, Any], classes_per_step: Sequence[int],
+                pretrained: Any = None) -> SegmentationModel:
+    """The model ``spec`` names (a ``conf/model`` name or a config with ``_target_``) with
+    ``classes_per_step`` outputs. ``pretrained`` replaces the config's own: a checkpoint's
+    weights are loaded over a fresh model, so rebuilding one never needs the ImageNet file."""
+    from incseg.config.build import instantiate
+
+    node = model_config(spec)
+    if "pretrained" in node or pretrained is not None:
+        node["pretrained"] = pretrained
+    return instantiate(node, classes_per_step=[int(c) for c in classes_per_step])

@@ -53,11 +53,11 @@ def imagenet_weights_path(name: str) -> Path:
 
 
 class ResNetBackbone(nn.Module):
-    """ResNet context path returning the 1/16 (layer3) and 1/32 (layer4) features.
+    """A torchvision ResNet without its classifier, returning the output of every stage.
 
-    Input ``x``: B x 3 x H x W. Output ``(f16, f32)``: B x C3 x H/16 x W/16 and
-    B x C4 x H/32 x W/32, with (C3, C4) = ``out_channels`` (256/512 for r18, 1024/2048 for
-    r50/r101). The ImageNet ``fc`` and ``avgpool`` are not registered: they would be unused
+    Input ``x``: B x 3 x H x W. Output: ``[layer1, layer2, layer3, layer4]`` at 1/4, 1/8, 1/16
+    and 1/32 of the input; ``out_channels`` = (C3, C4), the channels of the last two (256/512
+    for r18, 1024/2048 for r50/r101), which BiSeNet's context path reads. The ImageNet ``fc`` and ``avgpool`` are not registered: they would be unused
     parameters (DDP complains) and dead weight in every checkpoint.
     """
 
@@ -77,13 +77,14 @@ class ResNetBackbone(nn.Module):
         del net  # drops fc/avgpool with it
         load_backbone_weights(self, pretrained)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """B x 3 x H x W -> (B x C3 x H/16 x W/16, B x C4 x H/32 x W/32)."""
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """B x 3 x H x W -> the four stages' outputs, shallow to deep (1/4 .. 1/32)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        f16 = self.layer3(x)
-        f32 = self.layer4(f16)
-        return f16, f32
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
 
 
 def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:

@@ -1,5 +1,6 @@
 """BiSeNet V1 (Yu et al., "BiSeNet: Bilateral Segmentation Network", ECCV 2018) with
-incremental classifier heads, as used for class-incremental segmentation (SPEC section 4).
+incremental classifier heads, as used for class-incremental segmentation by the paper this
+suite reproduces (Di Salvo et al.). It satisfies :class:`incseg.models.base.SegmentationModel`.
 
 Layout at input size H x W (C3, C4 = layer3/layer4 channels of the ResNet):
 
@@ -9,32 +10,24 @@ Layout at input size H x W (C3, C4 = layer3/layer4 channels of the ResNet):
                   ARM(f32) + GAP(f32) -> upsample        -> cx2      C4  x H/8  x W/8
     FFM           [spatial, cx1, cx2] -> 256 channels    -> ffm      256 x H/8  x W/8
     heads         main(ffm), aux1(cx1), aux2(cx2), each upsampled to H x W.
+
+Contract features: ``encoder`` = body (layer4), ``stages`` = the ResNet's four stages,
+``decoder`` = ffm; BiSeNet's own ``spatial``, ``cx1``, ``cx2`` beside them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg.errors import ConfigError
-from incseg.models.backbones import ResNetBackbone
+from incseg.models.backbones import ResNetBackbone, pretrained_file
+from incseg.models.base import SegOutput
 from incseg.models.heads import IncrementalHead, check_classes_per_step
 
-__all__ = [
-    "ARM",
-    "MODELS",
-    "FFM",
-    "BiSeNet",
-    "ConvBNReLU",
-    "SegOutput",
-    "SpatialPath",
-    "build_model",
-]
+__all__ = ["ARM", "FFM", "BiSeNet", "ConvBNReLU", "SpatialPath"]
 
 
 def _gap(x: Tensor) -> Tensor:
@@ -117,21 +110,6 @@ class FFM(nn.Module):
         return f + f * self.attention(_gap(f))
 
 
-@dataclass
-class SegOutput:
-    """What :class:`BiSeNet` returns.
-
-    logits:   B x C x H x W, main head, upsampled to the input size.
-    aux:      (aux1, aux2) logits, each B x C x H x W, in training mode only; None in eval.
-    features: "spatial" (B x 256 x H/8), "cx1" (B x C3 x H/8), "cx2" (B x C4 x H/8),
-              "ffm" (B x 256 x H/8), "body" (layer4, B x C4 x H/32, before the ARM).
-    """
-
-    logits: Tensor
-    aux: tuple[Tensor, Tensor] | None
-    features: dict[str, Tensor]
-
-
 class BiSeNet(nn.Module):
     """BiSeNet V1 with a ResNet context path and three incremental heads (main, aux1, aux2).
 
@@ -178,41 +156,32 @@ class BiSeNet(nn.Module):
             if init_balanced:
                 head.init_balanced(n_new)
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """B x 3 x H x W -> the named features of :class:`SegOutput` (all but body at 1/8)."""
+    @staticmethod
+    def check_config(backbone: str = "resnet18", pretrained=None, **_) -> None:
+        """Fail before anything trains when ``pretrained`` names a file that is not there
+        (called by the config check; raises ConfigError)."""
+        pretrained_file(backbone, pretrained)
+
+    def forward_features(self, x: Tensor) -> dict:
+        """B x 3 x H x W -> the named features (spatial, cx1, cx2, decoder at 1/8; encoder at
+        1/32; stages at 1/4 .. 1/32)."""
         spatial = self.spatial_path(x)
-        f16, body = self.backbone(x)
+        stages = self.backbone(x)
+        f16, body = stages[2], stages[3]
         size = spatial.shape[-2:]
         # Global context (paper Sec. 3.2): the pooled 1/32 feature, broadcast over the map.
         cx2 = _resize(self.arm32(body) + _gap(body), size)
         cx1 = _resize(self.arm16(f16), size)
         ffm = self.ffm((spatial, cx1, cx2))
-        return {"spatial": spatial, "cx1": cx1, "cx2": cx2, "ffm": ffm, "body": body}
+        return {"encoder": body, "stages": stages, "decoder": ffm,
+                "spatial": spatial, "cx1": cx1, "cx2": cx2}
 
     def forward(self, x: Tensor) -> SegOutput:
         """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W)."""
         feats = self.forward_features(x)
         size = x.shape[-2:]
-        logits = _resize(self.head(feats["ffm"]), size)
-        aux = None
+        logits = _resize(self.head(feats["decoder"]), size)
+        aux = []
         if self.training:
-            aux = (_resize(self.aux1(feats["cx1"]), size), _resize(self.aux2(feats["cx2"]), size))
+            aux = [_resize(self.aux1(feats["cx1"]), size), _resize(self.aux2(feats["cx2"]), size)]
         return SegOutput(logits=logits, aux=aux, features=feats)
-
-
-MODELS: dict[str, str] = {
-    "bisenet_r18": "resnet18",
-    "bisenet_r50": "resnet50",
-    "bisenet_r101": "resnet101",
-}
-
-
-def build_model(
-    name: str,
-    classes_per_step: Sequence[int],
-    pretrained: str | os.PathLike | None = None,
-) -> BiSeNet:
-    """Build a zoo model by name ("bisenet_r18", "bisenet_r50", "bisenet_r101")."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    return BiSeNet(MODELS[name], classes_per_step, pretrained=pretrained)

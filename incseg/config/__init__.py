@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from incseg.errors import ConfigError
 from incseg.io import stable_hash
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 def _plain(x):
@@ -167,62 +167,8 @@ def check_overrides(argv: Sequence[str]) -> None:
                 raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")
 
 
-def _int(cfg: DictConfig, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a whole number; pass e.g. {key}=16") from None
-
-
 def validate(cfg: DictConfig) -> None:
-    """Check the whole config before anything trains or is written (SPEC 9): task, model,
-    pretrained weights, method, replay, data keys. Each failure is one line with its fix."""
-    from incseg.models import MODELS
-    from incseg.models.backbones import pretrained_file
+    """Check the whole composed config once, before anything trains or is written."""
+    from incseg.config.schema import validate as _validate
 
-    task_from_cfg(cfg)  # validates the split (one-line error on a bad one)
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"unknown model {cfg.model.name!r}; choose one of {', '.join(MODELS)}")
-    # "imagenet" must already be in the torch hub cache: fail now, not at step 0 after the scan.
-    pretrained_file(MODELS[cfg.model.name], cfg.model.get("pretrained"))
-    if cfg.get("resume", "auto") not in ("auto", "never"):
-        raise ConfigError(f"resume={cfg.resume!r} is not valid; use resume=auto or resume=never")
-    if cfg.data.unseen_as not in ("ignore", "background"):
-        raise ConfigError(f"data.unseen_as={cfg.data.unseen_as!r}: use ignore or background")
-    if cfg.data.test_mode not in ("resize", "full"):
-        raise ConfigError(f"data.test_mode={cfg.data.test_mode!r}: use resize or full")
-    for key in ("batch_size", "crop"):
-        if _int(cfg, f"data.{key}") < (2 if key == "batch_size" else 8):
-            raise ConfigError(f"data.{key}={cfg.data[key]} is too small (BatchNorm after global "
-                              "pooling needs a batch of at least 2; crops of at least 8 px)")
-    for key in ("epochs", "epochs_incremental"):
-        if _int(cfg, f"train.{key}") < 1:
-            raise ConfigError(f"train.{key} must be at least 1")
-    _int(cfg, "seed")
-    from incseg.protocol import method_spec
-
-    if not cfg.method.get("joint", False):
-        method_spec(cfg)
-    _validate_replay(cfg)
-
-
-def _validate_replay(cfg: DictConfig) -> None:
-    """``replay.loss`` and the inversion settings are otherwise first read at step 1, after
-    step 0 has trained."""
-    rc = cfg.get("replay")
-    if rc is None or rc.get("name", "none") == "none":
-        return
-    from incseg.inversion import InversionSettings
-    from incseg.losses import REPLAY_LOSSES
-    from incseg.protocol import replay_spec
-
-    if rc.get("loss") not in REPLAY_LOSSES:
-        raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "
-                          f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
-    try:
-        replay_spec(cfg)
-    except (TypeError, ValueError, KeyError) as err:
-        raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
-                          "numbers") from None
-    InversionSettings.from_dict(_plain(cfg.get("inversion")) or {})
+    _validate(cfg)

@@ -1,0 +1,32 @@
+"""Class-incremental methods: one file each over the :class:`Method` interface.
+
+A method is chosen with ``method=<name>``: ``conf/method/<name>.yaml`` names its class with
+``_target_`` and holds its weights. Adding one is a Python file and a YAML (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from incseg.methods.base import Batch, Method, StepContext
+
+__all__ = ["Batch", "Method", "StepContext", "build_method", "is_joint"]
+
+
+def is_joint(method_cfg: Mapping[str, Any]) -> bool:
+    """Joint (offline) training is a protocol mode, not a method: one step over all classes."""
+    return bool(method_cfg.get("joint", False))
+
+
+def build_method(method_cfg: Mapping[str, Any]) -> Method:
+    """The :class:`Method` that ``conf/method/<name>.yaml`` names (ValueError / TypeError for a
+    value out of range or a key the class does not take)."""
+    from incseg.config.build import has_target, instantiate
+
+    if not has_target(method_cfg):
+        raise ValueError(f"method {method_cfg.get('name')!r} names no _target_ class")
+    method = instantiate(method_cfg)
+    if not isinstance(method, Method):
+        raise TypeError(f"{method_cfg['_target_']} is not an incseg.methods.Method")
+    return method

@@ -1,0 +1,127 @@
+"""The method interface: what one class-incremental method adds to the shared training step.
+
+A method is one short file (mammoth's and Avalanche's habit): a :class:`Method` subclass named
+by ``_target_`` in ``conf/method/<name>.yaml``, with its weights as constructor arguments. The
+student (``incseg.systems.student``) computes, for every batch of a step t >= 1,
+
+    L = method.segmentation_loss(out, labels) + sum(method.terms(batch, out, old_out).values())
+        (+ the replay term, when replay is on)
+
+and calls the hooks around the step. A method sees the models and the batches it is given,
+never the Trainer or the DataModule. Joint training is not a method but a protocol mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from incseg.losses import bisenet_loss, cross_entropy, unbiased_cross_entropy
+from incseg.models.base import SegOutput
+
+#: classification losses a method can train its heads with
+CLASSIFICATION = ("ce", "unbiased_ce")
+
+
+@dataclass
+class Batch:
+    """One training batch of the current step: images B x 3 x H x W, labels B x H x W."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@dataclass
+class StepContext:
+    """What a method knows about its step: the step index, ``num_old`` = C_o (classes seen
+    before the step, background included), ``num_classes`` (seen up to the step) and the
+    frozen model of the previous step."""
+
+    step: int
+    num_old: int
+    num_classes: int
+    old_model: nn.Module
+
+
+class Method:
+    """Base class: fine-tuning with plain CE; subclasses add their terms.
+
+    Class attributes a method sets:
+      classification     "ce" or "unbiased_ce" (MiB): the loss on the new labels, on every
+                         head (BiSeNet's main and auxiliary ones, paper Eq. 3)
+      init_balanced      new heads start as MiB's background-balanced initialisation
+      uses_old_outputs   the student runs the frozen previous model on each batch for ``terms``
+      needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
+    """
+
+    classification = "ce"
+    init_balanced = False
+    uses_old_outputs = False
+    needs_features: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        if self.classification not in CLASSIFICATION:
+            raise ValueError(f"classification={self.classification!r} is not one of "
+                             f"{', '.join(CLASSIFICATION)}")
+        self.ctx: StepContext | None = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def setup(self, ctx: StepContext) -> None:
+        """Called once by the student before the step trains (or resumes)."""
+        self.ctx = ctx
+
+    # ---- the loss -----------------------------------------------------------------------------
+    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """One head's loss: B x C x H x W logits, B x H x W labels -> scalar."""
+        if self.classification == "unbiased_ce":
+            return unbiased_cross_entropy(logits, labels, self.ctx.num_old)
+        return cross_entropy(logits, labels)
+
+    def segmentation_loss(self, out: SegOutput, labels: Tensor) -> Tensor:
+        """The classification loss summed over the main and auxiliary heads."""
+        return bisenet_loss(out.logits, out.aux, labels, self.classification_loss)
+
+    def terms(self, batch: Batch, out: SegOutput, old_out: SegOutput | None
+              ) -> dict[str, Tensor]:
+        """The method's weighted extra loss terms, by name (logged as ``train/<name>``).
+        ``old_out`` is the frozen previous model's output on the batch (None unless
+        ``uses_old_outputs``)."""
+        return {}
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def on_step_start(self, model: nn.Module, old_model: nn.Module,
+                      train_loader: Iterable) -> None:
+        """Before the first iteration of a step (not on resume: state comes back through
+        :meth:`load_state_dict`): a pass over the step's data, e.g. PLOP's entropy thresholds."""
+
+    def on_before_optimizer_step(self, model: nn.Module) -> None:
+        """After backward, before each optimiser step: e.g. EWC / PI / RW importance updates
+        from the gradients."""
+
+    def on_step_end(self, model: nn.Module, old_model: nn.Module) -> None:
+        """After the last iteration of a step."""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (one, every trainable parameter, by default); a
+        method may freeze parts or give the heads their own learning rate."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    # ---- exact resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the method accumulates during a step (saved in every epoch checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume."""
+
+
+def check_weight(name: str, value: float) -> float:
+    """A loss weight as a float, refused when negative (a negative weight would reward the
+    very forgetting the term measures)."""
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name}={value:g} must be >= 0")
+    return value

@@ -1,0 +1,73 @@
+"""The replay of a step t >= 1: its images (DeepInversion from model t-1 for every old
+foreground class, or a control: noise, real exemplars) and the student's replay term."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from incseg.protocol.state import derive_seed, is_rank_zero
+from incseg.protocol.teachers import verifier_model
+from incseg.replay_term import ReplaySpec, ReplayTerm
+from incseg.tasks import Task
+
+log = logging.getLogger("incseg.protocol")
+
+
+@dataclass
+class ReplayStage:
+    """What replay gives a step: the dataset the loader draws synthetic batches from, the term
+    the student adds, and the figures recorded in ``results.json``."""
+
+    dataset: object
+    term: ReplayTerm
+    info: dict
+    key: str | None = None  # the replay set's cache key (controls from the data: none)
+
+
+def check_batch(ds, n: int = 8) -> torch.Tensor:
+    """A fixed, class-mixed batch for the curvature test; (index, seed) reads are
+    deterministic and leave the augmentation streams of training alone."""
+    idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)
+    return torch.stack([ds[(int(i), 0)] for i in idx])
+
+
+def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task, step: int,
+                 old_model) -> ReplayStage | None:
+    """The replay of ``step``, or None with ``replay=none``."""
+    from incseg.inversion import InversionSettings
+    from incseg.replay import ReplayDataset, class_grid, ensure_replay_set, noise_replay_set
+
+    spec = ReplaySpec.from_config(OmegaConf.to_container(cfg.replay, resolve=True))
+    if spec is None:
+        return None
+    class_ids = task.classes_before(step)
+    targets = list(range(1, len(class_ids)))  # old foreground channels; background is no target
+    settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
+    if spec.kind == "exemplars":
+        from incseg.data.exemplars import exemplar_dataset
+
+        ds, info = exemplar_dataset(source, task, step, settings.n_per_class,
+                                    settings.image_size, cache, derive_seed(cfg.seed, step))
+        return ReplayStage(ds, ReplayTerm(spec, check_batch(ds) if len(ds) else None), info)
+    verifier, channel_of = (verifier_model(cfg, run_dir, cache, source, task)
+                            if cfg.replay.verifier == "joint" else (None, None))
+    verifier_channel_of = ({k: channel_of[c] for k, c in enumerate(class_ids)}
+                           if channel_of else None)
+    make = ensure_replay_set if spec.kind == "deepinversion" else noise_replay_set
+    rs = make(cache, old_model, targets, settings, class_ids=class_ids,
+              verifier=verifier, verifier_channel_of=verifier_channel_of,
+              progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
+    if is_rank_zero():
+        class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
+    ds = ReplayDataset(rs, hflip=True)
+    info = rs.as_dict()
+    log.info("step %d replay: %d %s images, teacher accuracy %.2f, verifier accuracy %s",
+             step, info["images"], spec.kind, info["teacher_accuracy"],
+             "-" if info["verifier_accuracy"] is None else f"{info['verifier_accuracy']:.3f}")
+    return ReplayStage(ds, ReplayTerm(spec, check_batch(ds) if len(ds) else None), info, rs.key)

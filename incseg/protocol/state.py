@@ -1,0 +1,143 @@
+"""Run state for exact resume, content fingerprints, and the ranks of a DDP run.
+
+The run directory is deterministic; ``state.json`` records the config hash and the finished
+steps. Rerunning the same command skips finished steps and restarts an interrupted one from its
+last epoch-end checkpoint (RNG states inside). Every random draw of a step derives from
+(seed, step[, epoch]), so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from incseg.checkpoints import read_model_file
+from incseg.errors import CheckpointError, ConfigError
+from incseg.io import atomic_write_json, stable_hash
+from incseg.precision import training_format
+
+log = logging.getLogger("incseg.protocol")
+
+#: config keys that do not change a run's numbers (ignored by the resume check and cache keys)
+VOLATILE = ("resume", "logger", "paths", "hydra", "experiment")
+
+
+def is_rank_zero() -> bool:
+    """Lightning's DDP relaunches the command per rank with LOCAL_RANK/NODE_RANK set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def is_distributed(cfg: DictConfig) -> bool:
+    """The config asks for several processes (trainer=ddp): known before any process starts."""
+    tc = cfg.trainer
+    return str(tc.strategy).startswith("ddp") and (
+        int(tc.get("num_nodes", 1)) > 1 or str(tc.devices) not in ("1", "auto"))
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process): rank 0 has written what the others read."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed for (seed, step[, epoch]): independent of what ran before in this process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """The resolved config minus keys that cannot change the numbers."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in VOLATILE:
+        plain.pop(key, None)
+    plain.get("data", {}).pop("num_workers", None)
+    plain.get("trainer", {}).pop("progress_bar", None)
+    for group in ("method", "model"):
+        plain.get(group, {}).pop("label", None)  # a display name
+    if "trainer" in plain and "train" in plain and "data" in plain:
+        # what the numbers depend on is the resolved format, not the word "auto": a run or a
+        # cache entry made with an explicit 32-true is the same as one that auto resolved so
+        fmt = training_format(cfg)
+        plain["trainer"]["precision"] = fmt.precision
+        plain["train"]["channels_last"] = fmt.channels_last
+    return plain
+
+
+def usable_model(path: Path) -> bool:
+    """A finished step's model file is readable and ours (a truncated or foreign file is
+    reported, then the step is trained again: never loaded)."""
+    if not path.exists():
+        return False
+    try:
+        read_model_file(path)
+    except CheckpointError as err:
+        log.warning("%s; retraining that step", err)
+        return False
+    return True
+
+
+@dataclass
+class RunState:
+    """``state.json``: which steps of this run are finished, under which config."""
+
+    path: Path
+    config_hash: str
+    steps: dict[int, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: Path, cfg: DictConfig) -> RunState:
+        path = run_dir / "state.json"
+        h = stable_hash(fingerprint(cfg))
+        # DDP ranks > 0 start (Lightning relaunches the command) when rank 0 reaches its first
+        # fit or test; by then rank 0 has removed a stale run (resume=never) and written nothing
+        # new, so they read the state as rank 0 saw it and never delete anything themselves.
+        if not path.exists() or (cfg.resume == "never" and is_rank_zero()):
+            if is_rank_zero():
+                for stale in ("checkpoints", "state.json", "results.json"):
+                    p = run_dir / stale
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            return cls(path, h)
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is corrupt; starting the run afresh", path)
+            return cls(path, h)
+        if data.get("config_hash") != h:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; rerun with resume=never to "
+                "replace it, or choose another directory with hydra.run.dir=DIR"
+            )
+        steps = {int(k): v for k, v in data.get("steps", {}).items()}
+        if steps:
+            log.info("resuming %s: steps %s already finished", run_dir, sorted(steps))
+        return cls(path, h, steps)
+
+    def forget_from(self, step: int) -> None:
+        """Mark ``step`` and every later step unfinished (their models are rebuilt)."""
+        stale = [k for k in self.steps if k >= step]
+        if stale:
+            log.info("steps %s will be trained again", sorted(stale))
+            for k in stale:
+                del self.steps[k]
+            self._write()
+
+    def finish_step(self, step: int, record: dict) -> None:
+        self.steps[step] = record
+        self._write()
+
+    def _write(self) -> None:
+        if not is_rank_zero():  # the other ranks keep the same state in memory
+            return
+        atomic_write_json(self.path, {"config_hash": self.config_hash,
+                                      "steps": {str(k): v for k, v in sorted(self.steps.items())}})

@@ -1,0 +1,118 @@
+"""Teachers: the step-0 model and the Joint model, trained once and shared through the cache.
+
+The step-0 cache lets a method sweep train step 0 once: FT, LwF, ILT and MiB on 15-5 and 15-5s
+share one step-0 model per (dataset, overlap, model, recipe, seed); Joint likewise per set of
+classes. Entries are content-keyed, filled under a file lock (parallel sweep jobs), written
+atomically and verified on read.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities.seed import isolate_rng
+from omegaconf import DictConfig
+
+from incseg.checkpoints import load_model, safe_load, save_model
+from incseg.errors import CheckpointError
+from incseg.io import content_key, entry_lock
+from incseg.models import build_model
+from incseg.models.norm import freeze
+from incseg.protocol.state import barrier, derive_seed, fingerprint, is_distributed, is_rank_zero
+from incseg.protocol.trainer import Stage, fit, make_datamodule, make_trainer, recipe
+from incseg.systems import TeacherModule
+from incseg.tasks import Task
+
+log = logging.getLogger("incseg.protocol")
+
+
+@dataclass
+class TeacherFit:
+    """A trained (or cache-loaded) teacher: its module, the Trainer that evaluates it, and the
+    cache's verdict (``hit`` / ``miss``; None with the cache off) under ``key``."""
+
+    module: TeacherModule
+    trainer: L.Trainer
+    cache: str | None = None
+    key: str | None = None
+
+
+def teacher_key(cfg: DictConfig, data_root, classes: list[int]) -> str:
+    """Everything a teacher model (step 0 or Joint) depends on. The method is not part of it,
+    so a sweep shares step 0 across methods and across tasks with the same step 0 (15-5 and
+    15-5s), and Joint across tasks over the same classes."""
+    fp = fingerprint(cfg)
+    return content_key("teacher", {
+        "dataset": fp["dataset"], "data_root": str(data_root), "data": fp["data"],
+        "overlap": fp["overlap"], "classes": classes, "model": fp["model"],
+        "train": {k: v for k, v in fp["train"].items() if not k.endswith("_incremental")},
+        "trainer": {k: fp["trainer"].get(k) for k in ("precision", "accelerator")},
+        "seed": fp["seed"],
+    })
+
+
+def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: TeacherModule,
+                dm, task: Task, kind: str) -> TeacherFit:
+    """Train a TeacherModule, or load it from the teacher cache. ``kind``: step-0 | joint."""
+    stage = "step0" if kind == "step-0" else "joint"
+    trainer = make_trainer(cfg, Stage(run_dir, stage, 0, "teacher", cfg), cfg.train.epochs)
+    if not cfg.protocol.step0_cache:
+        fit(trainer, module, dm, run_dir, stage)
+        return TeacherFit(module, trainer)
+    key = teacher_key(cfg, source.root, task.steps[0])
+    entry = cache / "step0" / f"{key}.pt"
+    # Under DDP every rank must join the fit, so no rank may wait on the lock meanwhile; the
+    # ranks agree without it (rank 0 alone decides before the others exist: Lightning starts
+    # them at the first fit, and they find the same entry, or none) and rank 0 writes.
+    lock = nullcontext() if is_distributed(cfg) else entry_lock(entry)
+    with lock:
+        if entry.exists():
+            try:
+                payload = safe_load(entry, "cache entry")
+                cached = load_model(entry, cfg.model, task.steps, 0, ckpt=payload)
+                module.model.load_state_dict(cached.state_dict())
+                # the record of a cache hit equals the one of the run that trained the entry
+                module.val_summary = payload.get("val_summary")
+                log.info("%s cache hit: %s (not retrained)", kind, entry)
+                return TeacherFit(module, trainer, "hit", key)
+            except CheckpointError as err:
+                log.warning("%s cache entry unusable (%s); retraining", kind, err)
+                if is_rank_zero():
+                    entry.unlink(missing_ok=True)
+        log.info("%s cache miss: training (entry %s)", kind, entry.name)
+        fit(trainer, module, dm, run_dir, stage)
+        if is_rank_zero():
+            save_model(entry, module.model, cfg.model, task.steps, 0,
+                       extra={"val_summary": module.val_summary})
+        barrier()
+    return TeacherFit(module, trainer, "miss", key)
+
+
+def train_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
+                  score_task: Task | None = None) -> TeacherFit:
+    """Step 0 of ``task`` (or, with ``score_task``, Joint training on the one-step ``task``
+    scored with ``score_task``'s split at its last step)."""
+    joint = score_task is not None
+    dm = make_datamodule(cfg, source, task, 0, cache)
+    model = build_model(cfg.model, [len(task.steps[0])], cfg.model.get("pretrained"))
+    module = TeacherModule(model, task, 0, recipe(cfg, 0), score_task=score_task,
+                           score_step=score_task.num_steps - 1 if joint else None)
+    return fit_teacher(cfg, run_dir, cache, source, module, dm, task,
+                       "joint" if joint else "step-0")
+
+
+def verifier_model(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task):
+    """An independent judge of synthetic images: the (cached) Joint model over all classes of
+    the task, and its channel of every dataset class. It never trains the student."""
+    joint = task.joint()
+    model = build_model(cfg.model, [len(joint.steps[0])], cfg.model.get("pretrained"))
+    module = TeacherModule(model, joint, 0, recipe(cfg, 0))
+    with isolate_rng():  # the student's step draws the same numbers with or without it
+        L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
+        fit_teacher(cfg, run_dir, cache, source, module,
+                    make_datamodule(cfg, source, joint, 0, cache), joint, "joint")
+    return freeze(module.model), {c: i for i, c in enumerate(joint.steps[0])}

@@ -1,0 +1,149 @@
+"""The student's replay term (Di Salvo et al., Fig. 4): ``w * D(student, teacher)`` on a batch
+of synthetic images of the old classes, with no labels needed.
+
+``D``: ``mse`` (on the first C_o channels, the paper's best), ``kl`` (T^2 KL(teacher||student)),
+``ukd`` (MiB's unbiased KD on the student's full logits). The three differ in scale, so the
+weight is per distance. Before a step trains, a curvature test (:mod:`incseg.stability`) checks
+that SGD at the step's learning rate can follow the weighted term at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from incseg.losses import REPLAY_LOSSES, replay_loss
+from incseg.models.norm import running_statistics, teacher_statistics
+from incseg.stability import sgd_stability_bound, top_hessian_eigenvalue
+
+log = logging.getLogger(__name__)
+
+REPLAY_KINDS = ("deepinversion", "noise", "exemplars")
+REPLAY_BN = ("running", "batch", "teacher")
+BACKGROUNDS = ("unbiased", "plain")
+
+
+@dataclass
+class ReplaySpec:
+    """What the student does with a synthetic batch.
+
+    ``bn``: which BatchNorm statistics the student scores it with (``running``: its own, like
+    the teacher; ``teacher``: the teacher's; ``batch``: the synthetic batch's). ``background``:
+    ``unbiased`` compares the student's logsumexp(background, new classes) with the teacher's
+    background. ``check``: power iterations of the curvature test (0 = off).
+    """
+
+    kind: str = "deepinversion"
+    loss: str = "mse"
+    weight: float = 1.0
+    temperature: float = 1.0
+    bn: str = "running"
+    background: str = "unbiased"
+    check: int = 20
+
+    def __post_init__(self):
+        for key, valid in (("kind", REPLAY_KINDS), ("loss", REPLAY_LOSSES), ("bn", REPLAY_BN),
+                           ("background", BACKGROUNDS)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not valid; use one of "
+                                 f"{', '.join(valid)}")
+        self.weight, self.temperature = float(self.weight), float(self.temperature)
+        if not self.weight >= 0:
+            raise ValueError(f"weight={self.weight:g} must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature:g} must be > 0")
+        self.check = int(self.check)
+
+    @classmethod
+    def from_config(cls, rc: Mapping[str, Any] | None) -> ReplaySpec | None:
+        """The spec of a ``replay`` config group (None for ``replay=none``); ``weight: null``
+        takes the per-distance default of ``weights``."""
+        if rc is None or rc.get("name", "none") == "none":
+            return None
+        loss = rc.get("loss")
+        weight = rc.get("weight")
+        if weight is None:
+            weight = (rc.get("weights") or {}).get(loss, 1.0)
+        return cls(kind=str(rc["name"]), loss=str(loss), weight=weight,
+                   temperature=rc.get("temperature", 1.0), bn=str(rc.get("bn", "running")),
+                   background=str(rc.get("background", "unbiased")),
+                   check=rc.get("check", 20))
+
+
+def _sane(t: Tensor) -> Tensor:
+    """Per image: every logit finite and below 1e4 in magnitude."""
+    return (torch.isfinite(t) & (t.abs() < 1e4)).flatten(1).all(dim=1)
+
+
+class ReplayTerm:
+    """``w * D(student, teacher)`` on a synthetic batch; given to the student's constructor.
+
+    ``check_images``: a fixed, class-mixed batch of the replay set for the curvature test.
+    ``left_out`` counts, per epoch, the images the teacher scores but the student cannot.
+    """
+
+    def __init__(self, spec: ReplaySpec, check_images: Tensor | None = None) -> None:
+        self.spec = spec
+        self.check_images = check_images
+        self.left_out = 0
+
+    def __call__(self, model: nn.Module, old_model: nn.Module, images: Tensor,
+                 count: bool = True) -> Tensor:
+        s = self.spec
+        # Both models see the synthetic batch (paper Fig. 4, blue path).
+        if s.bn == "running":  # like the teacher: see running_statistics
+            with running_statistics(model):
+                z = model(images).logits
+        elif s.bn == "teacher":  # the old data's statistics: see teacher_statistics
+            with teacher_statistics(model, old_model):
+                z = model(images).logits
+        else:  # batch statistics of the synthetic batch (and their running average)
+            z = model(images).logits
+        with torch.no_grad():
+            z_old = old_model(images).logits
+        # An image the teacher itself cannot score (non-finite or absurd logits: an
+        # under-trained teacher's tiny BN variances blow up on out-of-distribution inputs such
+        # as the noise control; a softmax is one-hot long before |z| = 1e4, while the squared
+        # distance of such logits overflows) carries no knowledge to distil: it is left out.
+        # The same for the student; on images the teacher scores, that is a student diverging:
+        # counted and reported.
+        teacher_ok = _sane(z_old)
+        usable = teacher_ok & _sane(z.detach())
+        if count:
+            self.left_out += int((teacher_ok & ~usable).sum())
+        if not bool(usable.all()):
+            z, z_old = z[usable], z_old[usable]
+        if z.shape[0] == 0:  # nothing to distil
+            return z.sum() * 0.0
+        return s.weight * replay_loss(s.loss, z, z_old, s.temperature, s.background)
+
+    def check_stability(self, model: nn.Module, old_model: nn.Module, images: Tensor,
+                        lr: float, momentum: float, nesterov: bool, step: int) -> dict:
+        """The largest Hessian eigenvalue of the weighted term on ``images`` at the current
+        weights, against the largest curvature SGD (lr, momentum, Nesterov) can follow; above
+        it, training diverges along that direction (docs/measurements.md). A warning says which
+        weight would fit. Leaves weights, buffers and the global random state as they were."""
+        s = self.spec
+        bound = sgd_stability_bound(lr, momentum, nesterov)
+        params = [p for p in model.parameters() if p.requires_grad]
+        buffers = {k: v.clone() for k, v in model.named_buffers()}  # bn=batch updates them
+        try:
+            lam = top_hessian_eigenvalue(lambda: self(model, old_model, images, count=False),
+                                         params, iters=s.check)
+        finally:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
+        if lam > bound:
+            log.warning(
+                "step %d replay: the largest curvature of %g * %s (%.0f) is above %.0f, the "
+                "most that SGD with lr %g and %smomentum %g can follow: training is likely to "
+                "diverge; use replay.weight below %.2g or replay.loss=kl", step, s.weight,
+                s.loss, lam, bound, lr, "Nesterov " if nesterov else "", momentum,
+                s.weight * bound / lam)
+        return {"sharpness": round(lam, 4), "stability_bound": round(bound, 4)}
