@@ -1,4 +1,4 @@
-"""Selection and remapping rules (SPEC 3.5) pinned on a VOC-layout fixture with known classes."""
+"""MiB's selection and remapping rules pinned on a VOC-layout fixture with known classes."""
 
 import numpy as np
 import pytest
