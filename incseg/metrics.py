@@ -1,4 +1,5 @@
-"""Segmentation metrics: a confusion-matrix metric and the old/new/all summaries (SPEC 7).
+"""Segmentation metrics: a confusion-matrix metric and the old/new/all summaries of class-
+incremental segmentation as MiB reports them (Cermelli et al., CVPR 2020; fcdl94/MiB).
 
 The confusion matrix is accumulated over the model's output channels (rows = ground truth,
 columns = prediction). Channel k is the k-th class of ``task.classes_seen(step)``, so
@@ -26,12 +27,19 @@ from torchmetrics import Metric
 from incseg.tasks import IGNORE, Task
 
 
+# Not torchmetrics' MulticlassConfusionMatrix (1.9), which counts the same pixels only once
+# out-of-range targets are set to 255 by hand: it raises (target < 0) or fails (target >= C)
+# where we skip, counts a prediction >= C in another cell (validate_args checks how many
+# distinct values there are, not their range) where we raise, and with
+# trainer.deterministic=true its bincount becomes an N x C^2 comparison (tens of GB for one
+# 512 x 512 ADE20K image) where torch.bincount stays exact.
 class SegMetric(Metric):
     """Confusion matrix (``num_classes`` x ``num_classes``, int64) of a segmentation model.
 
     ``update(preds, target)`` takes class indices (B x H x W) or logits (B x C x H x W, reduced
     by argmax over dim 1) and a target (B x H x W); target pixels equal to ``ignore_index`` or
-    outside ``0..num_classes-1`` are skipped. ``compute()`` returns the confusion matrix.
+    outside ``0..num_classes-1`` are skipped. ``compute()`` returns the confusion matrix, summed
+    across DDP ranks.
     """
 
     is_differentiable = False

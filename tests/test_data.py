@@ -1,4 +1,4 @@
-"""Selection and remapping rules (SPEC 3.5) pinned on a VOC-layout fixture with known classes."""
+"""MiB's selection and remapping rules pinned on a VOC-layout fixture with known classes."""
 
 import numpy as np
 import pytest
@@ -102,6 +102,57 @@ def test_datamodule_batches(voc, cache):
     assert batches[0][0].min() < 0
     test = list(dm.test_dataloader())
     assert sum(len(b[0]) for b in test) == 4
+
+
+class _Replay(torch.utils.data.Dataset):
+    """Stand-in replay set: item ``(index, seed)`` -> (image, mask) holding the index."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, item):
+        i = item[0] if isinstance(item, tuple) else item
+        return torch.full((3, 16, 16), float(i)), torch.full((16, 16), i, dtype=torch.long)
+
+
+def _batches(loader):
+    out = []
+    for b in loader:
+        b = b[0] if isinstance(b, tuple) else b  # CombinedLoader yields (batch, idx, loader_idx)
+        out.append({k: [t.clone() for t in v] for k, v in b.items()} if isinstance(b, dict)
+                   else [t.clone() for t in b])
+    return out
+
+
+def test_replay_dataset_by_constructor_or_attribute(voc, cache):
+    t = get_task("voc", "15-5")
+    kw = dict(crop=16, batch_size=2, num_workers=0, cache_dir=cache, progress=False)
+    assert IncrementalDataModule(voc, t, 1, **kw).replay_dataset is None
+    replay = _Replay()
+    a = IncrementalDataModule(voc, t, 1, replay_dataset=replay, **kw)
+    assert a.replay_dataset is replay
+    b = IncrementalDataModule(voc, t, 1, **kw)
+    b.replay_dataset = replay  # how protocol.py sets it today
+    ba, bb = _batches(a.train_dataloader()), _batches(b.train_dataloader())
+    assert len(ba) == len(bb) == 3 and set(ba[0]) == {"real", "replay"}
+    for x, y in zip(ba, bb):
+        for k in ("real", "replay"):
+            assert all(torch.equal(u, v) for u, v in zip(x[k], y[k]))
+
+
+def test_datamodule_takes_rank_and_world_size_from_the_trainer(voc, cache):
+    from types import SimpleNamespace
+
+    t = get_task("voc", "15-5")
+    dm = IncrementalDataModule(voc, t, 1, crop=16, batch_size=2, num_workers=0, cache_dir=cache,
+                               progress=False)
+    single = dm.train_dataloader().sampler
+    assert (single.num_replicas, single.rank) == (1, 0)
+    assert dm.test_dataloader().sampler.__class__.__name__ == "SequentialSampler"
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)  # what DDP rank 1 sees
+    train = dm.train_dataloader().sampler
+    assert (train.num_replicas, train.rank) == (2, 1)
+    assert list(dm.test_dataloader().sampler) == list(range(1, 4, 2))  # every 2nd, no padding
 
 
 def test_sampler_depends_only_on_seed_step_epoch():

@@ -85,6 +85,39 @@ def test_logits_equal_indices():
     assert int(a.compute().sum()) == 2 * 5 * 6 - 3
 
 
+def test_logits_with_void_and_out_of_range_targets_by_hand():
+    # 1 x 3 x 2 x 4 logits whose argmax is PRED below; the target holds void (255), a class id
+    # one past the last channel (3, e.g. a future class) and a negative value: all skipped.
+    pred = torch.tensor([[[0, 1, 2, 2],
+                          [1, 0, 2, 1]]])
+    target = torch.tensor([[[0, 1, 255, 2],
+                            [3, -1, 2, 0]]])
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 2.0 - 0.5
+    m = SegMetric(3)
+    m.update(logits, target)
+    cm = m.compute()
+    # counted (gt, pred): (0,0) (1,1) (2,2) (2,2) (0,1)
+    assert cm.dtype == torch.int64
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 2]]
+
+
+def test_same_matrix_as_torchmetrics_on_the_pixels_both_count():
+    # torchmetrics' MulticlassConfusionMatrix cannot skip out-of-range targets (see metrics.py);
+    # with those set to 255 by hand the two agree cell for cell.
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 7, 9, generator=g)
+    target = torch.randint(-2, 8, (3, 7, 9), generator=g)
+    target[1, :2] = 255
+    ours = SegMetric(5)
+    ours.update(logits, target)
+    theirs = MulticlassConfusionMatrix(5, ignore_index=255)
+    theirs.update(logits, torch.where((target >= 0) & (target < 5), target, 255))
+    assert torch.equal(ours.compute(), theirs.compute())
+    assert ours.compute().dtype == theirs.compute().dtype == torch.int64
+
+
 def test_two_updates_equal_one_on_concatenation():
     g = torch.Generator().manual_seed(1)
     p1, t1 = (torch.randint(0, 4, (2, 4, 4), generator=g) for _ in range(2))

@@ -1,7 +1,7 @@
 """``python -m incseg.data {prepare,stats} <hydra overrides>``.
 
 prepare: check a dataset's layout (and build VOC's train_aug from SBD).
-stats:   per-step image counts of a task, as one JSON object on stdout (SPEC 11).
+stats:   per-step image counts of a task, as one JSON object on stdout.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from incseg.data.dataset import SeededSampler, SegmentationDataset
 from incseg.data.index import scan_labels, select_test, select_train
@@ -46,9 +46,10 @@ def step_selection(source: Source, task: Task, step: int, overlap: bool, cache: 
 
 def check_steps(source: Source, task: Task, overlap: bool, cache: Path | None,
                 batch_size: int | None = None, progress: bool = True) -> list[dict]:
-    """Scan the dataset once and check every step of ``task`` before step 0 trains (SPEC 9):
-    a step with no training images (or fewer than one ``batch_size``) is a DataError now, not
-    after the earlier steps have trained. Returns per-step counts (SPEC 11's ``stats``)."""
+    """Scan the dataset once and check every step of ``task`` before step 0 trains: a step
+    with no training images (or fewer than one ``batch_size``) is a DataError now, not after
+    the earlier steps have trained for hours. Returns per-step counts (what
+    ``python -m incseg.data stats`` prints)."""
     train = scan_labels(source, "train", cache, progress)
     test = scan_labels(source, "test", cache, progress)
     scan_labels(source, "val", cache, progress)  # a broken val mask fails now, too
@@ -75,12 +76,18 @@ def check_steps(source: Source, task: Task, overlap: bool, cache: Path | None,
 
 
 class IncrementalDataModule(L.LightningDataModule):
-    """Loaders for one step of a task (MiB protocol, SPEC 3.5).
+    """Loaders for one step of a task, following MiB's protocol (Cermelli et al., CVPR 2020;
+    fcdl94/MiB).
 
     train: images selected for ``step`` (overlap/disjoint), labels remapped by
     ``task.train_lut``, shuffled by a :class:`SeededSampler`, last incomplete batch dropped
     (a BatchNorm after global pooling fails on a batch of one). val/test: images holding a seen
-    foreground class, labels by ``task.test_lut``.
+    foreground class, labels by ``task.test_lut``. ``replay_dataset`` (synthetic, noise or
+    exemplar images, or None) is batched beside every real batch.
+
+    Under DDP the rank and world size are read from ``self.trainer`` when the loaders are
+    built (Lightning attaches it; the Trainer runs with ``use_distributed_sampler=False`` so
+    that it keeps our samplers); without a Trainer, or with one process, there is one replica.
     """
 
     def __init__(self, source: Source, task: Task, step: int, *, overlap: bool = True,
@@ -88,7 +95,7 @@ class IncrementalDataModule(L.LightningDataModule):
                  test_mode: str = "full", batch_size: int = 16, eval_batch_size: int | None = None,
                  num_workers: int = 0, hflip: bool = True, rotation: float = 0.0,
                  color_jitter: float = 0.0, seed: int = 0, cache_dir: Path | None = None,
-                 progress: bool = True, num_replicas: int = 1, rank: int = 0):
+                 progress: bool = True, replay_dataset: Dataset | None = None):
         super().__init__()
         self.source, self.task, self.step = source, task, step
         self.overlap, self.seed, self.cache_dir, self.progress = overlap, seed, cache_dir, progress
@@ -97,14 +104,13 @@ class IncrementalDataModule(L.LightningDataModule):
         if test_mode == "full" and source.name != "shapes":
             self.eval_batch_size = 1  # full images of different sizes cannot be stacked
         self.num_workers = num_workers
-        self.num_replicas, self.rank = num_replicas, rank
         self.train_lut = task.train_lut(step, void_as_background)
         self.test_lut = task.test_lut(step, unseen_as)
         self.train_tf = train_transform(crop, hflip, rotation, color_jitter)
         self.eval_tf = eval_transform(crop, test_mode)
         self.selection: dict[str, list[int]] | None = None
         #: images replayed beside every real batch (synthetic, noise or exemplars), or None
-        self.replay_dataset = None
+        self.replay_dataset = replay_dataset
 
     def setup(self, stage: str | None = None) -> None:
         if self.selection is not None:
@@ -151,11 +157,11 @@ class IncrementalDataModule(L.LightningDataModule):
         return CombinedLoader({"real": real, "replay": replay}, mode="max_size_cycle")
 
     def _replicas(self) -> tuple[int, int]:
-        """(number of ranks, this rank): the Trainer's under DDP, else the constructor's."""
+        """(number of ranks, this rank): the Trainer's under DDP, else (1, 0)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:
             return trainer.world_size, trainer.global_rank
-        return self.num_replicas, self.rank
+        return 1, 0
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.dataset(split)

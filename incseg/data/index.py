@@ -1,4 +1,5 @@
-"""Per-image class sets and the MiB per-step selection rules (SPEC 3.5).
+"""Per-image class sets and the per-step selection rules of MiB (Cermelli et al., CVPR 2020;
+fcdl94/MiB).
 
 Selecting the images of a step needs the set of labels in every mask. Reading 10k VOC masks
 takes a while, so the scan is done once per (dataset, split) and cached in the cache directory,

@@ -5,6 +5,11 @@ Three sources share one reader. ``voc`` and the built-in ``shapes`` use the PASC
 ``<root>/ADEChallengeData2016/{images,annotations}/{training,validation}``. A source only lists
 (image, mask) pairs and checks that the files it names exist; reading and validating the masks
 is ``incseg.data.index``'s job.
+
+Only ``shapes`` has a held-out ``val`` split. VOC and ADE20K publish two splits, and here
+``val`` is every 20th image of one of them: of the *training* images for VOC (so they are
+also trained on) and of the *validation* images for ADE20K (so they are also test images).
+Neither is a held-out model-selection split; the source classes below say which.
 """
 
 from __future__ import annotations
@@ -114,10 +119,12 @@ class VOCLayout(Source):
 
 
 class VOCSource(VOCLayout):
-    """PASCAL VOC 2012 with SBD: train = train_aug (10,582), test = VOC val (1,449).
+    """PASCAL VOC 2012 with SBD (Hariharan et al., 2011): train = train_aug (10,582 images),
+    test = VOC 2012 val (1,449).
 
-    VOC has no third split, so ``val`` (model selection) is a fixed 1-in-20 subset of
-    train_aug: never the test images.
+    ``val`` is every 20th image of train_aug. Those images are in ``train`` as well, so val
+    scores are measured on training images: they never touch the test images, but they are
+    not held out either.
     """
 
     name = "voc"
@@ -129,7 +136,7 @@ class VOCSource(VOCLayout):
                               "it ships with the VOC 2012 trainval tar (VOCtrainval_11-May-2012)")
         train = self._list("train_aug", "SegmentationClassAug", SBD_HINT)
         if split == "val":
-            return train[::20]
+            return train[::20]  # training images, also in ``train`` (see the class docstring)
         return train
 
 
@@ -145,7 +152,8 @@ class ShapesSource(VOCLayout):
 
 
 class ADESource(Source):
-    """ADE20K (SceneParsing): 150 classes + 0; train = training, val/test = validation."""
+    """ADE20K (SceneParsing): 150 classes + 0; train = training, test = validation, and
+    ``val`` = every 20th validation image (a subset of the test images)."""
 
     name = "ade"
     num_classes = 151
@@ -160,7 +168,7 @@ class ADESource(Source):
                                 "unpack the full zip")
         samples = [Sample(p.stem, p, ann_dir / f"{p.stem}.png")
                    for p in sorted(img_dir.glob("*.jpg"))]
-        # ADE has no separate validation split for model selection: use 1 in 20 of training.
+        # ``val`` and ``test`` both read the validation folder; val keeps 1 in 20 of it.
         return samples[::20] if split == "val" else samples
 
 

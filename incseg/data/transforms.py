@@ -1,4 +1,5 @@
-"""albumentations pipelines (SPEC 3.5) with per-sample seeding.
+"""albumentations pipelines (MiB's augmentation, Cermelli et al., CVPR 2020) with per-sample
+seeding.
 
 Training: a random resized crop to ``crop`` x ``crop`` over an area fraction 0.5-1.0 (what MiB's
 ``RandomResizedCrop(512, (0.5, 2.0))`` amounts to: its draws above 1.0 fall back to the whole
