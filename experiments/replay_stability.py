@@ -22,32 +22,20 @@ of the per-iteration records and with ``--plot`` a PNG of them.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
 import tempfile
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from incseg.checkpoints import load_model
 from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
 from incseg.io import atomic_path, atomic_write_json
-from incseg.protocol import (
-    Context,
-    build_replay,
-    derive_seed,
-    make_datamodule,
-    method_spec,
-    recipe,
-    replay_spec,
-)
+from incseg.models.norm import running_statistics
+from incseg.protocol import build_student
 from incseg.stability import sgd_stability_bound
-from incseg.systems import StudentModule
-from incseg.systems.student import running_statistics
 
 
 def _grad_norm(term: torch.Tensor, params: list[torch.Tensor]) -> float:
@@ -90,17 +78,14 @@ def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
     if not prev.exists():
         sys.exit(f"error: {prev} is missing; run the protocol to step {step - 1} first")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(cfg, Path(tmp), task, source_from_cfg(cfg, progress=False),
-                      cache_dir_from_cfg(cfg))
-        L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
-        dm = make_datamodule(ctx, task, step)
-        old = load_model(prev, cfg.model.name, task.steps, step - 1)
-        model = copy.deepcopy(old)
-        spec = method_spec(cfg)
-        model.add_step(len(task.steps[step]), init_balanced=spec.init_balanced)
-        build_replay(ctx, step, old, dm)
-        module = StudentModule(model, old, task, step, recipe(cfg, step), spec,
-                               replay_spec(cfg))
+        # the student as the protocol builds it, from the run's step t-1 model (replay images
+        # and figures go to a temporary run directory)
+        (Path(tmp) / "checkpoints").mkdir()
+        (Path(tmp) / "checkpoints" / prev.name).symlink_to(prev.resolve())
+        student = build_student(cfg, Path(tmp), cache_dir_from_cfg(cfg),
+                                source_from_cfg(cfg, progress=False), task, step)
+        module, dm = student.module, student.datamodule
+        model = module.model
         dm.setup("fit")
         loader = dm.train_dataloader()
         real, synth = (loader.iterables["real"], loader.iterables["replay"]) \
@@ -129,8 +114,10 @@ def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
                         synth_iter = iter(synth)
                         rep = next(synth_iter)
                 if it == 0 and sharpness_iters and rep is not None:
-                    module.replay.check = sharpness_iters
-                    summary["replay_sharpness"] = module.check_replay_stability(rep)["sharpness"]
+                    module.replay.spec.check = sharpness_iters
+                    summary["replay_sharpness"] = module.replay.check_stability(
+                        model, module.old_model, rep, r.lr, r.momentum, r.nesterov,
+                        step)["sharpness"]
                 lr = r.lr * max(0.0, 1.0 - it / total) ** r.poly_power
                 for group in opt.param_groups:
                     group["lr"] = lr

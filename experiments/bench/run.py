@@ -49,17 +49,11 @@ from incseg.checkpoints import EpochCheckpoint, load_model, save_model  # noqa: 
 from incseg.config import cache_dir_from_cfg, compose, source_from_cfg  # noqa: E402
 from incseg.errors import CheckpointError  # noqa: E402
 from incseg.io import atomic_write_json, content_key  # noqa: E402
+from incseg.methods import build_method  # noqa: E402
 from incseg.models import build_model  # noqa: E402
 from incseg.precision import cpu_has_native_bf16, training_format  # noqa: E402
-from incseg.protocol import (  # noqa: E402
-    Context,
-    make_datamodule,
-    make_trainer,
-    method_spec,
-    quiet_lightning,
-    recipe,
-    run_protocol,
-)
+from incseg.protocol import make_datamodule, make_trainer, recipe, run_protocol  # noqa: E402
+from incseg.protocol.trainer import Stage, quiet_lightning  # noqa: E402
 from incseg.systems import StudentModule, TeacherModule  # noqa: E402
 from incseg.tasks import get_task  # noqa: E402
 
@@ -236,11 +230,11 @@ def student_module(cfg) -> StudentModule:
     """MiB's step 1 of 15-5 on BiSeNet-R18 (16 old classes, 5 new), as the protocol builds it."""
     task = get_task("shapes", "15-5")
     torch.manual_seed(0)
-    old = build_model(cfg.model.name, [len(task.steps[0])], cfg.model.pretrained)
+    old = build_model(cfg.model, [len(task.steps[0])], cfg.model.pretrained)
     model = copy.deepcopy(old)
-    spec = method_spec(cfg)
-    model.add_step(len(task.steps[1]), init_balanced=spec.init_balanced)
-    return StudentModule(model, old, task, 1, recipe(cfg, 1), spec, None)
+    method = build_method(cfg.method)
+    model.add_step(len(task.steps[1]), init_balanced=method.init_balanced)
+    return StudentModule(model, old, task, 1, recipe(cfg, 1), method, None)
 
 
 class StepTimer(L.Callback):
@@ -262,8 +256,7 @@ def lightning_images_per_s(cfg, module, data: Batches, warmup: int, batch: int,
     """Training images/s of ``module`` inside the suite's own Trainer (make_trainer: the
     configured precision, no logger, no progress bar, limit_train_batches), one epoch over
     ``data``. The epoch-end checkpoint callback is dropped: no checkpointing in the timed run."""
-    ctx = Context(cfg, run_dir, module.task, None, run_dir)
-    trainer = make_trainer(ctx, "bench", module.step, 1, "student")
+    trainer = make_trainer(cfg, Stage(run_dir, "bench", module.step, "student", cfg), 1)
     timer = StepTimer(warmup)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EpochCheckpoint)]
     trainer.callbacks.append(timer)
@@ -415,8 +408,7 @@ def bench_loader(sizes: Sizes, cache: Path | None, work: Path) -> dict:
     say("loader: the shapes dataset (generated once if missing, not timed)")
     source = source_from_cfg(cfg, progress=False)
     task = get_task("shapes", "15-5")
-    ctx = Context(cfg, work / "loader", task, source, cache_dir_from_cfg(cfg))
-    dm = make_datamodule(ctx, task, 1)
+    dm = make_datamodule(cfg, source, task, 1, cache_dir_from_cfg(cfg))
     dm.setup("fit")
     loader = dm.train_dataloader()
     _take(loader, sizes.loader_warm)  # starts the (persistent) workers
@@ -456,18 +448,17 @@ def trained_model(sizes: Sizes, cache: Path | None, task, seed: int, crop: int) 
     path = cache_root / "bench" / f"{key}.pt"
     if path.exists():
         with contextlib.suppress(CheckpointError):
-            return load_model(path, cfg.model.name, task.steps, 0)
+            return load_model(path, cfg.model, task.steps, 0)
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(cfg.model.name, [len(task.steps[0])], cfg.model.pretrained)
+    model = build_model(cfg.model, [len(task.steps[0])], cfg.model.pretrained)
     module = TeacherModule(model, task, 0, recipe(cfg, 0))
-    ctx = Context(cfg, cache_root, task, source, cache_root)
     trainer = L.Trainer(accelerator="cpu", max_steps=sizes.model_steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, precision=training_format(cfg).precision)
-    dm = make_datamodule(ctx, task, 0)
+    dm = make_datamodule(cfg, source, task, 0, cache_root)
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    save_model(path, module.model, cfg.model.name, task.steps, 0)
+    save_model(path, module.model, cfg.model, task.steps, 0)
     return module.model
 
 

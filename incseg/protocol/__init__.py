@@ -2,7 +2,7 @@
 cache (``teachers``), Trainer / logger / DataModule construction (``trainer``) and each step's
 replay (``replay_sets``)."""
 
-from incseg.protocol.loop import Student, StepOutcome, build_student, run_protocol, run_step
+from incseg.protocol.loop import StepOutcome, Student, build_student, run_protocol, run_step
 from incseg.protocol.state import (
     RunState,
     barrier,

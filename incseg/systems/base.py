@@ -136,8 +136,8 @@ class SegmentationSystem(L.LightningModule):
 
     def configure_optimizers(self):
         r = self.recipe
-        opt = torch.optim.SGD(self.param_groups(), lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
-                              weight_decay=r.weight_decay)
+        opt = torch.optim.SGD(self.param_groups(), lr=r.lr, momentum=r.momentum,
+                              nesterov=r.nesterov, weight_decay=r.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def poly(it: int) -> float:
