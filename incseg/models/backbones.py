@@ -57,8 +57,9 @@ class ResNetBackbone(nn.Module):
 
     Input ``x``: B x 3 x H x W. Output: ``[layer1, layer2, layer3, layer4]`` at 1/4, 1/8, 1/16
     and 1/32 of the input; ``out_channels`` = (C3, C4), the channels of the last two (256/512
-    for r18, 1024/2048 for r50/r101), which BiSeNet's context path reads. The ImageNet ``fc`` and ``avgpool`` are not registered: they would be unused
-    parameters (DDP complains) and dead weight in every checkpoint.
+    for r18, 1024/2048 for r50/r101), which BiSeNet's context path reads. The ImageNet ``fc``
+    and ``avgpool`` are not registered: they would be unused parameters (DDP complains) and
+    dead weight in every checkpoint.
     """
 
     def __init__(self, name: str = "resnet18", pretrained: str | os.PathLike | None = None):
