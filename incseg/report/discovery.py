@@ -218,7 +218,7 @@ def _details(results_files: Sequence[Path]) -> dict[Path, str]:
 
 
 def _hydra_label(run_dir: Path) -> str:
-    """'mib 15-5s seed 0' from an unfinished run's ``.hydra/config.yaml``, if it is there."""
+    """'MiB, shapes 15-5s, seed 0' from an unfinished run's ``.hydra/config.yaml``, if there."""
     try:
         from omegaconf import OmegaConf
 

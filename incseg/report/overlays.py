@@ -27,7 +27,7 @@ def _display(x) -> np.ndarray:
 
 def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_images: int
                   ) -> tuple[Path | None, str | None]:
-    """(f) image | ground truth | one prediction per method on the first ``n_images`` test
+    """Image | ground truth | one prediction per method on the first ``n_images`` test
     images, each method's final checkpoint of its lowest seed; (None, reason) if impossible.
 
     Images go through the eval transform of the first row's config, so they look like what the

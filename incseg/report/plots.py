@@ -45,8 +45,8 @@ def _last_task(cell: Cell) -> Task:
 
 
 def plot_curves(group: Group, table: Table, path: Path) -> Path:
-    """(a) mIoU(all) per step, mean over seeds with a ±1 sample-std band; Joint as a dashed
-    line at its single value (the offline upper bound)."""
+    """mIoU(all) per step, mean over seeds with a ±1 sample-std band; a one-step (joint) row
+    as a dashed line at its single value (the offline upper bound)."""
     tasks = tasks_of(group, table)
     fig, axes = _figure(1, len(tasks), 4.2, 3.2)
     colours = dict(zip(table, _colours(len(table))))
@@ -79,7 +79,7 @@ def plot_curves(group: Group, table: Table, path: Path) -> Path:
 
 
 def plot_heatmap(group: Group, table: Table, path: Path) -> Path:
-    """(b) per-class IoU at the final step, mean over seeds; grey = no IoU (class absent from
+    """Per-class IoU at the final step, mean over seeds; grey = no IoU (class absent from
     the test ground truth, or never scored)."""
     from matplotlib import colormaps
 
@@ -183,7 +183,7 @@ def _mean_per_class(dicts: Iterable[dict[int, float]]) -> dict[int, float]:
 
 
 def plot_forgetting(group: Group, table: Table, path: Path) -> Path | None:
-    """(c) forgetting of the step-0 classes per method (Joint and 1-step runs have none)."""
+    """Forgetting of the step-0 classes per row (one-step rows, i.e. joint training, have none)."""
     tasks = [t for t in tasks_of(group, table)
              if any(t in c and len(c[t].runs[0].steps) > 1 for c in table.values())]
     if not tasks:
@@ -206,7 +206,7 @@ def plot_forgetting(group: Group, table: Table, path: Path) -> Path | None:
 
 
 def plot_confusion(group: Group, table: Table, path: Path) -> tuple[Path | None, list[str]]:
-    """(d) old class -> background at the final step; (None, rows lacking the field) when no
+    """Old class -> background at the final step; (None, rows lacking the field) when no
     run of the group has ``steps[-1].confusion``."""
     tasks = tasks_of(group, table)
     lacking: list[str] = []
@@ -240,7 +240,7 @@ def _lowest_seed(cell: Cell) -> Run:
 
 
 def copy_replay_grids(group: Group, table: Table, out_dir: Path) -> list[tuple[str, Path]]:
-    """(e) the run's own ``replay/step<t>_classes.png`` grids (lowest seed), copied so the
+    """The run's own ``replay/step<t>_classes.png`` grids (lowest seed), copied so the
     report folder stands alone."""
     copied = []
     for t in tasks_of(group, table):
