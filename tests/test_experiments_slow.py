@@ -8,8 +8,10 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +21,23 @@ TINY = ["dataset.generator.size=32", "dataset.generator.n_train=160",
         "train.epochs_incremental=1", "inversion.n_per_class=1", "inversion.image_size=32",
         "++replay.verifier=none"]
 
+
+
+def _label(method: str) -> str:
+    """A method's row label in the report: its config's ``label``, else its name."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "method" / f"{method}.yaml")
+    return str(cfg.get("label") or method)
+
+
+MIB = _label("mib")
 #: experiment -> (extra overrides, expected table rows (label, task))
 CASES = {
-    "cpu/table2": ([], {(m, t) for m in ("FT", "LwF", "ILT", "MiB", "Joint")
+    "cpu/table2": ([], {(_label(m), t) for m in ("ft", "lwf", "ilt", "mib", "joint")
                         for t in ("15-5", "15-5s")}),
     "cpu/table3": (["inversion.iterations_low=20", "inversion.iterations_full=10"],
-                   {(f"MiB + DI ({loss})", "15-5") for loss in ("mse", "kl", "ukd")}),
-    "cpu/table4": ([], {("MiB + DI (mse) [iterations_full=50 iterations_low=100]", "15-5"),
-                        ("MiB + DI (mse) [iterations_full=100 iterations_low=200]", "15-5")}),
+                   {(f"{MIB} + DI ({loss})", "15-5") for loss in ("mse", "kl", "ukd")}),
+    "cpu/table4": ([], {(f"{MIB} + DI (mse) [iterations_full=50 iterations_low=100]", "15-5"),
+                        (f"{MIB} + DI (mse) [iterations_full=100 iterations_low=200]", "15-5")}),
 }
 
 
@@ -68,5 +79,5 @@ def test_cpu_table1_and_controls_run(tmp_path):
     _run(["incseg.report", str(sweep), "--no-overlays"], tmp_path)
     with open(sweep / "report" / "table.csv", newline="") as fh:
         labels = {r["row"] for r in csv.DictReader(fh)}
-    assert {"MiB", "MiB + noise (mse)", "MiB + exemplars (mse)"} <= labels
-    assert sum(label.startswith("Joint [") for label in labels) == 16  # r18 and r50 tables
+    assert {MIB, f"{MIB} + noise (mse)", f"{MIB} + exemplars (mse)"} <= labels
+    assert sum(label.startswith(f"{_label('joint')} [") for label in labels) == 16  # r18, r50

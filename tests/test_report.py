@@ -30,6 +30,8 @@ from incseg.report import (
 from incseg.results import write_results
 from incseg.tasks import get_task
 
+#: the ``label`` of each conf/method/*.yaml, as a run records it in its config
+LABELS = {"ft": "FT", "lwf": "LwF", "ilt": "ILT", "mib": "MiB", "joint": "Joint"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
        "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
 SD = 0.1 / math.sqrt(2)  # sample std (ddof=1) of two values 0.1 apart: 0.0707107
@@ -68,14 +70,19 @@ def _step(t: int, classes, old, new, all_, iou1, **extra) -> dict:
 
 
 def write_run(root: Path, task_name: str, method: str, seed: int, finals, iou1,
-              confusion: bool = False, n_steps: int | None = None, loss: str = "mse") -> Path:
-    """A results.json as the protocol writes it (through write_results), with hand values."""
+              confusion: bool = False, n_steps: int | None = None, loss: str = "mse",
+              label: str | None = None, joint: bool | None = None) -> Path:
+    """A results.json as the protocol writes it (through write_results), with hand values;
+    the method's config carries ``label`` (default: LABELS, none for a method not in it) and
+    ``joint`` (default: the method is ``joint``)."""
     task = get_task("shapes", task_name)
     method_name, _, replay = method.partition("+")
     replay = replay or "none"
+    joint = method_name == "joint" if joint is None else joint
+    label = LABELS.get(method_name) if label is None else label
     old, new, all_ = finals
     extra = {"confusion": _confusion(task)} if confusion else {}
-    if method_name == "joint":
+    if joint:
         steps = [_step(0, task.classes_seen(task.num_steps - 1), old, new, all_, iou1[1],
                        **extra)]
     else:
@@ -89,7 +96,8 @@ def write_run(root: Path, task_name: str, method: str, seed: int, finals, iou1,
     header = {"dataset": "shapes", "task": task_name, "method": method_name, "overlap": True,
               "seed": seed, "model": "bisenet_r18", "replay": replay}
     config = {"dataset": {"name": "shapes"}, "task": {"name": task_name, "steps": None},
-              "method": {"name": method_name, "joint": method_name == "joint"},
+              "method": {"name": method_name, "joint": joint,
+                         **({"label": label} if label else {})},
               "replay": {"name": replay, **({"loss": loss} if replay != "none" else {})}}
     write_results(run_dir, header, steps, {"config": config})
     return run_dir
@@ -147,7 +155,7 @@ def test_table_cells_are_mean_and_sample_std_over_seeds(tmp_path):
             "0.420 ± 0.028 | 0.570 ± 0.071 | 2 |") in md
     assert "| MiB + DI (mse) | - | - | - | - | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
     assert "| Joint | - | - | - | - | 0.700 | 0.600 | 0.680 | 1 |" in md
-    # paper's method order, Joint last, whatever the directory order
+    # methods in the order they first appear among the runs, the jointly trained one last
     order = [md.index(f"| {m} |") for m in ("FT", "MiB", "MiB + DI (mse)", "Joint")]
     assert order == sorted(order)
     assert CAPTION in md and "paper's 1-15" in md and "ddof=1" in md
@@ -271,6 +279,7 @@ def test_overlays_from_a_checkpoint_on_real_test_images(tmp_path, voc_root):
     task = get_task("voc", "15-5")
     root = tmp_path / "runs"
     for method in ("ft", "mib"):
+        config["method"] = {**config["method"], "name": method, "label": LABELS[method]}
         steps = [{"step": t, "classes": task.steps[t], "iou": {"0": 0.5}, "miou_old": 0.5,
                   "miou_new": None if t == 0 else 0.2, "miou_all": 0.4} for t in range(2)]
         header = {"dataset": "voc", "task": "15-5", "method": method, "overlap": True,
@@ -300,7 +309,8 @@ def test_report_on_a_real_smoke_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "incseg.report", str(run), "--images", "2"],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| MiB |" in proc.stdout
+    cfg = json.loads((run / "results.json").read_text())["provenance"]["config"]
+    assert f"| {cfg['method'].get('label', 'mib')} |" in proc.stdout  # label: from conf/method
     for name in ("curves", "heatmap", "forgetting", "confusion"):
         _assert_png(run / "report" / f"{name}_shapes_bisenet_r18_overlap.png")
     _assert_png(run / "report" / "overlays_shapes_bisenet_r18_overlap_15-5.png")
@@ -368,3 +378,51 @@ def test_runs_csv_keeps_the_per_seed_numbers(tmp_path):
     assert (rep["replay_sharpness_per_step"], rep["replay_stability_bound"]) == ("512.5",
                                                                                 "271.4286")
     assert by_key[("FT", "19-1", "0")]["all_per_step"].split()[-1] == "0.06"
+
+
+def _row_order(md: str) -> list[str]:
+    table = md[:md.index("## Missing or unfinished")]
+    return [line.split(" | ")[0][2:] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| method |")]
+
+
+def make_toy_sweep(root: Path) -> Path:
+    """Methods the report has no notion of, in directory (discovery) order: toy (labelled Toy
+    by one run, unlabelled in a run written before its config had a label), mib, ft; and
+    ``offline``, trained jointly (``joint: true``), first on disk."""
+    write_run(root / "0", "15-5", "offline", 0, (0.7, 0.6, 0.68), (0.9, 0.9), joint=True)
+    write_run(root / "1", "15-5", "toy", 0, (0.3, 0.2, 0.28), (0.8, 0.5), label="Toy")
+    write_run(root / "1", "15-5", "toy", 1, (0.4, 0.2, 0.38), (0.8, 0.5))
+    write_run(root / "2", "15-5", "mib", 0, (0.5, 0.4, 0.52), (0.8, 0.7))
+    write_run(root / "3", "15-5", "ft", 0, (0.1, 0.3, 0.15), (0.8, 0.2))
+    return root
+
+
+def test_rows_come_from_the_runs_labels_and_order(tmp_path):
+    """A method unknown to the report is a row like any other, under its config's label, in
+    the order the methods first appear among the runs; jointly trained runs go last."""
+    root = make_toy_sweep(tmp_path / "toy")
+    make_report(root, overlays=False)
+    md = (root / "report" / "table.md").read_text()
+    assert _row_order(md) == ["Toy", "MiB", "FT", "offline"]
+    assert "| Toy | 0.350 ± 0.071 | 0.200 ± 0.000 | 0.330 ± 0.071 | 2 |" in md
+    rows = _csv_rows(root / "report" / "table.csv")
+    assert (rows[("Toy", "15-5")]["method"], rows[("Toy", "15-5")]["n"]) == ("toy", "2")
+    assert rows[("offline", "15-5")]["n"] == "1"  # one step is all a joint run has
+    tex = (root / "report" / "table.tex").read_text()
+    assert tex.index("Toy &") < tex.index("MiB &") < tex.index("FT &") < tex.index("offline &")
+    with open(root / "report" / "runs.csv", newline="") as fh:
+        assert {r["row"] for r in csv.DictReader(fh)} == {"Toy", "MiB", "FT", "offline"}
+
+
+def test_order_option_puts_the_named_methods_first(tmp_path, capsys):
+    root = make_toy_sweep(tmp_path / "toy")
+    main([str(root), "--no-overlays", "--order", "ft, offline,mib"])
+    assert _row_order(capsys.readouterr().out) == ["FT", "offline", "MiB", "Toy"]
+    main([str(root), "--no-overlays", "--order", "mib,nosuch"])  # unknown names: a warning
+    assert _row_order(capsys.readouterr().out) == ["MiB", "Toy", "FT", "offline"]
+    with pytest.raises(SystemExit) as exc:
+        main([str(root), "--order", ","])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--order" in err[0]
