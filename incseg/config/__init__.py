@@ -37,14 +37,37 @@ def task_dirname(name: str, steps) -> str:
     return f"{name}-{stable_hash(steps, 8)}"
 
 
-def run_path(dataset: str, task: str, steps, method: str, replay: str, seed,
-             replay_loss: str | None = None, replay_weight=None) -> str:
-    """``<dataset>/<task>/<method>[+<replay>-<loss>[-w<weight>]]/seed<seed>`` (SPEC 8).
+#: overrides that never name a run directory: the readable part holds them already, or they do
+#: not change the numbers (where things are written, logging, resuming, loader processes)
+NAMED_KEYS = ("dataset", "task", "task.name", "task.steps", "method", "method.name", "replay",
+              "replay.name", "replay.loss", "seed", "experiment", "resume", "logger",
+              "trainer.progress_bar", "data.num_workers")
+UNNAMED_PREFIXES = ("paths.", "hydra.", "hydra/", "logger.", "+paths.", "+hydra.")
 
-    Replay carries its distance in the name (``mib+deepinversion-kl``, ``mib+exemplars-mse``)
-    and, when ``replay.weight`` is set, its weight (``mib+deepinversion-mse-w0.1``): a sweep
-    over either would otherwise put several configs in one run directory, and a command-line
-    ``replay.weight=...`` would meet the default run's directory (an error, not a resume).
+
+def overrides_hash(overrides) -> str | None:
+    """A short hash of the command-line overrides that change a run but are not in the
+    readable part of its directory name (None when there are none). ``a.b=1`` and ``a.b=1.0``
+    differ: the hash is of the words typed, in sorted order."""
+    keep = []
+    for ov in _plain(overrides) or ():
+        key = str(ov).split("=", 1)[0].lstrip("+~")
+        if key in NAMED_KEYS or str(ov).startswith(UNNAMED_PREFIXES) or \
+                key.startswith(UNNAMED_PREFIXES):
+            continue
+        keep.append(str(ov).lstrip("+"))
+    return stable_hash(sorted(keep), 8) if keep else None
+
+
+def run_path(dataset: str, task: str, steps, method: str, replay: str, seed,
+             replay_loss: str | None = None, overrides=None) -> str:
+    """``<dataset>/<task>/<method>[+<replay>-<loss>][-<hash>]/seed<seed>``.
+
+    Replay carries its distance in the name (``mib+deepinversion-kl``). Any other override
+    that changes the run (``replay.weight=0.1``, ``model=bisenet_r50``, ``method.kd_weight=100``,
+    a new method's own hyperparameter) adds a short hash of those overrides, so a sweep over any
+    key gets one directory per value without this function knowing the key; the run's
+    ``.hydra/overrides.yaml`` and ``results.json`` say which values the hash stands for.
     """
     def unset(v) -> bool:
         return v is None or str(v) in ("none", "None", "null")
@@ -52,8 +75,9 @@ def run_path(dataset: str, task: str, steps, method: str, replay: str, seed,
     m = method if unset(replay) else f"{method}+{replay}"
     if not unset(replay) and not unset(replay_loss):
         m = f"{m}-{replay_loss}"
-    if not unset(replay) and not unset(replay_weight):
-        m = f"{m}-w{float(replay_weight):g}"
+    h = overrides_hash(overrides)
+    if h:
+        m = f"{m}-{h}"
     return f"{dataset}/{task_dirname(task, steps)}/{m}/seed{seed}"
 
 
@@ -149,19 +173,32 @@ def setup_logging(level: int = logging.INFO) -> None:
 GROUPS = ("dataset", "task", "model", "method", "replay", "trainer", "logger", "experiment")
 
 
+def search_path_dirs(argv: Sequence[str]) -> list[Path]:
+    """The folders a user adds with ``hydra.searchpath=[file:///path/to/conf]``: their
+    ``method/``, ``model/`` ... YAMLs are choices like the suite's own (docs/extending.md)."""
+    dirs = []
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            for item in arg.split("=", 1)[1].strip("[]").split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    dirs.append(Path(item[len("file://"):]))
+    return dirs
+
+
 def check_overrides(argv: Sequence[str]) -> None:
     """Reject an unknown group option (``task=bogus``) with one line listing the valid ones,
     before Hydra prints its multi-line composition error. Sweeps (``a,b``) are checked per value.
     """
+    roots = [CONF_DIR, *search_path_dirs(argv)]
     for arg in argv:
         if "=" not in arg or arg.startswith(("+", "~", "hydra")):
             continue
         key, value = arg.split("=", 1)
         if key not in GROUPS or value in ("", "null") or value.startswith(("choice(", "glob(")):
             continue
-        folder = CONF_DIR / key
-        options = sorted(str(p.relative_to(folder).with_suffix(""))
-                         for p in folder.rglob("*.yaml"))
+        options = sorted({str(p.relative_to(root / key).with_suffix(""))
+                          for root in roots for p in (root / key).rglob("*.yaml")})
         for v in value.split(","):
             if v not in options:
                 raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")
