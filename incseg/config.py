@@ -213,9 +213,9 @@ def _validate_replay(cfg: DictConfig) -> None:
     rc = cfg.get("replay")
     if rc is None or rc.get("name", "none") == "none":
         return
-    from incseg.inversion import InversionSettings
     from incseg.losses import REPLAY_LOSSES
     from incseg.protocol import replay_spec
+    from incseg.replay import InversionSettings
 
     if rc.get("loss") not in REPLAY_LOSSES:
         raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "

@@ -388,8 +388,7 @@ class _seeded:
 def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
     """The replay images of ``step`` (SPEC 6): synthesised from model t-1 for all its old
     foreground classes (DeepInversion), or the controls (noise, real exemplars)."""
-    from incseg.inversion import InversionSettings
-    from incseg.replay import ReplayDataset, class_grid, ensure_replay_set, noise_replay_set
+    from incseg.replay import InversionSettings, ReplayDataset, class_grid, ensure_replay_set
 
     cfg, task = ctx.cfg, ctx.task
     spec = replay_spec(cfg)
@@ -399,7 +398,7 @@ def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
     targets = list(range(1, len(class_ids)))  # old foreground channels; background is no target
     settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
     if spec.kind == "exemplars":
-        from incseg.data.exemplars import exemplar_dataset
+        from incseg.replay import exemplar_dataset
 
         ds, info = exemplar_dataset(ctx.source, task, step, settings.n_per_class,
                                     settings.image_size, ctx.cache, derive_seed(cfg.seed, step))
@@ -409,13 +408,13 @@ def build_replay(ctx: Context, step: int, old_model, dm) -> dict | None:
                             else (None, None))
     verifier_channel_of = ({k: channel_of[c] for k, c in enumerate(class_ids)}
                            if channel_of else None)
-    make = ensure_replay_set if spec.kind == "deepinversion" else noise_replay_set
     if spec.kind not in ("deepinversion", "noise"):
         raise ConfigError(f"replay={spec.kind!r} is not valid; use none, deepinversion, noise "
                           "or exemplars")
-    rs = make(ctx.cache, old_model, targets, settings, class_ids=class_ids,
-              verifier=verifier, verifier_channel_of=verifier_channel_of,
-              progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
+    rs = ensure_replay_set(ctx.cache, old_model, targets, settings, kind=spec.kind,
+                           class_ids=class_ids, verifier=verifier,
+                           verifier_channel_of=verifier_channel_of,
+                           progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
     ctx.provenance.setdefault("cache_keys", {})[f"replay_step{step}"] = rs.key
     if is_rank_zero():
         class_grid(rs, ctx.run_dir / "replay" / f"step{step}_classes.png")

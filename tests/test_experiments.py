@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from incseg.config import CONF_DIR, compose, validate
-from incseg.inversion import InversionSettings
 from incseg.protocol import replay_spec
+from incseg.replay import InversionSettings
 
 EXPERIMENTS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
                      for p in (CONF_DIR / "experiment").glob("*/table*.yaml"))
