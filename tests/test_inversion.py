@@ -14,6 +14,7 @@ from torch import nn
 
 import incseg.replay.fill as fill
 from incseg.errors import ConfigError
+from incseg.io import file_sha256
 from incseg.models import build_model
 from incseg.replay import (
     BestIterate,
@@ -365,6 +366,27 @@ def test_noise_replay_set(tmp_path):
     back = torch.stack(list(ReplayDataset(noise)))
     assert (denormalise(back) - denormalise(init)).abs().max() <= 1 / 255 + 1e-6
     assert all(b["iterations"] == 0 for b in noise.manifest["batches"])
+
+
+def test_replay_set_is_reproducible_and_kind_is_in_the_key(tmp_path):
+    """Two fresh fills give the same key and byte-identical PNGs; ``kind="noise"`` another key."""
+    teacher, st = Toy(), small()
+
+    def fresh(sub, **kw):
+        rs = ensure_replay_set(tmp_path / sub, teacher, [1, 2], st, progress=False, **kw)
+        files = rs.image_files + rs.mask_files
+        return rs.key, {str(f.relative_to(rs.path)): file_sha256(f) for f in files}
+
+    first, again = fresh("a"), fresh("b")
+    assert first == again
+    noise = fresh("c", kind="noise")
+    assert noise[0] != first[0]
+    assert noise[1]["images/000000.png"] != first[1]["images/000000.png"]
+    with pytest.raises(ConfigError):
+        ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="gan", progress=False)
+    with pytest.raises(ConfigError):
+        ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="noise", student=Toy(seed=1),
+                          progress=False)
 
 
 def test_class_grid(tmp_path):
