@@ -86,7 +86,7 @@ def test_time_to_reach_interpolates_between_budgets(bench_modules):
 
 
 def test_reference_bn_term_is_the_suites_formula(bench_modules):
-    """The reference loop is written independently of incseg.inversion; its BN regulariser
+    """The reference loop is written independently of incseg.replay; its BN regulariser
     must still be the same quantity, or the benchmark compares two different objectives."""
     from incseg.losses.inversion import BNStatisticsHook
     from incseg.models import build_model
@@ -111,8 +111,8 @@ def test_reference_bn_term_is_the_suites_formula(bench_modules):
 
 
 def test_reference_images_stay_in_the_pixel_range(bench_modules):
-    from incseg.inversion import pixel_range
     from incseg.models import build_model
+    from incseg.replay import pixel_range
 
     _, ref = bench_modules
     torch.manual_seed(0)

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from incseg.methods.mib import MiB
 from incseg.models import build_model
 from incseg.systems import StudentModule
 from incseg.systems.base import Recipe
-from incseg.systems.student import MethodSpec
 from incseg.tasks import get_task
 
 GLOBAL_BATCH = 4
@@ -27,7 +27,7 @@ def _student() -> StudentModule:
     new.load_state_dict(old.state_dict())
     new.add_step(5)
     task = get_task("voc", "15-5")
-    return StudentModule(new, old, task, 1, Recipe(), MethodSpec())  # MiB: UCE + UKD
+    return StudentModule(new, old, task, 1, Recipe(), MiB(kd_weight=10))  # MiB: UCE + UKD
 
 
 def _batch():

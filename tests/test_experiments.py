@@ -11,8 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from incseg.config import CONF_DIR, compose, validate
-from incseg.inversion import InversionSettings
-from incseg.protocol import replay_spec
+from incseg.config.build import plain as plain_container
+from incseg.replay import InversionSettings
+from incseg.replay.term import ReplaySpec
 
 EXPERIMENTS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
                      for p in (CONF_DIR / "experiment").glob("*/table*.yaml"))
@@ -24,6 +25,11 @@ def _jobs(name: str) -> list[list[str]]:
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
     return [list(combo) for combo in itertools.product(*axes)]
+
+
+def replay_spec(cfg) -> ReplaySpec | None:
+    """The student's replay spec of a composed config (what the protocol builds)."""
+    return ReplaySpec.from_config(plain_container(cfg.get("replay")))
 
 
 def test_every_table_has_a_cpu_and_a_paper_experiment():

@@ -1,4 +1,4 @@
-"""DeepInversion generator (incseg.inversion) and replay-set cache (incseg.replay), SPEC 6."""
+"""The replay package: DeepInversion generator, replay-set cache, controls (incseg.replay)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-import incseg.replay as replay
+import incseg.replay.fill as fill
 from incseg.errors import ConfigError
-from incseg.inversion import (
+from incseg.io import file_sha256
+from incseg.models import build_model
+from incseg.replay import (
     BestIterate,
     InversionModule,
     InversionSettings,
+    ReplayDataset,
     batch_plan,
+    class_grid,
     cosine_warmup_lr,
     denormalise,
+    ensure_replay_set,
     frozen,
     pixel_range,
-    synthesise,
-    teacher_verdicts,
-)
-from incseg.models import build_model
-from incseg.replay import (
-    ReplayDataset,
-    class_grid,
-    ensure_replay_set,
-    noise_replay_set,
     replay_key,
+    synthesise,
     teacher_fingerprint,
+    teacher_verdicts,
 )
 
 torch.set_num_threads(1)
@@ -189,24 +187,6 @@ def test_best_tracked_at_full_resolution_only():
     assert module.best.loss == pytest.approx(min(module.history[3:]))
 
 
-def test_lightning_path_matches_plain_loop():
-    import lightning as L
-
-    st = small(iterations_low=2, iterations_full=3)
-    teacher = Toy()
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    plain = InversionModule(teacher, [1, 2, 3], st).run()
-    lit = InversionModule(teacher, [1, 2, 3], st)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(lit)
-    assert lit.iteration == 5 and not teacher.training
-    assert bn_hooks_left(teacher) == 0
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    assert lit.history == pytest.approx(plain.history)
-    assert torch.allclose(lit.result_images(), plain.result_images())
-
-
 def test_competition_student_and_targets_checked():
     teacher, student = Toy(seed=0), Toy(seed=1)
     s_before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -277,7 +257,7 @@ def test_rerun_reuses_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("regenerated a valid cache entry")
 
-    monkeypatch.setattr(replay, "synthesise", boom)
+    monkeypatch.setattr(fill, "synthesise", boom)
     again = ensure_replay_set(tmp_path, teacher, [1, 2], small(), progress=False)
     assert again.path == first.path and again.targets == first.targets
     other = replay_key(teacher, small(seed=1), [1, 2])
@@ -303,8 +283,8 @@ def test_corrupt_entry_is_regenerated(tmp_path, monkeypatch, caplog, damage):
         m["key"] = "0" * 16
         mf.write_text(json.dumps(m))
     calls = []
-    real = replay.synthesise
-    monkeypatch.setattr(replay, "synthesise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fill.synthesise
+    monkeypatch.setattr(fill, "synthesise", lambda *a, **k: calls.append(1) or real(*a, **k))
     with caplog.at_level(logging.WARNING, logger="incseg.replay"):
         again = ensure_replay_set(tmp_path, teacher, [1, 2], small(), progress=False)
     assert len(calls) == len(rs.manifest["batches"]) and "invalid" in caplog.text
@@ -314,7 +294,7 @@ def test_corrupt_entry_is_regenerated(tmp_path, monkeypatch, caplog, damage):
 def test_resume_continues_from_first_missing_batch(tmp_path, monkeypatch):
     teacher = Toy()
     st = small(n_per_class=4, batch_size=3)  # 8 images -> batches of 3, 3, 2
-    real = replay.synthesise
+    real = fill.synthesise
     calls: list[list[int]] = []
 
     def once(*a, **k):
@@ -323,7 +303,7 @@ def test_resume_continues_from_first_missing_batch(tmp_path, monkeypatch):
         calls.append(list(k["batches"]))
         return real(*a, **k)
 
-    monkeypatch.setattr(replay, "synthesise", once)
+    monkeypatch.setattr(fill, "synthesise", once)
     with pytest.raises(RuntimeError, match="interrupted"):
         ensure_replay_set(tmp_path, teacher, [1, 2], st, progress=False)
     key = replay_key(teacher, st, [1, 2], class_ids=[0, 1, 2])
@@ -337,7 +317,7 @@ def test_resume_continues_from_first_missing_batch(tmp_path, monkeypatch):
         calls.append(list(k["batches"]))
         return real(*a, **k)
 
-    monkeypatch.setattr(replay, "synthesise", counting)
+    monkeypatch.setattr(fill, "synthesise", counting)
     rs = ensure_replay_set(tmp_path, teacher, [1, 2], st, progress=False)
     assert calls == [[1], [2]] and rs.key == key and rs.images == 8
     assert not work.exists()
@@ -367,7 +347,7 @@ def test_verifier_accuracy_with_stub(tmp_path, monkeypatch):
     assert rs.verifier_accuracy == pytest.approx(1 / 3)
     assert {r["verifier_pred"] for r in rs.records} == {2}
     assert rs.as_dict()["verifier_accuracy"] == pytest.approx(1 / 3)
-    monkeypatch.setattr(replay, "synthesise", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(fill, "synthesise", lambda *a, **k: 1 / 0)
     # A different verifier on the cached set is evaluated on the stored images.
     other = ensure_replay_set(tmp_path, teacher, [1, 2, 3], small(), verifier=Stub(favourite=3),
                               progress=False)
@@ -379,13 +359,34 @@ def test_verifier_accuracy_with_stub(tmp_path, monkeypatch):
 def test_noise_replay_set(tmp_path):
     teacher = Toy()
     st = small()
-    noise = noise_replay_set(tmp_path, teacher, [1, 2], st, progress=False)
+    noise = ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="noise", progress=False)
     assert noise.kind == "noise" and noise.images == 4 and noise.targets == [1, 2, 1, 2]
     assert noise.key != replay_key(teacher, st, [1, 2], class_ids=[0, 1, 2])
     init = InversionModule(Toy(), [1, 2, 1, 2], st).images.detach()
     back = torch.stack(list(ReplayDataset(noise)))
     assert (denormalise(back) - denormalise(init)).abs().max() <= 1 / 255 + 1e-6
     assert all(b["iterations"] == 0 for b in noise.manifest["batches"])
+
+
+def test_replay_set_is_reproducible_and_kind_is_in_the_key(tmp_path):
+    """Two fresh fills give the same key and byte-identical PNGs; ``kind="noise"`` another key."""
+    teacher, st = Toy(), small()
+
+    def fresh(sub, **kw):
+        rs = ensure_replay_set(tmp_path / sub, teacher, [1, 2], st, progress=False, **kw)
+        files = rs.image_files + rs.mask_files
+        return rs.key, {str(f.relative_to(rs.path)): file_sha256(f) for f in files}
+
+    first, again = fresh("a"), fresh("b")
+    assert first == again
+    noise = fresh("c", kind="noise")
+    assert noise[0] != first[0]
+    assert noise[1]["images/000000.png"] != first[1]["images/000000.png"]
+    with pytest.raises(ConfigError):
+        ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="gan", progress=False)
+    with pytest.raises(ConfigError):
+        ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="noise", student=Toy(seed=1),
+                          progress=False)
 
 
 def test_class_grid(tmp_path):

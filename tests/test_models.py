@@ -28,17 +28,22 @@ def r18() -> BiSeNet:
 def _check_shapes(out: SegOutput, b: int, c: int, hw: int, c3: int, c4: int, train: bool):
     assert out.logits.shape == (b, c, hw, hw)
     f = out.features
-    assert set(f) == {"spatial", "cx1", "cx2", "ffm", "body"}
+    assert set(f) == {"spatial", "cx1", "cx2", "decoder", "encoder", "stages"}
     assert f["spatial"].shape == (b, 256, hw // 8, hw // 8)
     assert f["cx1"].shape == (b, c3, hw // 8, hw // 8)
     assert f["cx2"].shape == (b, c4, hw // 8, hw // 8)
-    assert f["ffm"].shape == (b, 256, hw // 8, hw // 8)
-    assert f["body"].shape == (b, c4, hw // 32, hw // 32)
+    assert f["decoder"].shape == (b, 256, hw // 8, hw // 8)
+    assert f["encoder"].shape == (b, c4, hw // 32, hw // 32)
+    # the ResNet's four stages, shallow to deep (1/4 .. 1/32); the last one is the encoder's
+    assert [tuple(s.shape) for s in f["stages"]] == [
+        (b, c4 // 8, hw // 4, hw // 4), (b, c4 // 4, hw // 8, hw // 8),
+        (b, c3, hw // 16, hw // 16), (b, c4, hw // 32, hw // 32)]
+    assert f["stages"][-1] is f["encoder"]
     if train:
-        assert out.aux is not None and len(out.aux) == 2
+        assert len(out.aux) == 2
         assert all(a.shape == (b, c, hw, hw) for a in out.aux)
     else:
-        assert out.aux is None
+        assert out.aux == []
 
 
 def test_r18_shapes_train_and_eval(r18):
@@ -85,10 +90,10 @@ def test_aux_heads_not_computed_in_eval():
     for head in (model.aux1, model.aux2):
         head.register_forward_hook(lambda *a: fired.append(1))
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 64)).aux is None
+        assert model(torch.randn(1, 3, 64, 64)).aux == []
     assert fired == []
     model.train()
-    assert model(torch.randn(2, 3, 64, 64)).aux is not None
+    assert len(model(torch.randn(2, 3, 64, 64)).aux) == 2
     assert len(fired) == 2
 
 
@@ -119,7 +124,7 @@ def _head_outputs(model: BiSeNet, x: torch.Tensor) -> list[torch.Tensor]:
     """Main, aux1, aux2 logits at 1/8 (heads called directly on eval-mode features)."""
     with torch.no_grad():
         f = model.forward_features(x)
-        return [model.head(f["ffm"]), model.aux1(f["cx1"]), model.aux2(f["cx2"])]
+        return [model.head(f["decoder"]), model.aux1(f["cx1"]), model.aux2(f["cx2"])]
 
 
 def test_init_balanced_splits_background_on_every_head():
@@ -188,7 +193,7 @@ def test_incremental_head_unit():
 
 
 def test_unknown_model_name():
-    with pytest.raises(ConfigError, match="bisenet_r18") as e:
+    with pytest.raises(ValueError, match="bisenet_r18") as e:  # the config check: ConfigError
         build_model("bisenet_r34", [21])
     assert "\n" not in str(e.value) and "bisenet_r34" in str(e.value)
 

@@ -11,12 +11,15 @@ import torch
 from incseg.checkpoints import load_model, save_model
 from incseg.config import compose
 from incseg.errors import CheckpointError
+from incseg.methods.ilt import ILT
+from incseg.methods.mib import MiB
 from incseg.models import build_model
+from incseg.models.norm import teacher_statistics
 from incseg.protocol import run_protocol
+from incseg.replay_term import ReplaySpec, ReplayTerm
 from incseg.results import load_results
 from incseg.systems import StudentModule, TrainingError
 from incseg.systems.base import Recipe
-from incseg.systems.student import MethodSpec
 from incseg.tasks import get_task
 
 
@@ -63,12 +66,14 @@ def test_two_step_protocol_resume_and_step0_cache(tmp_path, monkeypatch, caplog)
     assert not (run / "checkpoints" / "step1-last.ckpt").exists()
 
     # rerunning a finished run trains nothing and gives the same numbers
-    import incseg.protocol as protocol
+    import incseg.protocol.loop as loop
+    import incseg.protocol.teachers as teachers
 
     def no_training(*a, **k):
         raise AssertionError("a finished step was retrained")
 
-    monkeypatch.setattr(protocol, "fit", no_training)
+    monkeypatch.setattr(loop, "fit", no_training)
+    monkeypatch.setattr(teachers, "fit", no_training)
     again = run_protocol(smoke_cfg(cache), run)
     assert again["steps"] == res["steps"]
     monkeypatch.undo()
@@ -109,7 +114,7 @@ def _student(task_name="15-5", method=None):
     new = build_model("bisenet_r18", [16])
     new.load_state_dict(old.state_dict())
     new.add_step(5)
-    return StudentModule(new, old, task, 1, Recipe(), method or MethodSpec()), old
+    return StudentModule(new, old, task, 1, Recipe(), method or MiB(kd_weight=10)), old
 
 
 def _warm_bn(model, steps=3):
@@ -123,8 +128,7 @@ def _warm_bn(model, steps=3):
 @pytest.mark.parametrize("feat_bn", ["batch", "running"])
 def test_ilt_feature_term_compares_like_with_like(feat_bn):
     torch.manual_seed(0)
-    ilt = MethodSpec(name="ilt", loss="ce", kd="kd", kd_weight=100, feat_weight=100,
-                     init_balanced=False, feat_bn=feat_bn)
+    ilt = ILT(kd_weight=100, feat_weight=100, feat_layer="encoder", feat_bn=feat_bn)
     module, old = _student(method=ilt)
     _warm_bn(old)
     module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher so far
@@ -206,12 +210,10 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path):
 def test_wandb_logger_groups_runs_offline(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    from incseg.protocol import Context, make_loggers
-    from incseg.tasks import get_task as task_of
+    from incseg.protocol.trainer import Stage, make_loggers
 
     cfg = compose(["logger=wandb", "task=15-5s", "method=lwf", "seed=3"])
-    ctx = Context(cfg, tmp_path / "run", task_of("shapes", "15-5s"), None, tmp_path)
-    loggers = make_loggers(ctx, "step2", 2, "student")
+    loggers = make_loggers(Stage(tmp_path / "run", "step2", 2, "student", cfg))
     assert any(isinstance(lg, CSVLogger) for lg in loggers)  # a CSV logger always
     wb = next(lg for lg in loggers if isinstance(lg, WandbLogger))
     init = wb._wandb_init
@@ -235,13 +237,11 @@ def test_smoke_protocol_with_the_default_wandb_logger_offline(tmp_path, monkeypa
 
 @pytest.mark.parametrize("bn", ["running", "batch"])
 def test_replay_forward_compares_like_with_like_and_keeps_bn_statistics(bn):
-    from incseg.systems.student import ReplaySpec
-
     torch.manual_seed(0)
     module, old = _student()
     _warm_bn(old)
     module.model.load_state_dict(old.state_dict(), strict=False)  # student == teacher so far
-    module.replay = ReplaySpec(loss="mse", weight=1.0, bn=bn, background="plain")
+    module.replay = ReplayTerm(ReplaySpec(loss="mse", weight=1.0, bn=bn, background="plain"))
     module.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
     replay = torch.randn(4, 3, 32, 32) * 0.5 + 0.3  # "synthetic": other statistics
@@ -273,8 +273,6 @@ def test_replay_bn_teacher_ignores_the_students_drifted_statistics():
     statistics, so a student whose own statistics drifted (to the current step's data) but whose
     weights equal the teacher's has replay distance 0, where bn=running penalises the drift; the
     student's buffers and BN modes come back unchanged, and a missing twin is an error."""
-    from incseg.systems.student import ReplaySpec, teacher_statistics
-
     torch.manual_seed(0)
     module, old = _student()
     _warm_bn(old)
@@ -288,9 +286,11 @@ def test_replay_bn_teacher_ignores_the_students_drifted_statistics():
     module.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
     replay = torch.randn(4, 3, 32, 32) * 0.5 + 0.3
-    module.replay = ReplaySpec(loss="mse", weight=1.0, bn="teacher", background="plain")
+    module.replay = ReplayTerm(ReplaySpec(loss="mse", weight=1.0, bn="teacher",
+                                          background="plain"))
     assert module.training_loss(x, y, replay)["replay"].item() == pytest.approx(0.0, abs=1e-10)
-    module.replay = ReplaySpec(loss="mse", weight=1.0, bn="running", background="plain")
+    module.replay = ReplayTerm(ReplaySpec(loss="mse", weight=1.0, bn="running",
+                                          background="plain"))
     assert module.training_loss(x, y, replay)["replay"].item() > 1e-3
     after = {k: v for k, v in module.model.state_dict().items() if "running" in k}
     assert all(torch.equal(drifted[k], after[k]) for k in drifted)
@@ -314,11 +314,9 @@ def test_same_seed_same_results_on_cpu(tmp_path):
 
 
 def test_replay_leaves_out_images_the_teacher_cannot_score():
-    from incseg.systems.student import ReplaySpec
-
     torch.manual_seed(0)
     module, old = _student()
-    module.replay = ReplaySpec(loss="mse", weight=1.0)
+    module.replay = ReplayTerm(ReplaySpec(loss="mse", weight=1.0))
     module.train()
     for m in module.model.modules():  # the real forwards must not move the statistics
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from incseg.methods.mib import MiB
 from incseg.models import build_model
+from incseg.replay_term import ReplaySpec, ReplayTerm
 from incseg.stability import sgd_stability_bound, top_hessian_eigenvalue
 from incseg.systems import StudentModule
 from incseg.systems.base import Recipe
-from incseg.systems.student import MethodSpec, ReplaySpec
 from incseg.tasks import get_task
 
 
@@ -90,8 +91,15 @@ def _student(weight: float, lr: float = 0.005, loss: str = "mse") -> StudentModu
     new = build_model("bisenet_r18", [16])
     new.load_state_dict(old.state_dict())
     new.add_step(5, init_balanced=True)
-    return StudentModule(new, old, task, 1, Recipe(lr=lr), MethodSpec(),
-                         ReplaySpec(loss=loss, weight=weight, check=8))
+    return StudentModule(new, old, task, 1, Recipe(lr=lr), MiB(kd_weight=10),
+                         ReplayTerm(ReplaySpec(loss=loss, weight=weight, check=8)))
+
+
+def _check(student: StudentModule, images: torch.Tensor) -> dict:
+    """The student's curvature test at its recipe's SGD settings."""
+    r = student.recipe
+    return student.replay.check_stability(student.model, student.old_model, images, r.lr,
+                                          r.momentum, r.nesterov, student.step)
 
 
 def test_student_check_scales_with_the_weight_and_changes_nothing():
@@ -99,8 +107,8 @@ def test_student_check_scales_with_the_weight_and_changes_nothing():
     full, tenth = _student(1.0), _student(0.1)
     before = {k: v.clone() for k, v in full.model.state_dict().items()}
     rng = torch.get_rng_state()
-    a = full.check_replay_stability(images)
-    b = tenth.check_replay_stability(images)
+    a = _check(full, images)
+    b = _check(tenth, images)
     assert a["sharpness"] > 0
     assert b["sharpness"] == pytest.approx(0.1 * a["sharpness"], rel=1e-3)
     assert a["stability_bound"] == pytest.approx(271.4286, rel=1e-6)
@@ -111,14 +119,14 @@ def test_student_check_scales_with_the_weight_and_changes_nothing():
 
 def test_student_check_warns_above_the_bound_only(caplog):
     images = torch.randn(4, 3, 32, 32)
-    probe = _student(1.0).check_replay_stability(images)["sharpness"]
+    probe = _check(_student(1.0), images)["sharpness"]
     # a learning rate whose bound is 4x below / 4x above the measured curvature
     lr_over = sgd_stability_bound(1.0, 0.9, True) / (probe / 4)
     lr_under = sgd_stability_bound(1.0, 0.9, True) / (probe * 4)
-    with caplog.at_level(logging.WARNING, logger="incseg.systems.student"):
-        _student(1.0, lr=lr_under).check_replay_stability(images)
+    with caplog.at_level(logging.WARNING, logger="incseg.replay_term"):
+        _check(_student(1.0, lr=lr_under), images)
         assert "likely to diverge" not in caplog.text
-        _student(1.0, lr=lr_over).check_replay_stability(images)
+        _check(_student(1.0, lr=lr_over), images)
     assert "likely to diverge" in caplog.text
     assert "replay.weight below 0.25" in caplog.text  # w * bound / lambda = 1 / 4
 
@@ -128,14 +136,14 @@ def test_replay_images_the_diverged_student_cannot_score_are_reported(caplog):
     replay term and reported at the end of the epoch as a diverging run."""
     student = _student(1.0)
     images = torch.randn(3, 3, 32, 32)
-    assert student.replay_term(images).isfinite()
-    assert student._replay_left_out == 0
+    assert student.replay(student.model, student.old_model, images).isfinite()
+    assert student.replay.left_out == 0
     with torch.no_grad():
         for p in student.model.head.parameters():
             p.mul_(1e7)
-    term = student.replay_term(images)
-    assert term.item() == 0.0 and student._replay_left_out == 3
+    term = student.replay(student.model, student.old_model, images)
+    assert term.item() == 0.0 and student.replay.left_out == 3
     with caplog.at_level(logging.WARNING, logger="incseg.systems.student"):
         student.on_train_epoch_end()
     assert "could not score 3 replay images" in caplog.text
-    assert student._replay_left_out == 0  # counted per epoch
+    assert student.replay.left_out == 0  # counted per epoch

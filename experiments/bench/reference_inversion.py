@@ -7,7 +7,7 @@ only, ONE class per batch (the paper synthesised class by class), Adam, and the 
 
 with DeepInversion's per-iteration jitter (random roll) and flip, cosine LR with warm-up, and
 the best iterate kept (lowest total loss). Plain torch: no Lightning, no multi-resolution, no
-code shared with ``incseg.inversion`` beyond the ImageNet constants, so the benchmark compares
+code shared with ``incseg.replay`` beyond the ImageNet constants, so the benchmark compares
 the two designs, not a helper they share. Its hyperparameters are copied from the same
 ``InversionSettings`` our generator uses, so the only differences are the ones named above.
 
@@ -46,7 +46,7 @@ class ReferenceSettings:
 
     @classmethod
     def like(cls, settings) -> ReferenceSettings:
-        """The same hyperparameters as an ``incseg.inversion.InversionSettings``, all of its
+        """The same hyperparameters as an ``incseg.replay.InversionSettings``, all of its
         iterations (both stages) spent at full resolution."""
         return cls(iterations=settings.iterations_low + settings.iterations_full,
                    lr=settings.lr, betas=tuple(settings.betas), warmup_frac=settings.warmup_frac,

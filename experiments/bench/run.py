@@ -534,7 +534,7 @@ def paper_estimate(sizes: Sizes, cpu_fraction_of_peak: float) -> dict:
 
 
 def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
-    from incseg.inversion import InversionSettings, synthesise
+    from incseg.replay import InversionSettings, synthesise
 
     cfg = base_cfg(sizes, cache)
     # conf/inversion/cpu.yaml, the generator's CPU settings

@@ -87,7 +87,7 @@ def _check_replay(cfg: DictConfig) -> None:
     """``replay.*`` and the generator settings are otherwise first read at step 1, after step
     0 has trained."""
     from incseg.losses import REPLAY_LOSSES
-    from incseg.replay_term import ReplaySpec
+    from incseg.replay.term import ReplaySpec
 
     rc = cfg.get("replay")
     if rc is None or rc.get("name", "none") == "none":
@@ -100,6 +100,6 @@ def _check_replay(cfg: DictConfig) -> None:
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
                           "numbers") from None
-    from incseg.inversion import InversionSettings
+    from incseg.replay import InversionSettings
 
     InversionSettings.from_dict(plain(cfg.get("inversion")) or {})

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from incseg.protocol.state import derive_seed, is_rank_zero
 from incseg.protocol.teachers import verifier_model
-from incseg.replay_term import ReplaySpec, ReplayTerm
+from incseg.replay.term import ReplaySpec, ReplayTerm
 from incseg.tasks import Task
 
 log = logging.getLogger("incseg.protocol")
@@ -40,8 +40,7 @@ def check_batch(ds, n: int = 8) -> torch.Tensor:
 def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task, step: int,
                  old_model) -> ReplayStage | None:
     """The replay of ``step``, or None with ``replay=none``."""
-    from incseg.inversion import InversionSettings
-    from incseg.replay import ReplayDataset, class_grid, ensure_replay_set, noise_replay_set
+    from incseg.replay import InversionSettings, ReplayDataset, class_grid, ensure_replay_set
 
     spec = ReplaySpec.from_config(OmegaConf.to_container(cfg.replay, resolve=True))
     if spec is None:
@@ -50,7 +49,7 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
     targets = list(range(1, len(class_ids)))  # old foreground channels; background is no target
     settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
     if spec.kind == "exemplars":
-        from incseg.data.exemplars import exemplar_dataset
+        from incseg.replay import exemplar_dataset
 
         ds, info = exemplar_dataset(source, task, step, settings.n_per_class,
                                     settings.image_size, cache, derive_seed(cfg.seed, step))
@@ -59,10 +58,10 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
                             if cfg.replay.verifier == "joint" else (None, None))
     verifier_channel_of = ({k: channel_of[c] for k, c in enumerate(class_ids)}
                            if channel_of else None)
-    make = ensure_replay_set if spec.kind == "deepinversion" else noise_replay_set
-    rs = make(cache, old_model, targets, settings, class_ids=class_ids,
-              verifier=verifier, verifier_channel_of=verifier_channel_of,
-              progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
+    rs = ensure_replay_set(cache, old_model, targets, settings, kind=spec.kind,
+                           class_ids=class_ids, verifier=verifier,
+                           verifier_channel_of=verifier_channel_of,
+                           progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
     if is_rank_zero():
         class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
     ds = ReplayDataset(rs, hflip=True)

@@ -19,7 +19,7 @@ log = logging.getLogger("incseg.report")
 
 def _display(x) -> np.ndarray:
     """An eval-transformed ``3 x H x W`` image as ``H x W x 3`` uint8 for imshow."""
-    from incseg.inversion import denormalise
+    from incseg.replay import denormalise
 
     img = denormalise(x.unsqueeze(0))[0].permute(1, 2, 0).cpu().numpy()
     return np.rint(img * 255.0).astype(np.uint8)

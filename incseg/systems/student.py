@@ -1,7 +1,7 @@
 """StudentModule: an incremental step t >= 1 against the frozen model of step t-1.
 
 The system is the same for every method: the method (``incseg.methods``) gives the
-classification loss and its terms, the replay term (``incseg.replay_term``) the synthetic
+classification loss and its terms, the replay term (``incseg.replay.term``) the synthetic
 batch's distance; the student adds them up, calls the method's hooks and carries their state
 through the epoch checkpoints.
 """
@@ -17,7 +17,7 @@ from incseg.errors import CheckpointError
 from incseg.methods.base import Batch, Method, StepContext
 from incseg.models.base import SegmentationModel
 from incseg.models.norm import freeze
-from incseg.replay_term import ReplayTerm
+from incseg.replay.term import ReplayTerm
 from incseg.systems.base import Recipe, SegmentationSystem
 from incseg.tasks import Task
 

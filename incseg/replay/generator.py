@@ -1,215 +1,46 @@
-"""DeepInversion for a segmentation teacher (SPEC 6.1): synthesise images of its old classes.
+"""DeepInversion for a segmentation teacher: synthesise images of its old classes.
 
-The image batch itself is the optimised parameter (initialised N(0, 1) in the ImageNet-normalised
-space that real images are fed in, clamped to the valid pixel range after every Adam step). At
-each iteration the batch is randomly rolled and flipped (and 2x average-pooled during the first,
-half-resolution stage), fed to the frozen teacher, and the loss is
+DeepInversion (Yin et al., CVPR 2020; reference code NVlabs/DeepInversion) optimises the image
+batch itself: initialised N(0, 1) in the ImageNet-normalised space that real images are fed in,
+clamped to the valid pixel range after every Adam step. At each iteration the batch is randomly
+rolled and flipped (and 2x average-pooled during the first, half-resolution stage, as the
+reference code's multi-resolution setting), fed to the frozen teacher, and the loss is
 
     w_ce CE(LSE-LBA(teacher logits), target) + w_bn R_BN + w_tv_l2 TV_L2 + w_tv_l1 TV_L1
     + w_l2 L2 (+ w_adi R_compete with a frozen competition student)
 
-The one implementation of that loss is :meth:`InversionModule.compute_loss`; the optimisation
-step around it is :meth:`InversionModule.optimisation_step`. Both the Lightning path
-(``Trainer.fit(InversionModule(...))``, manual optimisation) and the plain loop of
-:func:`synthesise` call them.
-
-Many classes share one batch: images are assigned to target classes by cycling over the targets,
-so the BN running statistics (an average over all classes) are matched by a batch that mixes
-classes, as they were during training.
-
-Best iterate (DeepInversion's rule): per batch, the iterate with the lowest total loss is kept and
-returned. Only full-resolution iterations take part (half-resolution losses are not comparable:
-BN statistics and TV terms change with the resolution); when there are no full-resolution
-iterations the half-resolution ones are used, and with no iterations at all the (clamped)
-initialisation is returned — which is exactly the "noise" control of SPEC 6.2.
+LSE-LBA pooling turns the teacher's pixel logits into image-level scores, so the classification
+CE of the paper applies to a segmentation model. The one implementation of that loss is
+:meth:`InversionModule.compute_loss`; :meth:`InversionModule.optimisation_step` is the step
+around it. Per batch the best iterate is returned (:class:`BestIterate`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from incseg.errors import ConfigError
 from incseg.losses.inversion import BNStatisticsHook, competition_loss, image_priors
 from incseg.models.pooling import lse_lba_pool
+from incseg.replay.settings import InversionSettings, batch_plan, clamp_normalised
+from incseg.replay.verdicts import frozen, model_logits, teacher_verdicts
 
 __all__ = [
     "BestIterate",
     "InversionModule",
-    "InversionSettings",
     "LossParts",
-    "batch_plan",
-    "clamp_normalised",
     "cosine_warmup_lr",
-    "denormalise",
-    "frozen",
-    "image_level_logits",
-    "model_logits",
-    "normalise",
-    "pixel_range",
     "synthesise",
 ]
-
-PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-# Aliases Lightning users type; stored as the short form.
-_PRECISION_ALIASES = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16", "32": "32",
-                      "bf16": "bf16", "16": "16"}
-
-
-@dataclass
-class InversionSettings:
-    """Generator settings (config group ``inversion``; SPEC 6.1).
-
-    ``jitter=None`` scales DeepInversion's 30 px at 224 px to the image size
-    (``round(30 * image_size / 224)``: 9 px at 64). ``w_adi=None`` means 0.2 when a competition
-    student is given, 0 otherwise. ``lse_beta`` is fixed (``r = lse_r0 + exp(lse_beta)``).
-    ``precision`` "bf16"/"16" runs the teacher (and student) forward under ``torch.autocast``
-    ("16" adds a dynamic gradient scaler on CUDA); the images and the loss stay float32.
-    """
-
-    n_per_class: int = 8
-    batch_size: int = 32
-    image_size: int = 64
-    iterations_low: int = 200
-    iterations_full: int = 100
-    lr: float = 0.2
-    betas: tuple[float, float] = (0.5, 0.9)
-    warmup_frac: float = 0.05
-    jitter: int | None = None
-    flip: bool = True
-    w_ce: float = 1.0
-    w_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    w_tv_l2: float = 1e-4
-    w_tv_l1: float = 0.0
-    w_l2: float = 1e-5
-    w_adi: float | None = None
-    adi_temperature: float = 3.0
-    lse_r0: float = 5.0
-    lse_beta: float = 0.0
-    include_background: bool = False
-    precision: str = "32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        self.precision = str(self.precision)
-        self.validate()
-
-    def validate(self) -> None:
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"invalid inversion setting: {msg}")
-
-        for name in ("n_per_class", "batch_size", "image_size"):
-            if int(getattr(self, name)) < 1:
-                raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations_low", "iterations_full"):
-            if int(getattr(self, name)) < 0:
-                raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.iterations_low > 0 and self.image_size % 2:
-            raise bad(f"image_size must be even for the half-resolution stage, got "
-                      f"{self.image_size} (or set iterations_low=0)")
-        if len(self.betas) != 2:
-            raise bad(f"betas must be two numbers, got {list(self.betas)}")
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise bad(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if self.jitter is not None and int(self.jitter) < 0:
-            raise bad(f"jitter must be >= 0 or null, got {self.jitter}")
-        if self.lr <= 0:
-            raise bad(f"lr must be > 0, got {self.lr}")
-        if self.precision not in _PRECISION_ALIASES:
-            raise bad(f"precision must be one of 32|bf16|16, got {self.precision!r}")
-        self.precision = _PRECISION_ALIASES[self.precision]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> InversionSettings:
-        """Build from a mapping (the resolved ``inversion`` config); unknown keys are errors."""
-        d = dict(d or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"unknown inversion setting(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
-            )
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict of the fields as given (``None`` kept)."""
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-    @property
-    def effective_jitter(self) -> int:
-        if self.jitter is None:
-            return int(round(30 * self.image_size / 224))
-        return int(self.jitter)
-
-    def effective_w_adi(self, has_student: bool) -> float:
-        if not has_student:
-            return 0.0
-        return 0.2 if self.w_adi is None else float(self.w_adi)
-
-    @property
-    def lse_r(self) -> float:
-        return float(self.lse_r0 + math.exp(self.lse_beta))
-
-    def resolved(self, has_student: bool = False) -> dict[str, Any]:
-        """The settings as they act (jitter and w_adi resolved): what cache keys hash."""
-        out = self.to_dict()
-        out["jitter"] = self.effective_jitter
-        out["w_adi"] = self.effective_w_adi(has_student)
-        return out
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return PRECISIONS[self.precision]
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _channel_stats(device=None) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return mean, std
-
-
-def pixel_range(device=None) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(low, high)`` of the normalised space, each ``1 x 3 x 1 x 1``."""
-    mean, std = _channel_stats(device)
-    return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def clamp_normalised(x: Tensor) -> Tensor:
-    """Clamp a normalised ``B x 3 x H x W`` batch to the valid pixel range (a new tensor)."""
-    low, high = pixel_range(x.device)
-    return torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
-
-
-def denormalise(x: Tensor) -> Tensor:
-    """Normalised ``B x 3 x H x W`` -> pixel values in [0, 1] (clamped)."""
-    mean, std = _channel_stats(x.device)
-    return (x.float() * std + mean).clamp(0.0, 1.0)
-
-
-def normalise(x01: Tensor) -> Tensor:
-    """Pixel values in [0, 1], ``B x 3 x H x W`` -> ImageNet-normalised."""
-    mean, std = _channel_stats(x01.device)
-    return (x01.float() - mean) / std
 
 
 def cosine_warmup_lr(i: int, n: int, base_lr: float, warmup_frac: float) -> float:
@@ -225,66 +56,14 @@ def cosine_warmup_lr(i: int, n: int, base_lr: float, warmup_frac: float) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * (i - w) / rest)) * base_lr
 
 
-def batch_plan(targets: Sequence[int], settings: InversionSettings) -> list[list[int]]:
-    """Target channel of every image, in batches.
-
-    ``n_per_class * len(targets)`` images; image ``i`` targets ``targets[i % len(targets)]``
-    (cycling, so every batch mixes classes and the whole set is balanced), cut into consecutive
-    batches of ``batch_size`` (the last one may be smaller).
-    """
-    targets = [int(t) for t in targets]
-    if not targets:
-        raise ConfigError("no target classes to synthesise; give at least one old class")
-    n = settings.n_per_class * len(targets)
-    flat = [targets[i % len(targets)] for i in range(n)]
-    bs = settings.batch_size
-    return [flat[k:k + bs] for k in range(0, n, bs)]
-
-
-def model_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """Pixel logits of ``model(x)``: a :class:`SegOutput`'s ``.logits`` or a plain tensor."""
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def image_level_logits(model: nn.Module, x: Tensor, r: float) -> tuple[Tensor, Tensor]:
-    """``(pixel logits B x C x H x W, LSE-LBA pooled B x C)`` of ``model`` on ``x`` (no grad)."""
-    with torch.no_grad():
-        logits = model_logits(model, x).float()
-        return logits, lse_lba_pool(logits, r)
-
-
-@contextlib.contextmanager
-def frozen(*models: nn.Module | None, device=None) -> Iterator[None]:
-    """Put models in eval mode with ``requires_grad=False`` (optionally on ``device``); restore
-    their mode, flags and device afterwards. Weights and buffers are never written."""
-    saved = []
-    for m in models:
-        if m is None:
-            continue
-        flags = [(p, p.requires_grad) for p in m.parameters()]
-        first = next(iter(m.parameters()), None)
-        saved.append((m, m.training, flags, first.device if first is not None else None))
-        m.eval()
-        m.requires_grad_(False)
-        if device is not None:
-            m.to(device)
-    try:
-        yield
-    finally:
-        for m, training, flags, dev in saved:
-            m.train(training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            if device is not None and dev is not None:
-                m.to(dev)
-
-
 class BestIterate:
     """Keeps the image batch with the lowest total loss seen (DeepInversion's rule).
 
     ``update(loss, images)`` stores a clone of ``images`` when ``loss`` is strictly lower than
-    the best so far (the first finite loss always is); NaN/inf losses are never kept.
+    the best so far (the first finite loss always is); NaN/inf losses are never kept. Only
+    full-resolution iterations are offered (half-resolution losses are not comparable: BN
+    statistics and TV terms change with the resolution) unless there are none; with no
+    iterations at all the clamped initialisation is returned — the noise control.
     """
 
     def __init__(self) -> None:
@@ -316,25 +95,19 @@ class LossParts(NamedTuple):
     pooled: Tensor  # B x C_o teacher image-level logits (float32)
 
 
-# --------------------------------------------------------------------------------------------
-# The generator
-
-
-class InversionModule(L.LightningModule):
-    """One batch of DeepInversion images, optimised with manual optimisation.
+class InversionModule(nn.Module):
+    """One batch of DeepInversion images; :meth:`run` optimises it, :meth:`result_images` is
+    the best iterate.
 
     Args:
         teacher: frozen segmentation model (made eval + ``requires_grad=False`` here; its
-            weights and BN buffers are never updated; Lightning's ``.train()`` leaves it in eval).
+            weights and BN buffers are never updated).
         targets: target channel of each image of the batch (``B``).
         settings: :class:`InversionSettings`.
         student: optional frozen competition student (Adaptive DeepInversion).
         batch_index: index of this batch in the set; with ``settings.seed`` it seeds the
-            initialisation, jitter and flips, so a batch is the same alone or within a run.
-
-    Lightning: ``Trainer(max_epochs=1).fit(module)`` runs all iterations (its
-    ``train_dataloader`` yields one dummy item per iteration); :meth:`run` does the same without
-    a Trainer. The result is :meth:`result_images` (the best iterate).
+            initialisation, jitter and flips, so a batch is the same alone or within a run
+            (what makes resuming a half-filled replay set give the uninterrupted set).
     """
 
     def __init__(
@@ -346,7 +119,6 @@ class InversionModule(L.LightningModule):
         batch_index: int = 0,
     ) -> None:
         super().__init__()
-        self.automatic_optimization = False
         self.settings = settings
         self.batch_index = int(batch_index)
         self.teacher = teacher
@@ -394,6 +166,8 @@ class InversionModule(L.LightningModule):
     # -- frozen submodules --------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> InversionModule:
+        # The teacher and student are registered submodules: nn.Module.train() would put them
+        # in train mode, and their BN layers would then move the running statistics R_BN matches.
         super().train(mode)
         self.teacher.eval()
         if self.student is not None:
@@ -458,7 +232,8 @@ class InversionModule(L.LightningModule):
         return torch.autocast(device_type=x.device.type, dtype=dtype)
 
     def compute_loss(self, x: Tensor) -> LossParts:
-        """THE inversion loss on an input batch ``x`` (already jittered/pooled), SPEC 6.1."""
+        """THE inversion loss on an input batch ``x`` (already jittered/pooled); the terms are
+        DeepInversion's (see the module docstring)."""
         st = self.settings
         self._check_frozen()
         if self._hook is None:
@@ -487,16 +262,16 @@ class InversionModule(L.LightningModule):
             total = total + self.w_adi * adi
         return LossParts(total, ce, bn, tv_l2, tv_l1, l2, adi, pooled.detach())
 
-    # -- one optimisation step (shared by Lightning and the plain loop) -------------------------
+    # -- optimisation -------------------------------------------------------------------------
 
-    def configure_optimizers(self):
-        """Two Adam optimisers over the images, one per stage (Adam restarted per stage)."""
+    def make_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Two Adam optimisers over the images, one per stage: Adam restarts at full
+        resolution, as NVlabs/DeepInversion does between its resolution stages."""
         st = self.settings
         return [torch.optim.Adam([self.images], lr=st.lr, betas=st.betas, eps=1e-8)
                 for _ in range(2)]
 
-    def optimisation_step(self, optimizers: Sequence[torch.optim.Optimizer], backward=None
-                          ) -> LossParts:
+    def optimisation_step(self, optimizers: Sequence[torch.optim.Optimizer]) -> LossParts:
         """One iteration: LR, input, loss, best-iterate bookkeeping, step, clamp."""
         st = self.settings
         stage, i, n = self.stage_of(self.iteration)
@@ -512,7 +287,7 @@ class InversionModule(L.LightningModule):
         if self._tracks_best(stage):
             self.best.update(value, self.images)  # the iterate the loss was measured on
         opt.zero_grad(set_to_none=True)
-        (backward or torch.Tensor.backward)(self._scaler.scale(parts.total))
+        self._scaler.scale(parts.total).backward()
         self._scaler.step(opt)
         self._scaler.update()
         with torch.no_grad():
@@ -522,8 +297,8 @@ class InversionModule(L.LightningModule):
         return parts
 
     def run(self, progress: tqdm | None = None) -> InversionModule:
-        """All iterations without a Trainer (hooks attached for the duration)."""
-        optimizers = self.configure_optimizers()
+        """All iterations (BN hooks attached for the duration)."""
+        optimizers = self.make_optimizers()
         self.attach_hooks()
         try:
             while self.iteration < self.total_iterations:
@@ -535,32 +310,6 @@ class InversionModule(L.LightningModule):
             self.detach_hooks()
         return self
 
-    # -- Lightning hooks ----------------------------------------------------------------------
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(range(self.total_iterations), batch_size=1)
-
-    def on_train_start(self) -> None:
-        self.attach_hooks()
-
-    def on_train_end(self) -> None:
-        self.detach_hooks()
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.detach_hooks()
-
-    def training_step(self, batch, batch_idx):
-        if self.iteration >= self.total_iterations:
-            return None
-        optimizers = self.optimizers()
-        if not isinstance(optimizers, (list, tuple)):
-            optimizers = [optimizers]
-        # The raw optimisers: the step (and gradient scaler) is ours, identical to run().
-        raw = [getattr(o, "optimizer", o) for o in optimizers]
-        parts = self.optimisation_step(raw, backward=self.manual_backward)
-        self.log("inversion/loss", parts.total.detach(), prog_bar=True)
-        return None
-
     # -- results ------------------------------------------------------------------------------
 
     def result_images(self) -> Tensor:
@@ -570,9 +319,8 @@ class InversionModule(L.LightningModule):
         return self.images.detach().clone()
 
     def summary(self) -> dict[str, Any]:
-        """Per-batch figures: final/best/start loss and the teacher's image-level verdicts on the
-        returned images (prediction: argmax of the pooled logits over the foreground channels,
-        or all channels with ``include_background``; confidence: softmax over all channels)."""
+        """Per-batch figures: start/final/best loss and the teacher's verdicts
+        (:func:`teacher_verdicts`) on the returned images."""
         images = self.result_images()
         pred, conf, _ = teacher_verdicts(self.teacher, images, self.targets, self.settings)
         return {
@@ -585,20 +333,6 @@ class InversionModule(L.LightningModule):
             "teacher_pred": pred.tolist(),
             "teacher_conf": conf.tolist(),
         }
-
-
-def teacher_verdicts(
-    teacher: nn.Module, images: Tensor, targets: Tensor, settings: InversionSettings
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(prediction B, confidence for the target B, pixel argmax B x H x W)`` of a frozen
-    teacher on normalised ``images`` (no jitter, full resolution)."""
-    logits, pooled = image_level_logits(teacher, images, settings.lse_r)
-    conf = pooled.softmax(dim=1).gather(1, targets.view(-1, 1).to(pooled.device)).squeeze(1)
-    if settings.include_background or pooled.shape[1] == 1:
-        pred = pooled.argmax(dim=1)
-    else:
-        pred = pooled[:, 1:].argmax(dim=1) + 1
-    return pred.cpu(), conf.cpu(), logits.argmax(dim=1).cpu()
 
 
 def synthesise(

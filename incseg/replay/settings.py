@@ -1,0 +1,218 @@
+"""Generator settings and the pixel space replay images live in.
+
+:class:`InversionSettings` is the ``inversion`` config group; :func:`batch_plan` is how it cuts
+a set into batches (the cache and the generator must agree on it). The pixel helpers are the
+one place that converts between the ImageNet-normalised space the models see and pixel values:
+the generator optimises in the normalised space (clamped to what a real pixel can be), the cache
+stores uint8 PNGs, and readers normalise them back. Keep every such conversion here so that
+what is stored and what is replayed cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from incseg.errors import ConfigError
+
+__all__ = [
+    "InversionSettings",
+    "batch_plan",
+    "clamp_normalised",
+    "denormalise",
+    "normalise",
+    "pixel_range",
+    "quantise",
+]
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+# Aliases Lightning users type; stored as the short form.
+_PRECISION_ALIASES = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16", "32": "32",
+                      "bf16": "bf16", "16": "16"}
+
+
+@dataclass
+class InversionSettings:
+    """Generator settings (config group ``inversion``); defaults follow DeepInversion (Yin et
+    al., CVPR 2020) scaled down to small images.
+
+    ``jitter=None`` scales DeepInversion's 30 px at 224 px to the image size
+    (``round(30 * image_size / 224)``: 9 px at 64). ``w_adi=None`` means 0.2 when a competition
+    student is given (Adaptive DeepInversion, same paper), 0 otherwise. ``lse_beta`` is fixed
+    (``r = lse_r0 + exp(lse_beta)``, LSE-LBA pooling). ``precision`` "bf16"/"16" runs the
+    teacher (and student) forward under ``torch.autocast`` ("16" adds a dynamic gradient scaler
+    on CUDA); the images and the loss stay float32.
+    """
+
+    n_per_class: int = 8
+    batch_size: int = 32
+    image_size: int = 64
+    iterations_low: int = 200
+    iterations_full: int = 100
+    lr: float = 0.2
+    betas: tuple[float, float] = (0.5, 0.9)
+    warmup_frac: float = 0.05
+    jitter: int | None = None
+    flip: bool = True
+    w_ce: float = 1.0
+    w_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    w_tv_l2: float = 1e-4
+    w_tv_l1: float = 0.0
+    w_l2: float = 1e-5
+    w_adi: float | None = None
+    adi_temperature: float = 3.0
+    lse_r0: float = 5.0
+    lse_beta: float = 0.0
+    include_background: bool = False
+    precision: str = "32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.precision = str(self.precision)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"invalid inversion setting: {msg}")
+
+        for name in ("n_per_class", "batch_size", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("iterations_low", "iterations_full"):
+            if int(getattr(self, name)) < 0:
+                raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.iterations_low > 0 and self.image_size % 2:
+            raise bad(f"image_size must be even for the half-resolution stage, got "
+                      f"{self.image_size} (or set iterations_low=0)")
+        if len(self.betas) != 2:
+            raise bad(f"betas must be two numbers, got {list(self.betas)}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise bad(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.jitter is not None and int(self.jitter) < 0:
+            raise bad(f"jitter must be >= 0 or null, got {self.jitter}")
+        if self.lr <= 0:
+            raise bad(f"lr must be > 0, got {self.lr}")
+        if self.precision not in _PRECISION_ALIASES:
+            raise bad(f"precision must be one of 32|bf16|16, got {self.precision!r}")
+        self.precision = _PRECISION_ALIASES[self.precision]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> InversionSettings:
+        """Build from a mapping (the resolved ``inversion`` config); unknown keys are errors."""
+        d = dict(d or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown inversion setting(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of the fields as given (``None`` kept)."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @property
+    def effective_jitter(self) -> int:
+        if self.jitter is None:
+            return int(round(30 * self.image_size / 224))
+        return int(self.jitter)
+
+    def effective_w_adi(self, has_student: bool) -> float:
+        if not has_student:
+            return 0.0
+        return 0.2 if self.w_adi is None else float(self.w_adi)
+
+    @property
+    def lse_r(self) -> float:
+        return float(self.lse_r0 + math.exp(self.lse_beta))
+
+    def resolved(self, has_student: bool = False) -> dict[str, Any]:
+        """The settings as they act (jitter and w_adi resolved): what cache keys hash."""
+        out = self.to_dict()
+        out["jitter"] = self.effective_jitter
+        out["w_adi"] = self.effective_w_adi(has_student)
+        return out
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+def batch_plan(targets: Sequence[int], settings: InversionSettings) -> list[list[int]]:
+    """Target channel of every image, in batches.
+
+    ``n_per_class * len(targets)`` images; image ``i`` targets ``targets[i % len(targets)]``,
+    cut into consecutive batches of ``batch_size`` (the last one may be smaller). Cycling
+    balances the set and mixes classes in every batch: the BN running statistics R_BN matches
+    are an average over all classes, as the training batches were.
+    """
+    targets = [int(t) for t in targets]
+    if not targets:
+        raise ConfigError("no target classes to synthesise; give at least one old class")
+    n = settings.n_per_class * len(targets)
+    flat = [targets[i % len(targets)] for i in range(n)]
+    bs = settings.batch_size
+    return [flat[k:k + bs] for k in range(0, n, bs)]
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel space
+
+
+def _channel_stats(device=None) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def pixel_range(device=None) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(low, high)`` of the normalised space, each ``1 x 3 x 1 x 1``."""
+    mean, std = _channel_stats(device)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def clamp_normalised(x: Tensor) -> Tensor:
+    """Clamp a normalised ``B x 3 x H x W`` batch to the valid pixel range (a new tensor).
+
+    DeepInversion clips after every step: an image outside [0, 1] could not be stored, so the
+    teacher would be scored on something the student never replays."""
+    low, high = pixel_range(x.device)
+    return torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
+
+
+def denormalise(x: Tensor) -> Tensor:
+    """Normalised ``B x 3 x H x W`` -> pixel values in [0, 1] (clamped)."""
+    mean, std = _channel_stats(x.device)
+    return (x.float() * std + mean).clamp(0.0, 1.0)
+
+
+def normalise(x01: Tensor) -> Tensor:
+    """Pixel values in [0, 1], ``B x 3 x H x W`` -> ImageNet-normalised."""
+    mean, std = _channel_stats(x01.device)
+    return (x01.float() - mean) / std
+
+
+def quantise(images: Tensor) -> np.ndarray:
+    """Normalised ``B x 3 x H x W`` -> uint8 ``B x H x W x 3`` (what the PNGs store)."""
+    x = (denormalise(images.detach().cpu()) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(arrays) -> Tensor:
+    """uint8 ``H x W x 3`` arrays (PNG pixels) -> normalised ``B x 3 x H x W`` float32: the
+    inverse of :func:`quantise` up to rounding."""
+    x01 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return normalise(x01)
