@@ -3,6 +3,7 @@
     python experiments/regress.py record before.json          # on the commit before the change
     python experiments/regress.py compare before.json         # after it: exit 1 on any difference
     python experiments/regress.py record out.json --only mib-15-5s default
+    python experiments/regress.py compare before.json --after after.json   # two records
 
 Each case is one ``python -m incseg.run`` in a fresh process with one torch thread
 (``OMP_NUM_THREADS=1``: numbers agree to the last digit only on the same CPU kind and thread
@@ -147,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None,
                    help="run and cache directories (default: a temporary one, removed after)")
     p.add_argument("--save", type=Path, default=None, help="compare: also write the new record")
+    p.add_argument("--after", type=Path, default=None,
+                   help="compare: an existing record instead of running the cases now")
     args = p.parse_args(argv)
 
     before = json.loads(args.file.read_text()) if args.mode == "compare" else None
+    if before is not None and args.after is not None:
+        return compare(before, json.loads(args.after.read_text()))
     names = args.only or (list(before["cases"]) if before else list(CASES))
     with tempfile.TemporaryDirectory(prefix="incseg-regress-") as tmp:
         work = args.work or Path(tmp)
