@@ -1,4 +1,4 @@
-"""Run outputs: ``results.json`` (SPEC 11), ``results.csv`` and ``results.md`` (SPEC 7).
+"""Run outputs: ``results.json``, ``results.csv`` and ``results.md``.
 
 ``results.json``::
 

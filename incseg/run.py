@@ -31,7 +31,7 @@ CACHE_DIR_FIX = "paths.cache_dir=DIR (or INCSEG_CACHE=DIR) with a writable DIR"
 
 
 def check_data(cfg: DictConfig) -> None:
-    """Scan the dataset and check every step's training images before step 0 trains (SPEC 9);
+    """Scan the dataset and check every step's training images before step 0 trains;
     the scans are cached, so the protocol reads them back for free."""
     from incseg.data.datamodule import check_steps
 

@@ -104,7 +104,7 @@ class Task:
                     self.num_dataset_classes)
 
     def train_lut(self, step: int, void_as_background: bool = True) -> np.ndarray:
-        """Lookup table dataset id -> training label at ``step`` (MiB protocol, SPEC 3.5).
+        """Lookup table dataset id -> training label at ``step`` (the MiB protocol).
 
         Current classes keep their channel index; background, old and future classes -> 0;
         void (255) -> 0 when ``void_as_background`` (MiB's code, the paper) else ignored.

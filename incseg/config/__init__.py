@@ -169,7 +169,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-#: config groups a user picks with ``group=option`` (SPEC 11)
+#: config groups a user picks with ``group=option``
 GROUPS = ("dataset", "task", "model", "method", "replay", "trainer", "logger", "experiment")
 
 

@@ -124,7 +124,7 @@ def old_view(logits: Tensor, num_old: int, background: str = "unbiased") -> Tens
 
 
 def replay_mse(logits: Tensor, old_logits: Tensor, background: str = "unbiased") -> Tensor:
-    """Replay distance ``mse`` (SPEC 6.2, the paper's best): MSE between the teacher's scores
+    """Replay distance ``mse`` (the paper's best, Di Salvo et al.): MSE between the teacher's scores
     and the student's scores for the same ``C_o`` classes (:func:`old_view`).
 
     Args:
@@ -169,7 +169,7 @@ def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
 
 def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
                 background: str = "unbiased") -> Tensor:
-    """Dispatch ``replay.loss`` (SPEC 6.2): ``mse`` | ``kl`` | ``ukd``.
+    """Dispatch ``replay.loss``: ``mse`` | ``kl`` | ``ukd``.
 
     ``ukd`` reuses :func:`unbiased_knowledge_distillation` on the student's full logits
     (alpha 1; unbiased by construction); ``temperature`` only affects ``kl``; ``background``

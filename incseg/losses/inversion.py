@@ -1,4 +1,4 @@
-"""DeepInversion losses (Yin et al., CVPR 2020; SPEC 6.1) for synthesising replay images.
+"""DeepInversion losses (Yin et al., CVPR 2020) for synthesising replay images.
 
 - :class:`BNStatisticsHook` / :func:`bn_statistics_loss`: the BN feature regulariser, matching the
   batch statistics of every BatchNorm input to the teacher's running statistics.
@@ -162,7 +162,7 @@ def image_priors(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns:
         ``(tv_l2, tv_l1, l2)`` scalars: ``TV_L2 = sum_k ||d_k||_F`` over the whole batch,
-        ``TV_L1 = sum_k mean|d_k|`` (no /255 rescaling, SPEC 6.1) and
+        ``TV_L1 = sum_k mean|d_k|`` (no /255 rescaling, as NVlabs/DeepInversion) and
         ``L2 = mean_i ||x_i||_2`` (per-image flattened norm, averaged over the batch).
     """
     diffs = _neighbour_differences(x)

@@ -1,7 +1,7 @@
 """LSE pooling with lower-bounded adaptation (LSE-LBA) from pixel logits to image-level scores.
 
-Used by DeepInversion for segmentation (SPEC 6.1): the teacher's pixel logits are pooled to one
-score per class so that an image-level CE can steer the synthesised image towards a class.
+Used by DeepInversion for segmentation (the paper's adaptation): the teacher's pixel logits are
+pooled to one score per class so that an image-level CE can steer the synthesised image towards a class.
 ``s_c = (logsumexp_{ij}(r_c z_{c,ij}) - log(HW)) / r_c`` interpolates between mean pooling
 (``r -> 0``) and max pooling (``r -> inf``); ``r_c = r0 + exp(beta_c)`` keeps ``r_c > r0``
 (the lower-bounded adaptation of Sun et al., ProNet, CVPR 2016).
@@ -61,7 +61,7 @@ class LSELBAPool(nn.Module):
         r0: lower bound of the sharpness (config ``inversion.lse_r0`` in practice).
         beta_init: initial value of every ``beta_c``.
         learn_beta: if true ``beta`` is an ``nn.Parameter`` (learned with the images); otherwise
-            a buffer (the SPEC default: ``r`` fixed by configuration).
+            a buffer (the default: ``r`` fixed by configuration).
 
     Shapes: ``B x C x H x W`` in, ``B x C`` out.
     """
