@@ -16,7 +16,7 @@ from incseg.methods.mib import MiB
 from incseg.models import build_model
 from incseg.models.norm import teacher_statistics
 from incseg.protocol import run_protocol
-from incseg.replay_term import ReplaySpec, ReplayTerm
+from incseg.replay.term import ReplaySpec, ReplayTerm
 from incseg.results import load_results
 from incseg.systems import StudentModule, TrainingError
 from incseg.systems.base import Recipe

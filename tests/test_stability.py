@@ -11,7 +11,7 @@ import torch
 
 from incseg.methods.mib import MiB
 from incseg.models import build_model
-from incseg.replay_term import ReplaySpec, ReplayTerm
+from incseg.replay.term import ReplaySpec, ReplayTerm
 from incseg.stability import sgd_stability_bound, top_hessian_eigenvalue
 from incseg.systems import StudentModule
 from incseg.systems.base import Recipe
@@ -123,7 +123,7 @@ def test_student_check_warns_above_the_bound_only(caplog):
     # a learning rate whose bound is 4x below / 4x above the measured curvature
     lr_over = sgd_stability_bound(1.0, 0.9, True) / (probe / 4)
     lr_under = sgd_stability_bound(1.0, 0.9, True) / (probe * 4)
-    with caplog.at_level(logging.WARNING, logger="incseg.replay_term"):
+    with caplog.at_level(logging.WARNING, logger="incseg.replay.term"):
         _check(_student(1.0, lr=lr_under), images)
         assert "likely to diverge" not in caplog.text
         _check(_student(1.0, lr=lr_over), images)

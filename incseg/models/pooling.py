@@ -1,7 +1,8 @@
 """LSE pooling with lower-bounded adaptation (LSE-LBA) from pixel logits to image-level scores.
 
 Used by DeepInversion for segmentation (the paper's adaptation): the teacher's pixel logits are
-pooled to one score per class so that an image-level CE can steer the synthesised image towards a class.
+pooled to one score per class so that an image-level CE can steer the synthesised image
+towards a class.
 ``s_c = (logsumexp_{ij}(r_c z_{c,ij}) - log(HW)) / r_c`` interpolates between mean pooling
 (``r -> 0``) and max pooling (``r -> inf``); ``r_c = r0 + exp(beta_c)`` keeps ``r_c > r0``
 (the lower-bounded adaptation of Sun et al., ProNet, CVPR 2016).
