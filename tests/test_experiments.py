@@ -76,22 +76,35 @@ def test_table_axes_match_the_paper():
 
 
 def test_run_path_names_the_replay_distance_and_a_set_weight():
-    from incseg.config import run_path
+    from incseg.config import overrides_hash, run_path
 
-    assert run_path("shapes", "15-5", None, "mib", "none", 0, "none", "none") == \
+    assert run_path("shapes", "15-5", None, "mib", "none", 0, "none", []) == \
         "shapes/15-5/mib/seed0"
     assert run_path("shapes", "15-5", None, "mib", "deepinversion", 1, "kl", None) == \
         "shapes/15-5/mib+deepinversion-kl/seed1"
     assert run_path("shapes", "15-1", None, "mib", "exemplars", 2, "mse", None) == \
         "shapes/15-5s/mib+exemplars-mse/seed2"
-    assert run_path("shapes", "15-5", None, "mib", "deepinversion", 0, "mse", 0.1) == \
-        "shapes/15-5/mib+deepinversion-mse-w0.1/seed0"
-    assert run_path("shapes", "15-5", None, "mib", "noise", 0, "ukd", "3.0") == \
-        "shapes/15-5/mib+noise-ukd-w3/seed0"
+    # overrides already in the readable part (or not changing the numbers) add nothing
+    assert run_path("shapes", "15-5", None, "mib", "deepinversion", 0, "mse",
+                    ["replay=deepinversion", "replay.loss=mse", "seed=0",
+                     "paths.runs_dir=/x"]) == "shapes/15-5/mib+deepinversion-mse/seed0"
+    # a set weight gets a directory of its own, one per value
+    w01 = run_path("shapes", "15-5", None, "mib", "deepinversion", 0, "mse",
+                   ["replay.weight=0.1"])
+    w3 = run_path("shapes", "15-5", None, "mib", "noise", 0, "ukd", ["replay.weight=3.0"])
+    assert w01 == f"shapes/15-5/mib+deepinversion-mse-{overrides_hash(['replay.weight=0.1'])}" \
+        "/seed0"
+    assert w3 == f"shapes/15-5/mib+noise-ukd-{overrides_hash(['replay.weight=3.0'])}/seed0"
+    assert overrides_hash(["replay.weight=0.1"]) != overrides_hash(["replay.weight=3.0"])
     # a command-line weight gets a run directory of its own (not the default run's)
     cfg = compose(["replay=deepinversion", "replay.weight=0.1"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    assert str(cfg.hydra.run.dir).endswith("shapes/15-5/mib+deepinversion-mse-w0.1/seed0")
+    default = compose(["replay=deepinversion"], return_hydra_config=True)
+    HydraConfig.instance().set_config(default)
+    assert str(default.hydra.run.dir).endswith("shapes/15-5/mib+deepinversion-mse/seed0")
+    HydraConfig.instance().set_config(cfg)
+    assert str(cfg.hydra.run.dir).endswith(
+        f"shapes/15-5/mib+deepinversion-mse-{overrides_hash(['replay.weight=0.1'])}/seed0")
 
 
 def test_mse_replay_weight_default_and_the_paper_tables():

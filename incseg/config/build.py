@@ -42,14 +42,18 @@ def constructor_kwargs(node: Mapping | DictConfig) -> dict[str, Any]:
 def instantiate(node: Mapping | DictConfig, **kwargs: Any) -> Any:
     """``node``'s ``_target_`` called with the node's arguments (as plain containers) and
     ``kwargs`` (which win). A constructor's own exception (a ValueError for a value out of
-    range, a TypeError for an unknown key) is raised as itself, not wrapped in Hydra's."""
+    range, a TypeError for an unknown key, a user-facing IncsegError, an ImportError for a
+    ``_target_`` that is not there) is raised as itself, not wrapped in Hydra's."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
+
+    from incseg.errors import IncsegError
 
     args = {"_target_": str(node["_target_"]), **constructor_kwargs(node)}
     try:
         return hydra_instantiate(args, **kwargs, _convert_="all")
     except InstantiationException as err:
-        if isinstance(err.__cause__, (TypeError, ValueError)):
+        if isinstance(err.__cause__, (TypeError, ValueError, ImportError, AttributeError,
+                                      IncsegError)):
             raise err.__cause__ from None
         raise

@@ -38,7 +38,8 @@ def validate(cfg: DictConfig) -> None:
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid; use {' or '.join(valid)}")
+            raise ConfigError(f"{key}={value!r} is not valid; use "
+                              f"{' or '.join(f'{key}={v}' for v in valid)}")
     for key in ("batch_size", "crop"):
         if _int(cfg, f"data.{key}") < (2 if key == "batch_size" else 8):
             raise ConfigError(f"data.{key}={cfg.data[key]} is too small (BatchNorm after global "
