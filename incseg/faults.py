@@ -2,7 +2,11 @@
 
 ``INCSEG_FAULT=kill-before-rename:<substring>``: the process SIGKILLs itself when a file whose
 path contains ``<substring>`` has been written to its temporary name but not yet renamed into
-place — the worst moment to die (experiments/kill_resume.py). ``INCSEG_WRITE_LOG=<file>``:
+place — the worst moment to die (experiments/kill_resume.py);
+``INCSEG_FAULT=kill-after-write:<substring>``: right after such a file is in place (the first
+epoch checkpoint of a step, say: a resume from it must give the uninterrupted numbers);
+``interrupt-after-write:<substring>`` sends SIGINT instead, as Ctrl-C would.
+``INCSEG_WRITE_LOG=<file>``:
 every completed atomic write appends ``<rank> <path>`` to ``<file>``, so a test can prove that
 under DDP only rank 0 writes. Both are off unless the variable is set.
 """
@@ -21,6 +25,12 @@ def before_rename(path: os.PathLike | str) -> None:
 
 
 def after_write(path: os.PathLike | str) -> None:
+    kind, _, target = os.environ.get("INCSEG_FAULT", "").partition(":")
+    if target and target in str(path):
+        if kind == "kill-after-write":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "interrupt-after-write":
+            os.kill(os.getpid(), signal.SIGINT)
     log = os.environ.get("INCSEG_WRITE_LOG")
     if log:
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))

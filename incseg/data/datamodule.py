@@ -111,6 +111,7 @@ class IncrementalDataModule(L.LightningDataModule):
         self.selection: dict[str, list[int]] | None = None
         #: images replayed beside every real batch (synthetic, noise or exemplars), or None
         self.replay_dataset = replay_dataset
+        self.start_epoch = 0  # the epoch a resumed fit starts at (load_state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         if self.selection is not None:
@@ -144,6 +145,7 @@ class IncrementalDataModule(L.LightningDataModule):
             )
         replicas, rank = self._replicas()
         sampler = SeededSampler(len(ds), self.seed, self.step, True, replicas, rank)
+        sampler.set_epoch(self.start_epoch)
         real = self._loader(ds, self.batch_size, sampler, drop_last=True)
         if self.replay_dataset is None:
             return real
@@ -152,9 +154,24 @@ class IncrementalDataModule(L.LightningDataModule):
         # One synthetic batch per real batch (1:1, the paper); the replay set cycles.
         rs = SeededSampler(len(self.replay_dataset), self.seed + 1, self.step, True,
                            replicas, rank)
+        rs.set_epoch(self.start_epoch)
         replay = self._loader(self.replay_dataset, min(self.batch_size, len(self.replay_dataset)),
                               rs, drop_last=True)
         return CombinedLoader({"real": real, "replay": replay}, mode="max_size_cycle")
+
+    # ---- exact resume with loader workers ---------------------------------------------------
+    # Lightning creates the train loader's iterator when it sets its data up, before it calls
+    # set_epoch, and reuses it for the first epoch it runs; with loader workers that iterator
+    # prefetches its order at once. A run resumed at epoch e would thus train epoch e on epoch
+    # 0's order and augmentations. The epoch checkpoint carries the epoch to resume at, and
+    # the samplers start there.
+    def state_dict(self) -> dict:
+        # saved by EpochCheckpoint at the end of an epoch: the next one is where a resume starts
+        trainer = getattr(self, "trainer", None)
+        return {"start_epoch": int(trainer.current_epoch) + 1 if trainer is not None else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_epoch = int(state.get("start_epoch", 0))
 
     def _replicas(self) -> tuple[int, int]:
         """(number of ranks, this rank): the Trainer's under DDP, else (1, 0)."""
