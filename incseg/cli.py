@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import sys
 
-from incseg.errors import IncsegError, user_message
+from incseg.errors import IncsegError, Interrupted, user_message
 
 EXIT_USER_ERROR = 2
+INTERRUPTED = ("interrupted; rerun the same command to resume (finished steps, epochs and "
+               "cache entries are kept)")
 
 
 def report_errors(fn):
@@ -20,8 +22,15 @@ def report_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        code = EXIT_USER_ERROR
         try:
             return fn(*args, **kwargs)
+        except Interrupted as err:
+            print(user_message(err), file=sys.stderr, flush=True)
+            raise SystemExit(err.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C outside training (a scan, generation, evaluation)
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            raise SystemExit(Interrupted.exit_code) from None
         except IncsegError as err:
             msg = user_message(err)
         except OSError as err:
@@ -31,6 +40,6 @@ def report_errors(fn):
                 raise
             msg = user_message(storage_error(err))
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        raise SystemExit(code) from None
 
     return wrapper

@@ -35,6 +35,13 @@ class TrainingError(IncsegError):
     """Training cannot go on (a non-finite loss or weights); the last good checkpoint is kept."""
 
 
+class Interrupted(IncsegError):
+    """The user pressed Ctrl-C: finished epochs are on disk, a rerun resumes from them. Exit
+    status 130, the shell's convention for a process ended by SIGINT."""
+
+    exit_code = 130
+
+
 # torch's DataLoader re-raises an exception from a worker process as
 #   ExcType("Caught ExcType in DataLoader worker process 0.\nOriginal Traceback ...\n
 #            incseg.errors.DataError: <message>")

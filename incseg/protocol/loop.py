@@ -36,6 +36,7 @@ from incseg.protocol.trainer import (
     Stage,
     finish_wandb,
     fit,
+    interruptible,
     make_datamodule,
     make_trainer,
     provenance,
@@ -96,8 +97,9 @@ def build_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Tas
 def evaluate(trainer, module, cfg, source, task: Task, step: int, cache: Path):
     """Test-split summary and confusion (rows: ground truth, columns: prediction, over the
     seen classes in task order) of ``module``."""
-    trainer.test(module, datamodule=make_datamodule(cfg, source, task, step, cache),
-                 verbose=False)
+    with interruptible(trainer, module):
+        trainer.test(module, datamodule=make_datamodule(cfg, source, task, step, cache),
+                     verbose=False)
     return module.test_summary, module.test_confusion.long().tolist()
 
 

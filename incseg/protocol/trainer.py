@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
 import subprocess
 import warnings
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from incseg.checkpoints import (
 )
 from incseg.config.build import instantiate
 from incseg.data.datamodule import IncrementalDataModule
-from incseg.errors import CheckpointError
+from incseg.errors import CheckpointError, Interrupted
 from incseg.precision import training_format
 from incseg.protocol.state import derive_seed, fingerprint
 from incseg.systems.base import Recipe
@@ -146,7 +148,26 @@ def fit(trainer, module, dm, run_dir: Path, stage: str) -> None:
         except CheckpointError as err:
             log.warning("%s; training %s from its start", err, stage)
             ckpt.unlink()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+    with interruptible(trainer, module):
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+
+
+@contextmanager
+def interruptible(trainer, module):
+    """Ctrl-C inside a Trainer call: Lightning shuts down and calls ``sys.exit(1)`` with
+    SIGINT ignored from then on; say instead where the run stopped and how to go on (exit
+    status 130), and give SIGINT back its default meaning."""
+    try:
+        yield
+    except SystemExit:
+        from lightning.pytorch.trainer.states import TrainerStatus
+
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise Interrupted(f"interrupted in step {module.step}, epoch {trainer.current_epoch}; "
+                          "rerun the same command to resume from the last finished epoch"
+                          ) from None
 
 
 def provenance(cfg: DictConfig) -> dict:
