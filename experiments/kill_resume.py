@@ -11,7 +11,9 @@
    process SIGKILL itself after a checkpoint / cache entry / manifest / results file has been
    fully written to its temporary name but before it is renamed into place, for each kind of
    file in turn (incseg.io.atomic_path).
-4. Damaged files: a cached step-0 model, an epoch checkpoint and a replay manifest are
+4. With two loader workers: killed, and interrupted (Ctrl-C), right after the first epoch
+   checkpoint of step 1 is in place; the rerun resumes from that checkpoint.
+5. Damaged files: a cached step-0 model, an epoch checkpoint and a replay manifest are
    truncated or replaced by a foreign file between runs; the rerun must report and rebuild
    them, never load them.
 Every rerun must finish with a ``results.json`` whose per-step numbers and final block equal
@@ -54,19 +56,21 @@ class Runner:
         self.overrides, self.workdir = overrides, workdir
         self.env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
 
-    def cmd(self, run_dir: Path, cache: Path) -> list[str]:
-        return [sys.executable, "-m", "incseg.run", *self.overrides, f"hydra.run.dir={run_dir}",
-                f"paths.cache_dir={cache}"]
+    def cmd(self, run_dir: Path, cache: Path, extra: tuple[str, ...] = ()) -> list[str]:
+        return [sys.executable, "-m", "incseg.run", *self.overrides, *extra,
+                f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}"]
 
     def run(self, run_dir: Path, cache: Path, kill_after: float | None = None,
-            fault: str | None = None, log_name: str = "run") -> tuple[int, float]:
+            fault: str | None = None, log_name: str = "run",
+            extra: tuple[str, ...] = ()) -> tuple[int, float]:
         """Run the command; SIGKILL it after ``kill_after`` s. Returns (exit code, seconds)."""
         env = dict(self.env, **({"INCSEG_FAULT": fault} if fault else {}))
         log = (self.workdir / "logs" / f"{log_name}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log, "w") as fh:
-            proc = subprocess.Popen(self.cmd(run_dir, cache), env=env, stdout=fh, stderr=fh)
+            proc = subprocess.Popen(self.cmd(run_dir, cache, extra), env=env, stdout=fh,
+                                    stderr=fh)
             try:
                 proc.wait(timeout=kill_after)
             except subprocess.TimeoutExpired:
@@ -74,8 +78,8 @@ class Runner:
                 proc.wait()
         return proc.returncode, time.perf_counter() - start
 
-    def finish(self, run_dir: Path, cache: Path, name: str) -> dict:
-        code, _ = self.run(run_dir, cache, log_name=name)
+    def finish(self, run_dir: Path, cache: Path, name: str, extra: tuple[str, ...] = ()) -> dict:
+        code, _ = self.run(run_dir, cache, log_name=name, extra=extra)
         if code != 0:
             raise SystemExit(f"error: the rerun {name} failed (exit {code}); see "
                              f"{self.workdir / 'logs' / (name + '.log')}")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    ap.add_argument("--phases", default="random,writes,damaged",
+    ap.add_argument("--phases", default="random,writes,workers,damaged",
                     help="comma-separated subset of random,writes,damaged")
     ap.add_argument("--writes", default=",".join(WRITES),
                     help="comma-separated file names for the kill-while-writing phase")
@@ -148,6 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kill while writing {target}: killed={killed} identical={same}", file=sys.stderr)
         failures += [] if (same and killed) else [f"write {target}"]
     summary["phases"]["writes"] = writes
+
+    # 3b. with loader workers: killed (SIGKILL) or interrupted (SIGINT, Ctrl-C) right after the
+    # first epoch checkpoint of step 1 is in place, then resumed from it
+    resumed = {}
+    workers = ("data.num_workers=2",)
+    for how in (("kill", "interrupt") if "workers" in phases else ()):
+        run_dir, cache = workdir / f"workers-{how}", workdir / f"cache-workers-{how}"
+        code, _ = r.run(run_dir, cache, fault=f"{how}-after-write:step1-last.ckpt",
+                        log_name=f"workers-{how}", extra=workers)
+        stopped = code == (-signal.SIGKILL if how == "kill" else 130)
+        same = numbers(r.finish(run_dir, cache, f"workers-{how}-final", workers)) == reference
+        resumed[how] = {"stopped": stopped, "exit": code, "identical": same}
+        print(f"{how} after step1's first epoch checkpoint, 2 loader workers: exit {code}, "
+              f"identical={same}", file=sys.stderr)
+        failures += [] if (same and stopped) else [f"workers {how}"]
+    summary["phases"]["workers"] = resumed
 
     # 4. truncated and foreign files between runs
     damaged = {}

@@ -26,4 +26,7 @@ def test_kill_anywhere_then_resume_gives_identical_results(tmp_path):
     assert summary["phases"]["random"]["identical"]
     assert all(w["killed"] and w["identical"] for w in summary["phases"]["writes"].values())
     assert all(d["reported"] and d["identical"] for d in summary["phases"]["damaged"].values())
+    workers = summary["phases"]["workers"]
+    assert set(workers) == {"kill", "interrupt"}
+    assert all(w["stopped"] and w["identical"] for w in workers.values())
     assert summary["kills_survived"] >= 6

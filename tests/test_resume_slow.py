@@ -30,8 +30,13 @@ def _cmd(run_dir, extra=()):
     return [sys.executable, "-m", "incseg.run", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
 
 
-@pytest.mark.parametrize("extra", [(), ("replay=deepinversion", "inversion.n_per_class=1")],
-                         ids=["no-replay", "replay"])
+@pytest.mark.parametrize("extra", [
+    (), ("replay=deepinversion", "inversion.n_per_class=1"),
+    # with loader workers, resumed from an epoch checkpoint of step 1 (prefetching workers
+    # once trained the resumed epoch on epoch 0's order)
+    ("data.num_workers=2",),
+    ("replay=deepinversion", "inversion.n_per_class=1", "data.num_workers=2"),
+], ids=["no-replay", "replay", "no-replay-workers", "replay-workers"])
 def test_kill_during_step1_then_resume(tmp_path, extra):
     env = _env(tmp_path)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
