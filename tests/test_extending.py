@@ -143,5 +143,5 @@ def test_a_bad_value_of_a_new_method_is_one_line(plugin):
         cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == ["error: method=scaled_ft: scale=-1.0 must be > 0; check method.* overrides "
+    assert lines == ["error: method=scaled_ft: scale=-1 must be > 0; check method.* overrides "
                      "against conf/method"]

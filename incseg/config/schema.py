@@ -9,10 +9,17 @@ edit here.
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from incseg.config.build import constructor_kwargs, has_target, plain, target_class
 from incseg.errors import ConfigError
+
+#: example values in messages
+DEFAULTS = OmegaConf.create({"train": {"lr": 0.01, "lr_incremental": 0.001, "momentum": 0.9,
+                                       "weight_decay": 1e-4, "poly_power": 0.9},
+                             "data": {"augment": {"rotation": 0, "color_jitter": 0}}})
 
 CHOICES = {
     "resume": ("auto", "never"),
@@ -30,6 +37,46 @@ def _int(cfg: DictConfig, key: str, example: int = 16) -> int:
                           f"{key}={example}") from None
 
 
+#: keys that must be true or false (``overlap=maybe`` would otherwise run as some truth value)
+BOOLEANS = ("overlap", "data.void_as_background", "data.augment.hflip", "train.nesterov",
+            "protocol.step0_cache", "trainer.progress_bar")
+#: numbers and the range they must be in: (key, lowest, lowest allowed?, below this)
+NUMBERS = (("train.lr", 0.0, False, None), ("train.lr_incremental", 0.0, False, None),
+           ("train.momentum", 0.0, True, 1.0), ("train.weight_decay", 0.0, True, None),
+           ("train.poly_power", 0.0, True, None), ("data.augment.rotation", 0.0, True, None),
+           ("data.augment.color_jitter", 0.0, True, None))
+
+
+def _check_number(cfg: DictConfig, key: str, low: float, closed: bool, high) -> None:
+    value = OmegaConf.select(cfg, key)
+    try:
+        x = float(value)
+        ok = (x >= low if closed else x > low) and (high is None or x < high)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a number; pass e.g. "
+                          f"{key}={OmegaConf.select(DEFAULTS, key)}") from None
+    if not ok:
+        rng = f"{'>=' if closed else '>'} {low:g}" + ("" if high is None else f" and < {high:g}")
+        raise ConfigError(f"{key}={value} is out of range: it must be {rng}")
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """``trainer.devices``: a count >= 1, a list of device ids, or auto; ``num_nodes`` >= 1."""
+    tc = cfg.trainer
+    devices = tc.get("devices", 1)
+    if isinstance(devices, str) and devices.strip() in ("auto", "-1"):
+        return
+    if OmegaConf.is_list(devices):
+        if len(devices) == 0:
+            raise ConfigError("trainer.devices=[] names no device; pass a count (e.g. "
+                              "trainer.devices=2), a list of ids or auto")
+    elif isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices={devices!r} is not valid; pass a count of at least 1 "
+                          "(e.g. trainer.devices=2), a list of ids or auto")
+    if "num_nodes" in tc and _int(cfg, "trainer.num_nodes", example=1) < 1:
+        raise ConfigError(f"trainer.num_nodes={tc.num_nodes} must be at least 1")
+
+
 def validate(cfg: DictConfig) -> None:
     from incseg.config import task_from_cfg
 
@@ -40,6 +87,14 @@ def validate(cfg: DictConfig) -> None:
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; use "
                               f"{' or '.join(f'{key}={v}' for v in valid)}")
+    for key in BOOLEANS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a boolean; use {key}=true or "
+                              f"{key}=false")
+    for number in NUMBERS:
+        _check_number(cfg, *number)
+    _check_devices(cfg)
     for key in ("batch_size", "crop"):
         if _int(cfg, f"data.{key}") < (2 if key == "batch_size" else 8):
             raise ConfigError(f"data.{key}={cfg.data[key]} is too small (BatchNorm after global "
@@ -47,7 +102,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "epochs_incremental"):
         if _int(cfg, f"train.{key}") < 1:
             raise ConfigError(f"train.{key} must be at least 1")
-    _int(cfg, "seed")
+    _int(cfg, "seed", example=0)
     _check_method(cfg)
     _check_replay(cfg)
 
@@ -98,7 +153,12 @@ def _check_replay(cfg: DictConfig) -> None:
                           f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
     try:
         ReplaySpec.from_config(plain(rc))
-    except (TypeError, ValueError, KeyError) as err:
+    except ValueError as err:
+        if re.match(r"\w+=", str(err)):  # a value out of range, named by its key
+            raise ConfigError(f"replay.{err}") from None
+        raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
+                          "numbers") from None
+    except (TypeError, KeyError) as err:
         raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
                           "numbers") from None
     from incseg.replay import InversionSettings

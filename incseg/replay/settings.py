@@ -102,6 +102,11 @@ class InversionSettings:
             raise bad(f"jitter must be >= 0 or null, got {self.jitter}")
         if self.lr <= 0:
             raise bad(f"lr must be > 0, got {self.lr}")
+        # a negative weight would reward the very mismatch its term measures
+        for name in ("w_ce", "w_bn", "w_tv_l2", "w_tv_l1", "w_l2", "w_adi"):
+            value = getattr(self, name)
+            if value is not None and not float(value) >= 0:
+                raise bad(f"{name} must be >= 0, got {value}")
         if self.precision not in _PRECISION_ALIASES:
             raise bad(f"precision must be one of 32|bf16|16, got {self.precision!r}")
         self.precision = _PRECISION_ALIASES[self.precision]
