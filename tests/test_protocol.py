@@ -337,3 +337,20 @@ def test_replay_leaves_out_images_the_teacher_cannot_score():
     with torch.no_grad():
         masked = module.training_loss(x, y, replay)["replay"]
     assert torch.isfinite(masked) and masked.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_teacher_cache_key_includes_the_number_of_processes():
+    """A DDP-trained teacher differs from a one-process one (per-rank BatchNorm statistics,
+    which rank sees which sample): a 2-process run never reuses a 1-process cache entry."""
+    from incseg.config import compose
+    from incseg.protocol.teachers import teacher_key
+
+    def key(*overrides):
+        return teacher_key(compose(["experiment=smoke", *overrides]), "/data", [0, 1, 2])
+
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
+    one = key(*ddp, "trainer.devices=1")
+    assert one == key()  # one process is one process, whatever the strategy says
+    assert key(*ddp, "trainer.devices=2") not in (one, key(*ddp, "trainer.devices=4"))
+    assert key(*ddp, "trainer.devices=2", "trainer.num_nodes=2") == key(*ddp,
+                                                                      "trainer.devices=4")

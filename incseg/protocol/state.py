@@ -42,6 +42,25 @@ def is_distributed(cfg: DictConfig) -> bool:
         int(tc.get("num_nodes", 1)) > 1 or str(tc.devices) not in ("1", "auto"))
 
 
+def world_size(cfg: DictConfig) -> int:
+    """How many processes train (devices x nodes under DDP, else 1): a DDP-trained model
+    differs from a one-process one (per-rank BatchNorm statistics, which rank sees which
+    sample), so caches must not mix them."""
+    tc = cfg.trainer
+    if not str(tc.strategy).startswith("ddp"):
+        return 1
+    devices = tc.devices
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        gpu = str(tc.accelerator) in ("gpu", "cuda") or (
+            str(tc.accelerator) == "auto" and torch.cuda.is_available())
+        n = max(1, torch.cuda.device_count()) if gpu else 1
+    else:
+        n = int(devices)
+    return n * int(tc.get("num_nodes", 1))
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process): rank 0 has written what the others read."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

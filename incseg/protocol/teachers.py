@@ -22,7 +22,14 @@ from incseg.errors import CheckpointError
 from incseg.io import content_key, entry_lock
 from incseg.models import build_model
 from incseg.models.norm import freeze
-from incseg.protocol.state import barrier, derive_seed, fingerprint, is_distributed, is_rank_zero
+from incseg.protocol.state import (
+    barrier,
+    derive_seed,
+    fingerprint,
+    is_distributed,
+    is_rank_zero,
+    world_size,
+)
 from incseg.protocol.trainer import Stage, fit, make_datamodule, make_trainer, recipe
 from incseg.systems import TeacherModule
 from incseg.tasks import Task
@@ -46,13 +53,17 @@ def teacher_key(cfg: DictConfig, data_root, classes: list[int]) -> str:
     so a sweep shares step 0 across methods and across tasks with the same step 0 (15-5 and
     15-5s), and Joint across tasks over the same classes."""
     fp = fingerprint(cfg)
-    return content_key("teacher", {
+    parts = {
         "dataset": fp["dataset"], "data_root": str(data_root), "data": fp["data"],
         "overlap": fp["overlap"], "classes": classes, "model": fp["model"],
         "train": {k: v for k, v in fp["train"].items() if not k.endswith("_incremental")},
         "trainer": {k: fp["trainer"].get(k) for k in ("precision", "accelerator")},
         "seed": fp["seed"],
-    })
+    }
+    n = world_size(cfg)
+    if n > 1:  # only then, so one-process entries keep their keys
+        parts["world_size"] = n
+    return content_key("teacher", parts)
 
 
 def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: TeacherModule,
