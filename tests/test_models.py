@@ -186,9 +186,9 @@ def test_incremental_head_unit():
     head.init_balanced(2)
     assert torch.equal(conv.weight, head.convs[0].weight[:1].expand(2, -1, -1, -1))
     assert conv.bias.tolist() == pytest.approx([b_bg - math.log(3)] * 2, abs=1e-6)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         head.init_balanced(5)  # the last step has 2 classes
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         IncrementalHead(8, [])
 
 

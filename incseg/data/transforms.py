@@ -20,8 +20,6 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from incseg.errors import ConfigError
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,7 +33,7 @@ def train_transform(crop: int, hflip: bool = True, rotation: float = 0.0,
                     scale: tuple[float, float] = (0.5, 1.0)) -> A.Compose:
     """Training pipeline: RandomResizedCrop(area ``scale``) [+ flip] [+ rotation] [+ jitter]."""
     if crop < 8:
-        raise ConfigError(f"data.crop={crop} is too small; use at least 8 pixels")
+        raise ValueError(f"data.crop={crop} is too small; use at least 8 pixels")
     ops: list = [A.RandomResizedCrop(size=(crop, crop), scale=tuple(scale), p=1.0)]
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
@@ -57,7 +55,7 @@ def eval_transform(crop: int | None, mode: str = "resize") -> A.Compose:
     elif mode == "full":
         ops = []
     else:
-        raise ConfigError(f"data.test_mode={mode!r} is not valid; use 'resize' or 'full'")
+        raise ValueError(f"data.test_mode={mode!r} is not valid; use 'resize' or 'full'")
     return A.Compose(ops + [normalize(), ToTensorV2()])
 
 

@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from incseg.errors import ConfigError
-
 __all__ = [
     "REPLAY_LOSSES",
     "feature_distillation",
@@ -117,7 +115,7 @@ def old_view(logits: Tensor, num_old: int, background: str = "unbiased") -> Tens
     if background == "plain" or logits.shape[1] == num_old:
         return logits[:, :num_old]
     if background != "unbiased":
-        raise ConfigError(f"replay.background={background!r} is not valid; use unbiased or plain")
+        raise ValueError(f"background={background!r} is not valid; use unbiased or plain")
     bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, num_old:]], dim=1), dim=1,
                          keepdim=True)
     return torch.cat([bg, logits[:, 1:num_old]], dim=1)
@@ -176,7 +174,7 @@ def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: floa
     only ``mse`` and ``kl``.
 
     Raises:
-        ConfigError: unknown ``kind`` (one line listing the valid kinds).
+        ValueError: unknown ``kind`` (one line listing the valid kinds).
     """
     if kind == "mse":
         return replay_mse(logits, old_logits, background)
@@ -184,6 +182,6 @@ def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: floa
         return replay_kl(logits, old_logits, temperature=temperature, background=background)
     if kind == "ukd":
         return unbiased_knowledge_distillation(logits, old_logits)
-    raise ConfigError(
+    raise ValueError(
         f"unknown replay.loss={kind!r}; valid kinds are mse|kl|ukd (e.g. replay.loss=mse)"
     )

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from incseg.errors import ConfigError
-
 __all__ = ["IncrementalHead", "check_classes_per_step"]
 
 
@@ -18,11 +16,11 @@ def check_classes_per_step(classes_per_step: Sequence[int]) -> list[int]:
     try:
         out = [int(c) for c in classes_per_step]
     except (TypeError, ValueError) as e:
-        raise ConfigError(
+        raise ValueError(
             f"classes_per_step must be a list of positive ints, got {classes_per_step!r}"
         ) from e
     if not out or any(c < 1 for c in out):
-        raise ConfigError(f"classes_per_step must be a non-empty list of positive ints, got {out}")
+        raise ValueError(f"classes_per_step must be a non-empty list of positive ints, got {out}")
     return out
 
 
@@ -56,7 +54,7 @@ class IncrementalHead(nn.Module):
     def add_step(self, n_new: int) -> nn.Conv2d:
         """Append a conv for `n_new` new classes (on the head's device/dtype) and return it."""
         if int(n_new) < 1:
-            raise ConfigError(f"a step must add at least one class, got {n_new}")
+            raise ValueError(f"a step must add at least one class, got {n_new}")
         ref = self.convs[0].weight
         conv = nn.Conv2d(self.in_ch, int(n_new), 1, bias=True).to(ref.device, ref.dtype)
         self.convs.append(conv)
@@ -73,10 +71,10 @@ class IncrementalHead(nn.Module):
         foreground class exactly its old probability.
         """
         if len(self.convs) < 2:
-            raise ConfigError("init_balanced needs a step after step 0 (call add_step first)")
+            raise ValueError("init_balanced needs a step after step 0 (call add_step first)")
         last, first = self.convs[-1], self.convs[0]
         if n_new is not None and int(n_new) != last.out_channels:
-            raise ConfigError(
+            raise ValueError(
                 f"init_balanced(n_new={n_new}) but the last step has {last.out_channels} classes"
             )
         n = last.out_channels
