@@ -30,6 +30,9 @@ def after_write(path: os.PathLike | str) -> None:
         if kind == "kill-after-write":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "interrupt-after-write":
+            # as Ctrl-C in a terminal: a process started in the background (nohup, `cmd &`, some
+            # CI runners) inherits SIGINT ignored, and Python then installs no handler for it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), signal.SIGINT)
     log = os.environ.get("INCSEG_WRITE_LOG")
     if log:
