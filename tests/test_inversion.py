@@ -199,9 +199,9 @@ def test_competition_student_and_targets_checked():
             module.detach_hooks()
     assert module.w_adi == 0.2 and 0.0 <= float(parts.adi.detach()) <= 1.0
     assert all(torch.equal(s_before[k], v) for k, v in student.state_dict().items())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         InversionModule(teacher, [0, 1], small())  # background without include_background
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         InversionModule(teacher, [4], small())
 
 
@@ -382,9 +382,9 @@ def test_replay_set_is_reproducible_and_kind_is_in_the_key(tmp_path):
     noise = fresh("c", kind="noise")
     assert noise[0] != first[0]
     assert noise[1]["images/000000.png"] != first[1]["images/000000.png"]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="gan", progress=False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         ensure_replay_set(tmp_path, teacher, [1, 2], st, kind="noise", student=Toy(seed=1),
                           progress=False)
 

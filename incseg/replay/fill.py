@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from incseg.data.prepare import save_palette_png
-from incseg.errors import CheckpointError, ConfigError
+from incseg.errors import CheckpointError
 from incseg.io import atomic_write_json, entry_lock, file_sha256
 from incseg.replay.controls import generator_settings
 from incseg.replay.generator import synthesise
@@ -92,13 +92,13 @@ def ensure_replay_set(
     """
     check_kind(kind)
     if kind == "noise" and student is not None:
-        raise ConfigError("a noise replay set has no competition student; pass student=None")
+        raise ValueError("a noise replay set has no competition student; pass student=None")
     targets = [int(t) for t in targets]
     if class_ids is None:
         class_ids = list(range(max(targets) + 1))
     class_ids = [int(c) for c in class_ids]
     if max(targets) >= len(class_ids):
-        raise ConfigError(f"class_ids has {len(class_ids)} entries; it needs one per teacher "
+        raise ValueError(f"class_ids has {len(class_ids)} entries; it needs one per teacher "
                           f"channel up to {max(targets)}")
     class_of = {t: class_ids[t] for t in targets}
     key = replay_key(teacher, settings, targets, class_ids=class_ids, student=student, kind=kind)

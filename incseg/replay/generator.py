@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from incseg.errors import ConfigError
 from incseg.losses.inversion import BNStatisticsHook, competition_loss, image_priors
 from incseg.models.pooling import lse_lba_pool
 from incseg.replay.settings import InversionSettings, batch_plan, clamp_normalised
@@ -135,7 +134,7 @@ class InversionModule(nn.Module):
         lowest = 0 if settings.include_background else 1
         for t in targets:
             if not lowest <= t < self.num_teacher_classes:
-                raise ConfigError(
+                raise ValueError(
                     f"inversion target channel {t} outside {lowest}..{self.num_teacher_classes - 1}"
                     " (old foreground classes; background needs inversion.include_background=true)"
                 )
@@ -253,7 +252,7 @@ class InversionModule(nn.Module):
                 s_logits = model_logits(self.student, x)
             c_o = pooled.shape[1]
             if s_logits.shape[1] < c_o:
-                raise ConfigError(
+                raise ValueError(
                     f"competition student has {s_logits.shape[1]} channels, fewer than the "
                     f"teacher's {c_o}; use a student trained on the same step"
                 )

@@ -31,7 +31,6 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from incseg.errors import ConfigError
 from incseg.io import content_key, file_sha256
 from incseg.replay.settings import InversionSettings, from_uint8
 
@@ -68,7 +67,7 @@ def teacher_fingerprint(model: nn.Module) -> str:
 
 def check_kind(kind: str) -> str:
     if kind not in KINDS:
-        raise ConfigError(f"unknown replay set kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ValueError(f"unknown replay set kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     return kind
 
 

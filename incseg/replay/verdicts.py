@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from incseg.errors import ConfigError
 from incseg.models.pooling import lse_lba_pool
 from incseg.replay.settings import InversionSettings
 
@@ -115,6 +114,6 @@ def verifier_accuracy(preds: Sequence[int], targets: Sequence[int],
     for p, t in zip(preds, targets, strict=True):
         expected = t if channel_of is None else channel_of.get(int(t), channel_of.get(str(t)))
         if expected is None:
-            raise ConfigError(f"verifier_channel_of has no entry for teacher channel {t}")
+            raise ValueError(f"verifier_channel_of has no entry for teacher channel {t}")
         hits += int(p) == int(expected)
     return hits / len(targets)
