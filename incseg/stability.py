@@ -4,10 +4,8 @@ SGD with learning rate ``lr`` follows a quadratic ``lambda/2 p^2`` only while
 ``lr * lambda`` stays below a bound set by the momentum; above it each step overshoots by more
 than the last and the iterate grows geometrically. A loss term whose Hessian has a larger
 eigenvalue than that bound at the start of training diverges along that eigenvector as soon as
-the iterate leaves the minimum. On `shapes` 15-5s this is what made MSE replay collapse: at the
-start of a step the largest eigenvalue of ``MSE(student, teacher)`` on a replay batch is
-364-1577, the bound for lr 0.005 with Nesterov momentum 0.9 is 271 (``replay.check`` in the
-Table-3 runs); KL's is 40-178, UKD's 21-37.
+the iterate leaves the minimum. This is what made MSE replay at weight 1 collapse on `shapes`
+15-5s (the figures: docs/measurements.md, "Replay curvature").
 """
 
 from __future__ import annotations
