@@ -145,3 +145,40 @@ def test_a_bad_value_of_a_new_method_is_one_line(plugin):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == ["error: method=scaled_ft: scale=-1 must be > 0; check method.* overrides "
                      "against conf/method"]
+
+
+def test_a_method_needing_a_feature_the_model_lacks_is_one_line():
+    """A method names the contract features it reads; a model without one is refused with one
+    line at the first batch, not a KeyError deep in the method."""
+    import torch
+    from torch import nn
+
+    from incseg.errors import ConfigError
+    from incseg.methods.ilt import ILT
+    from incseg.models import IncrementalHead, SegOutput
+    from incseg.systems.base import Recipe
+    from incseg.systems.student import StudentModule
+    from incseg.tasks import get_task
+
+    class NoDecoder(nn.Module):
+        def __init__(self, per_step):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.head = IncrementalHead(4, per_step)
+
+        num_classes = property(lambda self: self.head.num_classes)
+        classes_per_step = property(lambda self: self.head.classes_per_step)
+
+        def add_step(self, n_new, init_balanced=True):
+            self.head.add_step(n_new)
+
+        def forward(self, x):
+            f = self.conv(x)
+            return SegOutput(self.head(f), [], {"encoder": f, "stages": [f]})
+
+    task = get_task("shapes", "15-5")
+    old, new = NoDecoder([16]), NoDecoder([16])
+    new.add_step(5)
+    module = StudentModule(new, old, task, 1, Recipe(), ILT(feat_layer="decoder"))
+    with pytest.raises(ConfigError, match="reads the model features decoder, which NoDecoder"):
+        module.training_loss(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long))
