@@ -12,18 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from incseg.config.build import plain as _plain
 from incseg.errors import ConfigError
 from incseg.io import stable_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
-
-def _plain(x):
-    if isinstance(x, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(x, resolve=True)
-    return x
 
 
 def task_dirname(name: str, steps) -> str:
