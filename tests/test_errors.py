@@ -142,6 +142,11 @@ CONFIG_CASES = [
                  id="negative-inversion-weight"),
     pytest.param(["seed=abc"], ["error: seed='abc' is not a whole number; pass e.g. seed=0"],
                  id="seed-not-a-number"),
+    pytest.param(["model=bisenet_r18_paper", "model.fusion_kernel=5"],
+                 ["error: model.fusion_kernel=5 is not valid; use 1"], id="bisenet-fusion-kernel"),
+    pytest.param(["model=bisenet_r18_paper", "model.global_context=concat"],
+                 ["error: model.global_context='concat' is not valid; use add"],
+                 id="bisenet-global-context"),
 ]
 
 

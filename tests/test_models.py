@@ -75,6 +75,45 @@ def test_r18_parameter_count():
     assert abs(n - 12.6e6) / 12.6e6 < 0.10
 
 
+def test_paper_variant_parameter_counts():
+    """The paper's code (3x3 fusion conv, ARM conv biases) has 14,390,719 parameters at 21
+    classes without torchvision's unused fc; this suite's default 12,292,799. The difference is
+    exactly the fusion conv's 1024*256*(9-1) weights plus the 256 + 512 ARM biases."""
+    ours = sum(p.numel() for p in build_model("bisenet_r18", [21]).parameters())
+    paper = sum(p.numel() for p in build_model("bisenet_r18_paper", [21]).parameters())
+    assert ours == 12_292_799
+    assert paper == 14_390_719
+    assert paper - ours == 1024 * 256 * 8 + 256 + 512
+
+
+def test_paper_variant_multiplies_the_global_context():
+    """Same weights, two forwards: cx2 = ARM(body) + GAP(body) (default) against
+    ARM(body) * GAP(body) (the paper's code)."""
+    torch.manual_seed(0)
+    add = BiSeNet("resnet18", [3]).eval()
+    mul = BiSeNet("resnet18", [3], global_context="multiply").eval()
+    mul.load_state_dict(add.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        body = add.backbone(x)[3]
+        arm = add.arm32(body)
+        gap = body.mean(dim=(2, 3), keepdim=True)
+        fa, fm = add.forward_features(x), mul.forward_features(x)
+    size = fa["spatial"].shape[-2:]
+    up = lambda t: torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear",
+                                                   align_corners=False)
+    torch.testing.assert_close(fa["cx2"], up(arm + gap))
+    torch.testing.assert_close(fm["cx2"], up(arm * gap))
+    assert not torch.allclose(fa["cx2"], fm["cx2"])
+
+
+def test_paper_variant_settings_are_checked():
+    with pytest.raises(ConfigError, match="fusion_kernel=2 is not valid"):
+        BiSeNet("resnet18", [3], fusion_kernel=2)
+    with pytest.raises(ConfigError, match="global_context='sum' is not valid"):
+        BiSeNet("resnet18", [3], global_context="sum")
+
+
 def test_channels_last_matches_contiguous(r18):
     r18.eval()
     x = torch.randn(1, 3, 64, 64)

@@ -13,6 +13,13 @@ Layout at input size H x W (C3, C4 = layer3/layer4 channels of the ResNet):
 
 Contract features: ``encoder`` = body (layer4), ``stages`` = the ResNet's four stages,
 ``decoder`` = ffm; BiSeNet's own ``spatial``, ``cx1``, ``cx2`` beside them.
+
+Two variants (``conf/model/bisenet_*`` and ``bisenet_*_paper``). The default follows the BiSeNet
+paper and the public implementations it cites: a 1x1 fusion conv, the global context *added* to
+the 1/32 branch, bias-free ARM convs (a BN follows). The ``paper`` variant is the code Di Salvo
+et al. trained (derived from the widely copied ooooverflow/BiSeNet): a 3x3 fusion conv, the
+global context *multiplied* into the 1/32 branch, ARM convs with a bias; their numbers came
+from it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from incseg.errors import ConfigError
 from incseg.models.backbones import ResNetBackbone, pretrained_file
 from incseg.models.base import SegOutput
 from incseg.models.heads import IncrementalHead, check_classes_per_step
@@ -75,11 +83,12 @@ class ARM(nn.Module):
 
     B x C x h x w -> B x C x h x w. The BN runs on a 1 x 1 map: fine in eval, needs batch >= 2
     in training (accepted; every BN must run in forward for DeepInversion's BN-statistics hooks).
+    ``bias``: the conv's bias is redundant before the BN; the paper's code has one.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, bias: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.conv = nn.Conv2d(channels, channels, 1, bias=bias)
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -91,14 +100,14 @@ class FFM(nn.Module):
 
     [B x Ci x h x w, ...] -> f = ReLU(BN(conv1x1(concat))) (B x 256 x h x w),
     a = sigmoid(conv1x1(ReLU(conv1x1(GAP(f))))), output f + f * a.
-    The fusion conv is 1x1 as in the public BiSeNet implementations (TorchSeg, CoinCheung);
-    a 3x3 one would add 2.1 M parameters and ~9.7 GMACs at 512x512 to the ResNet-18 model and
-    miss the reference sizes (about 12.6 M parameters, about 13 GMACs).
+    The fusion conv is 1x1 by default as in the public BiSeNet implementations (TorchSeg,
+    CoinCheung), which keeps the reference sizes (about 12.6 M parameters, about 13 GMACs for
+    ResNet-18); ``kernel_size=3`` is the paper's code (2.1 M parameters more for ResNet-18).
     """
 
-    def __init__(self, in_ch: int, out_ch: int = 256):
+    def __init__(self, in_ch: int, out_ch: int = 256, kernel_size: int = 1):
         super().__init__()
-        self.fuse = ConvBNReLU(in_ch, out_ch, kernel_size=1)
+        self.fuse = ConvBNReLU(in_ch, out_ch, kernel_size=kernel_size)
         self.attention = nn.Sequential(
             nn.Conv2d(out_ch, out_ch, 1, bias=True),
             nn.ReLU(inplace=True),
@@ -116,7 +125,8 @@ class BiSeNet(nn.Module):
 
     ``classes_per_step[0]`` includes background (channel 0). ``pretrained`` applies to the
     backbone only: None (from scratch), "imagenet" (torchvision file from the torch hub cache,
-    never downloaded) or a path to a ResNet state dict.
+    never downloaded) or a path to a ResNet state dict. ``fusion_kernel``, ``global_context``
+    and ``arm_bias`` choose between this suite's variant and the paper's code (module docstring).
     """
 
     def __init__(
@@ -124,15 +134,20 @@ class BiSeNet(nn.Module):
         backbone: str = "resnet18",
         classes_per_step: Sequence[int] = (21,),
         pretrained: str | os.PathLike | None = None,
+        fusion_kernel: int = 1,
+        global_context: str = "add",
+        arm_bias: bool = False,
     ):
         super().__init__()
+        self.check_config(backbone, None, fusion_kernel, global_context, arm_bias)
         classes_per_step = check_classes_per_step(classes_per_step)
         self.backbone = ResNetBackbone(backbone, pretrained=pretrained)
         c3, c4 = self.backbone.out_channels
+        self.global_context = global_context
         self.spatial_path = SpatialPath()
-        self.arm16 = ARM(c3)
-        self.arm32 = ARM(c4)
-        self.ffm = FFM(SpatialPath.out_channels + c3 + c4, 256)
+        self.arm16 = ARM(c3, bias=bool(arm_bias))
+        self.arm32 = ARM(c4, bias=bool(arm_bias))
+        self.ffm = FFM(SpatialPath.out_channels + c3 + c4, 256, kernel_size=int(fusion_kernel))
         self.head = IncrementalHead(256, classes_per_step)
         # Auxiliary heads on the context features (paper Eq. 3's two auxiliary losses).
         self.aux1 = IncrementalHead(c3, classes_per_step)
@@ -158,9 +173,19 @@ class BiSeNet(nn.Module):
                 head.init_balanced(n_new)
 
     @staticmethod
-    def check_config(backbone: str = "resnet18", pretrained=None, **_) -> None:
-        """Fail before anything trains when ``pretrained`` names a file that is not there
-        (called by the config check; raises ConfigError)."""
+    def check_config(backbone: str = "resnet18", pretrained=None, fusion_kernel=1,
+                     global_context="add", arm_bias=False, **_) -> None:
+        """Fail before anything trains on a variant setting out of range or when ``pretrained``
+        names a file that is not there (called by the config check; raises ConfigError)."""
+        if fusion_kernel not in (1, 3) or isinstance(fusion_kernel, bool):
+            raise ConfigError(f"model.fusion_kernel={fusion_kernel!r} is not valid; use 1 "
+                              "(this suite's BiSeNet) or 3 (the paper's code)")
+        if global_context not in ("add", "multiply"):
+            raise ConfigError(f"model.global_context={global_context!r} is not valid; use add "
+                              "(the BiSeNet paper) or multiply (the paper's code)")
+        if not isinstance(arm_bias, bool):
+            raise ConfigError(f"model.arm_bias={arm_bias!r} is not a boolean; use "
+                              "model.arm_bias=true or false")
         pretrained_file(backbone, pretrained)
 
     def forward_features(self, x: Tensor) -> dict:
@@ -170,8 +195,13 @@ class BiSeNet(nn.Module):
         stages = self.backbone(x)
         f16, body = stages[2], stages[3]
         size = spatial.shape[-2:]
-        # Global context (paper Sec. 3.2): the pooled 1/32 feature, broadcast over the map.
-        cx2 = _resize(self.arm32(body) + _gap(body), size)
+        # Global context (BiSeNet paper Sec. 3.2): the pooled 1/32 feature, broadcast over the
+        # map; the paper's code multiplies it in instead.
+        if self.global_context == "add":
+            cx2 = self.arm32(body) + _gap(body)
+        else:
+            cx2 = self.arm32(body) * _gap(body)
+        cx2 = _resize(cx2, size)
         cx1 = _resize(self.arm16(f16), size)
         ffm = self.ffm((spatial, cx1, cx2))
         return {"encoder": body, "stages": stages, "decoder": ffm,
