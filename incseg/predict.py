@@ -3,7 +3,8 @@
 Segments every image (jpg/jpeg/png, sorted by name) in ``input`` with a run's model checkpoint
 (``checkpoints/step<t>.pt``) and writes, per image, ``<stem>_mask.png`` (palette PNG of dataset
 class ids, the VOC mask format) and ``<stem>_overlay.png`` (the image blended with the colour
-map, alpha 0.5). Arguments are ``key=value`` like every other incseg command (one option
+map, alpha 0.5), in the dataset's own colours where the checkpoint records them (``folder``'s
+classes.yaml), else VOC's. Arguments are ``key=value`` like every other incseg command (one option
 system). ``size`` resizes the shorter side before the model (as the eval ``resize`` mode, without
 the centre crop); by default the image is segmented at its own resolution. Masks always have
 the input image's size. One JSON summary line on stdout; progress and logs on stderr.
@@ -94,6 +95,7 @@ def predict(args: dict[str, str | None]) -> dict:
     from incseg.viz import (
         load_segmenter,
         overlay,
+        palette_of,
         predict_ids,
         to_input,
         write_palette_png,
@@ -107,6 +109,7 @@ def predict(args: dict[str, str | None]) -> dict:
         raise ConfigError("output= must differ from input= (masks would be read as inputs "
                           "next time); choose another folder")
     model, class_ids, meta = load_segmenter(args["checkpoint"], args["model"])
+    palette = palette_of(meta.get("class_colors"))  # the dataset's colours, else VOC's
     check_images(images)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -114,11 +117,13 @@ def predict(args: dict[str, str | None]) -> dict:
     for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
         image = read_image(path)
         ids = predict_ids(model, to_input(image, size), class_ids, out_size=image.shape[:2])[0]
-        write_palette_png(ids, out / f"{path.stem}_mask.png")
-        write_rgb_png(overlay(image, ids, 0.5), out / f"{path.stem}_overlay.png")
+        write_palette_png(ids, out / f"{path.stem}_mask.png", palette)
+        write_rgb_png(overlay(image, ids, 0.5, palette), out / f"{path.stem}_overlay.png")
+    names = meta.get("class_names")
     return {"checkpoint": str(args["checkpoint"]), "model": meta["model"],
-            "step": meta["step"], "classes": class_ids, "images": len(images),
-            "output": str(out)}
+            "step": meta["step"], "classes": class_ids,
+            **({"class_names": [names[c] for c in class_ids]} if names else {}),
+            "images": len(images), "output": str(out)}
 
 
 @report_errors

@@ -2,7 +2,8 @@
 
 ``results.json``::
 
-    {<header: dataset, task, method, overlap, seed, ...>,
+    {<header: dataset, task, method, overlap, seed, ...; class_names and class_colors (RGB
+      per class id) for a dataset that defines them>,
      "steps": [{"step", "classes", "iou": {"<dataset class id>": float|null}, "miou_old",
                 "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", ...}, ...],
      "final": {"old", "new", "all", "avg"},
@@ -114,6 +115,12 @@ def _missing_key(results: Any) -> str | None:
     return None
 
 
+def class_label(cls: int | str, names: Sequence[str] | None) -> str:
+    """``3 car`` where the dataset names its classes (``class_names`` in results), else ``3``."""
+    c = int(cls)
+    return f"{c} {names[c]}" if names and 0 <= c < len(names) else str(c)
+
+
 def _fmt(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -176,7 +183,8 @@ def _md_text(results: Mapping[str, Any]) -> str:
     lines.append("|---:|" + "---:|" * len(steps))
     for cls in classes:
         cells = [_fmt(rec["iou"].get(cls), 4) for rec in steps]
-        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+        lines.append(f"| {class_label(cls, results.get('class_names'))} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Per-class IoU; '-' = class not seen yet or absent from the ground truth. "
                  + CONVENTION + ".")

@@ -5,6 +5,10 @@ The model's output channel k is the k-th class in *task order* (``classes_seen``
 a non-natural class order (MiB's ``b``/``c`` orders) is just a custom split. Labels are remapped
 from dataset ids to channels with a 256-entry lookup table (``train_lut`` / ``test_lut``): one
 ``lut[mask]`` gather per image, never a per-pixel Python loop.
+
+A dataset that names its classes (``folder``'s ``classes.yaml``) brings its own class count and
+lets a custom split name classes instead of numbering them; names become ids here, once, so
+everything downstream (selection, lookup tables, results) speaks in ids.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ IGNORE = 255
 
 #: number of classes of each dataset, background (0) included
 NUM_CLASSES = {"voc": 21, "shapes": 21, "ade": 151}
+#: datasets whose classes are listed in their own data (``folder``: ``classes.yaml``)
+OWN_CLASSES = ("folder",)
 
 
 def _blocks(first: int, last: int, size: int) -> list[list[int]]:
@@ -149,8 +155,24 @@ def remap(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.take(lut, mask)
 
 
-def _validate(dataset: str, name: str, steps: Sequence[Sequence[int]]) -> list[list[int]]:
-    n = NUM_CLASSES[dataset]
+def _class_id(c, t: int, name: str, dataset: str, class_names: Sequence[str] | None,
+              hint: str) -> int:
+    """A split's entry as a class id: an id, or a name of the dataset's class list."""
+    if isinstance(c, str) and class_names is not None:
+        if c in class_names:
+            return list(class_names).index(c)
+        raise ConfigError(
+            f"task {name}: step {t} names class {c!r}, which is not in the dataset's class list "
+            f"({', '.join(class_names)}); use one of those names or an id "
+            f"0..{len(class_names) - 1}"
+        )
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+        raise ConfigError(f"task {name}: step {t} holds {c!r}, not a class id ({hint})")
+    return int(c)
+
+
+def _validate(dataset: str, name: str, steps: Sequence[Sequence[int | str]], n: int,
+              class_names: Sequence[str] | None = None) -> list[list[int]]:
     hint = "e.g. task.steps=[[0,1,2,3],[4,5]]"
     if not isinstance(steps, Sequence) or isinstance(steps, str) or len(steps) == 0:
         raise ConfigError(f"task {name}: steps must be a non-empty list of class lists ({hint})")
@@ -163,9 +185,7 @@ def _validate(dataset: str, name: str, steps: Sequence[Sequence[int]]) -> list[l
             )
         ids = []
         for c in step:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
-                raise ConfigError(f"task {name}: step {t} holds {c!r}, not a class id ({hint})")
-            c = int(c)
+            c = _class_id(c, t, name, dataset, class_names, hint)
             if not 0 <= c < n:
                 raise ConfigError(
                     f"task {name}: class {c} in step {t} is outside {dataset}'s ids 0..{n - 1}"
@@ -184,27 +204,41 @@ def _validate(dataset: str, name: str, steps: Sequence[Sequence[int]]) -> list[l
     return out
 
 
-def get_task(dataset: str, name: str, steps: Sequence[Sequence[int]] | None = None) -> Task:
+def get_task(dataset: str, name: str, steps: Sequence[Sequence[int | str]] | None = None,
+             class_names: Sequence[str] | None = None) -> Task:
     """The task ``name`` on ``dataset``; ``steps`` gives a custom split (validated).
+
+    ``class_names`` is the class list of a dataset that defines its own (``folder``): its
+    length is the number of classes, ``steps`` may name classes, and ``offline`` is its only
+    named split.
 
     >>> get_task("voc", "15-5").steps[1]
     [16, 17, 18, 19, 20]
+    >>> get_task("folder", "custom", [["background", "sky"], ["car"]],
+    ...          ["background", "car", "sky"]).steps
+    [[0, 2], [1]]
     """
-    if dataset not in NUM_CLASSES:
-        raise ConfigError(
-            f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(NUM_CLASSES))}"
-        )
+    if class_names is not None:
+        n = len(class_names)
+        known = {"offline": [list(range(n))]}
+    elif dataset in NUM_CLASSES:
+        n, known = NUM_CLASSES[dataset], SPLITS[dataset]
+    elif dataset in OWN_CLASSES:
+        raise ConfigError(f"dataset {dataset} lists its classes in its data root's classes.yaml "
+                          "and none was given; pass data.root=DIR")
+    else:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of: "
+                          f"{', '.join(sorted((*NUM_CLASSES, *OWN_CLASSES)))}")
     if steps is not None:
         steps = [list(s) if isinstance(s, Sequence) and not isinstance(s, str) else s
                  for s in steps]
-        return Task(dataset, name or "custom", _validate(dataset, name or "custom", steps),
-                    NUM_CLASSES[dataset])
+        return Task(dataset, name or "custom",
+                    _validate(dataset, name or "custom", steps, n, class_names), n)
     canonical = ALIASES.get(str(name), str(name))
-    known = SPLITS[dataset]
     if canonical not in known:
         names = ", ".join(list(known) + [a for a, c in ALIASES.items() if c in known])
         raise ConfigError(
             f"unknown task {name!r} for dataset {dataset}; choose one of: {names} "
             "(or a custom split: task=custom task.steps=[[0,1,...],[...]])"
         )
-    return Task(dataset, canonical, [list(s) for s in known[canonical]], NUM_CLASSES[dataset])
+    return Task(dataset, canonical, [list(s) for s in known[canonical]], n)

@@ -27,30 +27,43 @@ from incseg.models import SegmentationModel
 _CMAP = voc_colormap(256)
 
 
-def colorize(ids: np.ndarray) -> np.ndarray:
-    """H x W class ids (uint8, 255 = void) -> H x W x 3 uint8 in the PASCAL VOC palette."""
-    return _CMAP[np.asarray(ids, dtype=np.uint8)]
+def palette_of(class_colors: Sequence[Sequence[int]] | None) -> np.ndarray:
+    """256 x 3 uint8: a dataset's own colours (``class_colors`` of a checkpoint or results,
+    RGB per class id) over the VOC palette, or the VOC palette alone."""
+    pal = _CMAP.copy()
+    if class_colors:
+        pal[: len(class_colors)] = np.asarray(class_colors, dtype=np.uint8).reshape(-1, 3)
+    return pal
 
 
-def overlay(image: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def colorize(ids: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """H x W class ids (uint8, 255 = void) -> H x W x 3 uint8 in ``palette`` (default VOC's)."""
+    return (_CMAP if palette is None else palette)[np.asarray(ids, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, ids: np.ndarray, alpha: float = 0.5,
+            palette: np.ndarray | None = None) -> np.ndarray:
     """``(1 - alpha) * image + alpha * colour(ids)``: H x W x 3 uint8 (image and ids same H x W)."""
     if image.shape[:2] != ids.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {ids.shape} differ in size")
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(ids).astype(np.float32)
+    colour = colorize(ids, palette).astype(np.float32)
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colour
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def palette_png_bytes(ids: np.ndarray) -> bytes:
-    """A palette (P-mode) PNG of class ids, the format of VOC's own masks (pixel = class id)."""
+def palette_png_bytes(ids: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """A palette (P-mode) PNG of class ids, the format of VOC's own masks (pixel = class id);
+    ``palette`` only changes how viewers show it, never the ids."""
     im = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
-    im.putpalette(_CMAP.ravel().tolist())
+    im.putpalette((_CMAP if palette is None else palette).ravel().tolist())
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def write_palette_png(ids: np.ndarray, path: str | os.PathLike) -> None:
-    atomic_write_bytes(path, palette_png_bytes(ids))
+def write_palette_png(ids: np.ndarray, path: str | os.PathLike,
+                      palette: np.ndarray | None = None) -> None:
+    atomic_write_bytes(path, palette_png_bytes(ids, palette))
 
 
 def write_rgb_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
@@ -80,7 +93,8 @@ def load_segmenter(path: str | Path, model_name: str | None = None
                               f"{sum(per_step)} channels, classes {class_ids}); re-save it")
     model = model_from_checkpoint(ckpt, path)
     model.eval()
-    meta = {k: ckpt.get(k) for k in ("model", "step", "task_steps", "classes_per_step")}
+    meta = {k: ckpt.get(k) for k in ("model", "step", "task_steps", "classes_per_step",
+                                     "class_names", "class_colors")}
     return model, class_ids, meta
 
 

@@ -79,7 +79,8 @@ def files_below(path: Path) -> list[Path]:
 # ---- configuration: rejected before Hydra creates the run directory ------------------------
 
 CONFIG_CASES = [
-    pytest.param(["dataset=foo"], ["unknown dataset 'foo'", "choose one of: ade, shapes, voc"],
+    pytest.param(["dataset=foo"],
+                 ["unknown dataset 'foo'", "choose one of: ade, folder, shapes, voc"],
                  id="unknown-dataset"),
     pytest.param(["method=foo"], ["unknown method 'foo'", "choose one of: ft, ilt, joint, lwf,"
                                   " mib"], id="unknown-method"),

@@ -131,7 +131,12 @@ def task_from_cfg(cfg: DictConfig):
     steps = _plain(cfg.task.get("steps"))
     if cfg.task.name == "custom" and steps in (None, "???"):
         raise ConfigError("task=custom needs task.steps, e.g. task.steps=[[0,1,2,3],[4,5]]")
-    return get_task(cfg.dataset.name, str(cfg.task.name), steps)
+    names = None
+    if cfg.dataset.name == "folder":  # its classes (and their names) are in its classes.yaml
+        from incseg.data.sources import make_source
+
+        names = make_source("folder", cfg.data.get("root")).class_names
+    return get_task(cfg.dataset.name, str(cfg.task.name), steps, names)
 
 
 def cache_dir_from_cfg(cfg: DictConfig) -> Path:

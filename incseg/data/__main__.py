@@ -1,7 +1,9 @@
-"""``python -m incseg.data {prepare,stats} <hydra overrides>``.
+"""``python -m incseg.data {prepare,stats,check} <hydra overrides>``.
 
 prepare: check a dataset's layout (and build VOC's train_aug from SBD).
 stats:   per-step image counts of a task, as one JSON object on stdout.
+check:   every image and mask of every split read once; per class, its pixels and the images
+         holding it, as one JSON object on stdout (a user's own data, seen before training).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from incseg.config import (
 )
 from incseg.errors import ConfigError
 
-USAGE = "usage: python -m incseg.data {prepare,stats} dataset=NAME [data.root=DIR] [task=NAME] ..."
+COMMANDS = ("prepare", "stats", "check")
+USAGE = ("usage: python -m incseg.data {prepare,stats,check} dataset=NAME [data.root=DIR] "
+         "[task=NAME] ...")
 
 
 def stats(cfg) -> dict:
@@ -30,6 +34,9 @@ def stats(cfg) -> dict:
     task = task_from_cfg(cfg)
     source = source_from_cfg(cfg)
     steps = check_steps(source, task, bool(cfg.overlap), cache_dir_from_cfg(cfg))
+    if source.class_names is not None:
+        for s in steps:
+            s["names"] = [source.class_names[c] for c in s["classes"]]
     return {"dataset": source.name, "task": task.name, "overlap": bool(cfg.overlap),
             "steps": steps}
 
@@ -43,6 +50,10 @@ def prepare(cfg) -> dict:
         source = source_from_cfg(cfg)
         return {"dataset": "shapes", "root": str(source.root),
                 **{s: len(source.check_split(s)) for s in ("train", "val", "test")}}
+    if name == "folder":  # nothing to build: list every split's files (check reads them)
+        source = make_source(name, cfg.data.root)
+        return {"dataset": "folder", "root": str(source.root),
+                **{s: len(source.check_split(s)) for s in ("train", "val", "test")}}
     root = make_source(name, cfg.data.root).root  # checks that data.root is set and exists
     if name == "voc":
         sbd = cfg.data.get("sbd_root")
@@ -50,15 +61,43 @@ def prepare(cfg) -> dict:
     return prepare_ade(root)
 
 
+def check(cfg) -> dict:
+    from incseg.data.index import class_counts
+
+    source = source_from_cfg(cfg)
+    names = source.class_names
+    out: dict = {"dataset": source.name, "root": str(source.root),
+                 "num_classes": source.num_classes, "splits": {}}
+    warnings = []
+    for split in ("train", "val", "test"):
+        if not source.has_split(split):
+            out["splits"][split] = None  # no list: no per-epoch validation
+            continue
+        n, pixels, images = class_counts(source, split)
+        classes = []
+        for c in range(source.num_classes):
+            row = {"id": c, "pixels": int(pixels[c]), "images": int(images[c])}
+            if names is not None:
+                row = {"id": c, "name": names[c], **row}
+            classes.append(row)
+            if c and split in ("train", "test") and not images[c]:
+                label = f"{c} ({names[c]})" if names is not None else str(c)
+                warnings.append(f"class {label} is in no {split} image")
+        out["splits"][split] = {"images": n, "void_pixels": int(pixels[255]),
+                                "classes": classes}
+    out["warnings"] = warnings
+    return out
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("prepare", "stats"):
+    if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
     setup_logging()
     check_overrides(argv[1:])
     cfg = compose(argv[1:])
-    out = stats(cfg) if argv[0] == "stats" else prepare(cfg)
+    out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
     print(json.dumps(out))
 
 

@@ -189,7 +189,9 @@ class IncrementalDataModule(L.LightningDataModule):
         sampler = list(range(rank, len(ds), n)) if n > 1 else None
         return self._loader(ds, self.eval_batch_size, sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.source.has_split("val"):
+            return []  # no validation split (folder without val.txt): Lightning validates nothing
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:

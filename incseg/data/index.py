@@ -59,7 +59,10 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"image {path} cannot be read ({err}); replace or re-create it") from None
 
 
-def _scan_one(sample: Sample, num_classes: int) -> list[int]:
+def pixel_counts(sample: Sample, num_classes: int,
+                 fix: str = "fix the mask or choose the right dataset") -> np.ndarray:
+    """Pixels per mask value (256 counts) of one sample, after decoding its image and checking
+    that image and mask have one size and every value is a class id or 255."""
     mask = read_mask(sample.mask)
     size = image_size(sample.image)
     if (mask.shape[1], mask.shape[0]) != size:
@@ -67,14 +70,19 @@ def _scan_one(sample: Sample, num_classes: int) -> list[int]:
             f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but its image "
             f"{sample.image} is {size[0]}x{size[1]}; they must be the same size"
         )
-    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    bad = [int(v) for v in present if v >= num_classes and v != IGNORE]
+    counts = np.bincount(mask.ravel(), minlength=256)
+    bad = [int(v) for v in np.flatnonzero(counts) if v >= num_classes and v != IGNORE]
     if bad:
         raise DataError(
             f"mask {sample.mask} holds values {bad} outside the dataset's classes "
-            f"0..{num_classes - 1} and 255; fix the mask or choose the right dataset"
+            f"0..{num_classes - 1} and 255; {fix}"
         )
-    return [int(v) for v in present]
+    return counts
+
+
+def _scan_one(sample: Sample, source: Source) -> list[int]:
+    counts = pixel_counts(sample, source.num_classes, source.mask_value_fix)
+    return [int(v) for v in np.flatnonzero(counts)]
 
 
 def _fingerprint(samples: list[Sample]) -> list:
@@ -116,7 +124,7 @@ def scan_labels(source: Source, split: str, cache: Path | None,
         workers = min(8, os.cpu_count() or 1)
         # PIL releases the GIL while decoding, so threads overlap the reads.
         with ThreadPoolExecutor(workers) as pool:
-            it = pool.map(lambda s: _scan_one(s, source.num_classes), samples)
+            it = pool.map(lambda s: _scan_one(s, source), samples)
             labels = list(tqdm(it, total=len(samples), disable=not progress, leave=False,
                                desc=f"scanning {source.name}/{split} masks"))
         if entry is not None:
@@ -125,6 +133,26 @@ def scan_labels(source: Source, split: str, cache: Path | None,
     finally:
         if lock is not None:
             lock.release()
+
+
+def class_counts(source: Source, split: str, progress: bool = True) -> tuple[int, np.ndarray,
+                                                                            np.ndarray]:
+    """(images, pixels per mask value, images per mask value) of ``split``, every image and
+    mask read once with the scan's checks; nothing is cached (``python -m incseg.data check``
+    is how a user sees the data as it is on disk now)."""
+    samples = source.check_split(split)
+    pixels = np.zeros(256, dtype=np.int64)
+    images = np.zeros(256, dtype=np.int64)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        it = pool.map(lambda s: pixel_counts(s, source.num_classes, source.mask_value_fix),
+                      samples)
+        # closed (and erased) on an error too: the error is the last line a terminal shows
+        with tqdm(it, total=len(samples), disable=not progress, leave=False,
+                  desc=f"checking {source.name}/{split}") as bar:
+            for counts in bar:
+                pixels += counts
+                images += counts > 0
+    return len(samples), pixels, images
 
 
 def _read_entry(entry: Path, count: int) -> list[list[int]] | None:

@@ -4,7 +4,7 @@ Three sources share one reader. ``voc`` and the built-in ``shapes`` use the PASC
 (``<root>/VOCdevkit/VOC2012/...``, torchvision's convention for ``root``); ``ade`` uses
 ``<root>/ADEChallengeData2016/{images,annotations}/{training,validation}``. A source only lists
 (image, mask) pairs and checks that the files it names exist; reading and validating the masks
-is ``incseg.data.index``'s job.
+is ``incseg.data.index``'s job. A user's own dataset (``folder``) is in ``incseg.data.folder``.
 
 Only ``shapes`` has a held-out ``val`` split. VOC and ADE20K publish two splits, and here
 ``val`` is every 20th image of one of them: of the *training* images for VOC (so they are
@@ -62,6 +62,10 @@ class Source(ABC):
 
     name: str
     num_classes: int
+    #: class names in id order, for datasets that list them (``folder``); None: ids only
+    class_names: tuple[str, ...] | None = None
+    #: the advice of the scan's error for a mask value outside the classes
+    mask_value_fix = "fix the mask or choose the right dataset"
 
     def __init__(self, root: str | os.PathLike | None):
         if root is None or str(root) in ("", "None", "null"):
@@ -82,6 +86,20 @@ class Source(ABC):
     def samples(self, split: str) -> list[Sample]:
         """The (image, mask) pairs of ``split`` (train, val or test), in a fixed order."""
 
+    def has_split(self, split: str) -> bool:
+        """False for a split this dataset does not have (``folder`` without ``val.txt``)."""
+        return True
+
+    def cache_identity(self) -> str:
+        """What a cached model trained on this dataset is keyed by: its location, for the
+        published datasets whose files never change."""
+        return str(self.root)
+
+    def class_info(self) -> dict:
+        """What results and checkpoints record about the classes beside their ids:
+        ``class_names`` and ``class_colors`` (RGB per id) where the dataset defines them."""
+        return {}
+
     def _require(self, path: Path, what: str, fix: str) -> Path:
         if not path.exists():
             raise DataError(f"{what} {path} is missing; {fix}")
@@ -91,6 +109,8 @@ class Source(ABC):
         """``samples(split)`` after checking that every file it names exists."""
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if not self.has_split(split):
+            return []
         samples = self.samples(split)
         if not samples:
             raise DataError(f"the {split} split of {self.name} at {self.root} lists no images; "
@@ -176,6 +196,11 @@ SOURCES = {"voc": VOCSource, "shapes": ShapesSource, "ade": ADESource}
 
 
 def make_source(name: str, root) -> Source:
+    if name == "folder":
+        from incseg.data.folder import FolderSource  # a Source subclass in its own module
+
+        return FolderSource(root)
     if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: "
+                        f"{', '.join(sorted([*SOURCES, 'folder']))}")
     return SOURCES[name](root)

@@ -157,8 +157,9 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         out = run_step(cfg, run_dir, cache, source, task, t)
         walls[t] = round(time.perf_counter() - start, 2)
         if is_rank_zero():
+            # class names and colours travel with the model (incseg.predict draws with them)
             save_model(run_dir / "checkpoints" / f"step{t}.pt", out.module.model, cfg.model,
-                       out.trained_task.steps, t)
+                       out.trained_task.steps, t, extra=source.class_info())
         if out.cache is not None and out.cache[1] is not None:
             kind, verdict, key = out.cache
             prov.setdefault("cache_keys", {})[kind] = key
@@ -185,7 +186,7 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         finish_wandb()
     header = {"dataset": task.dataset, "task": task.name, "method": str(cfg.method.name),
               "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name),
-              "replay": str(cfg.replay.name)}
+              "replay": str(cfg.replay.name), **source.class_info()}
     records = [state.steps[t] for t in sorted(state.steps)]
     prov["wall_times_s"] = walls
     if not is_rank_zero():

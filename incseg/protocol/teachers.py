@@ -74,7 +74,7 @@ def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: Tea
     if not cfg.protocol.step0_cache:
         fit(trainer, module, dm, run_dir, stage)
         return TeacherFit(module, trainer)
-    key = teacher_key(cfg, source.root, task.steps[0])
+    key = teacher_key(cfg, source.cache_identity(), task.steps[0])
     entry = cache / "step0" / f"{key}.pt"
     # Under DDP every rank must join the fit, so no rank may wait on the lock meanwhile; the
     # ranks agree without it (rank 0 alone decides before the others exist: Lightning starts

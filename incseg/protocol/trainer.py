@@ -203,6 +203,8 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # the empty val list of a dataset without a validation split (folder without val.txt)
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # epoch-level metrics come from torchmetrics states that are already summed across ranks
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")

@@ -24,6 +24,7 @@ from incseg.report.tables import (
     latex_text,
     markdown_table,
     missing_section,
+    per_class_markdown,
     runs_csv_text,
     tasks_of,
 )
@@ -48,6 +49,16 @@ class Report:
         if not self.tables:
             parts += ["No finished run to tabulate.", ""]
         parts.append(missing_section(self.missing, self.root))
+        return "\n".join(parts)
+
+    def per_class_md(self) -> str:
+        """Each seen class's final IoU, by id and, where the dataset names them, name (long for
+        ADE's 150 classes: in table.md only, not printed)."""
+        if not self.tables:
+            return ""
+        parts = ["## Per-class IoU at the final step", ""]
+        for group, table in self.tables.items():
+            parts += [f"### {group.title}", "", per_class_markdown(group, table)]
         return "\n".join(parts)
 
 
@@ -113,7 +124,8 @@ def make_report(root: Path, overlays: bool = True, n_images: int = 4,
     out_dir = root / "report"
     if rep.tables:
         make_plots(rep, out_dir, overlays, n_images)
-    md = rep.tables_md() + ("\n" + "\n".join(rep.plots) + "\n" if rep.plots else "")
+    md = rep.tables_md() + ("\n" + rep.per_class_md() if rep.tables else "") + \
+        ("\n" + "\n".join(rep.plots) + "\n" if rep.plots else "")
     atomic_write_text(out_dir / "table.csv", csv_text(rep.tables))
     atomic_write_text(out_dir / "runs.csv", runs_csv_text(runs, root))
     atomic_write_text(out_dir / "table.tex", latex_text(rep.tables))

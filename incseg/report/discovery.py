@@ -148,9 +148,10 @@ def task_of(results: dict[str, Any]) -> tuple[Task, str]:
     """The run's task (a custom split from its config) and its label (the run-path name)."""
     steps = _sub(_config_of(results), "task").get("steps")
     dataset, name = str(results["dataset"]), str(results["task"])
+    names = results.get("class_names")  # a dataset with its own classes (folder)
     if isinstance(steps, list):
-        return get_task(dataset, name, steps), task_dirname(name, steps)
-    return get_task(dataset, name), task_dirname(name, None)
+        return get_task(dataset, name, steps, names), task_dirname(name, steps)
+    return get_task(dataset, name, None, names), task_dirname(name, None)
 
 
 def expected_steps(results: dict[str, Any], task: Task) -> int:

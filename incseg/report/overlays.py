@@ -39,7 +39,7 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
     from incseg.data.dataset import read_image
     from incseg.data.index import read_mask
     from incseg.data.transforms import eval_transform
-    from incseg.viz import colorize, load_segmenter, predict_ids
+    from incseg.viz import colorize, load_segmenter, palette_of, predict_ids
 
     rows = [(v, _lowest_seed(c[task_label])) for v, c in table.items() if task_label in c]
     preds: list[tuple[str, Any, list[int]]] = []
@@ -80,12 +80,14 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
         return None, f"cannot rebuild the test images from the run's config ({msg})"
     if not items:
         return None, "the test split lists no images"
+    palette = palette_of(ref.results.get("class_colors"))  # a folder dataset's own colours
     cols = 2 + len(preds)
     fig, axes = _figure(len(items), cols, 2.0, 2.0)
     for i, (sid, x, gt) in enumerate(items):
-        panels = [(f"{sid}", _display(x)), ("ground truth", colorize(gt))]
+        panels = [(f"{sid}", _display(x)), ("ground truth", colorize(gt, palette))]
         for label, model, class_ids in preds:
-            panels.append((label, colorize(predict_ids(model, x.unsqueeze(0), class_ids)[0])))
+            pred = predict_ids(model, x.unsqueeze(0), class_ids)[0]
+            panels.append((label, colorize(pred, palette)))
         for j, (title, img) in enumerate(panels):
             ax = axes[i][j]
             ax.imshow(img, interpolation="nearest")

@@ -13,7 +13,8 @@ import numpy as np
 
 from incseg.io import atomic_path, atomic_write_bytes
 from incseg.report.discovery import Group, Run, Variant
-from incseg.report.tables import Cell, Table, mean_std, tasks_of
+from incseg.report.tables import Cell, Table, class_names, mean_std, tasks_of
+from incseg.results import class_label
 from incseg.tasks import Task
 
 
@@ -100,8 +101,10 @@ def plot_heatmap(group: Group, table: Table, path: Path) -> Path:
                 if m is not None:
                     grid[i, j] = m
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(classes)), [str(c) for c in classes],
-                      fontsize=7 if annotate else 4)
+        names = class_names(table, t)
+        ax.set_xticks(range(len(classes)), [class_label(c, names) for c in classes],
+                      fontsize=7 if annotate else 4, rotation=45 if names else 0,
+                      ha="right" if names else "center")
         ax.set_yticks(range(len(rows)), [v.label for v in rows], fontsize=8)
         ax.set_xlabel("class id")
         ax.set_title(f"{t}: per-class IoU at the final step")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from incseg.report.discovery import Group, Missing, Run, Variant
+from incseg.results import class_label
 from incseg.tasks import SPLITS
 
 log = logging.getLogger("incseg.report")
@@ -130,6 +131,34 @@ def markdown_table(group: Group, table: Table) -> str:
     caption = (f"*{group.title}: final step. {CAPTION}. Cells: {CELLS}; n = number of seeds "
                "in the cell.*")
     return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def class_names(table: Table, task_label: str) -> list[str] | None:
+    """The dataset's class names (``class_names`` in results.json, e.g. a folder dataset's
+    classes.yaml), or None where the runs record ids only."""
+    for cells in table.values():
+        if task_label in cells:
+            return cells[task_label].runs[0].results.get("class_names")
+    return None
+
+
+def per_class_markdown(group: Group, table: Table) -> str:
+    """Per task, each seen class's IoU at the final step (rows: class id and name, in task
+    order; columns: the table's rows), mean ± std over seeds."""
+    parts = []
+    for t in tasks_of(group, table):
+        rows = [v for v in table if t in table[v]]
+        task = table[rows[0]][t].runs[0].task
+        names = class_names(table, t)
+        lines = [f"{t}:", "",
+                 "| class | " + " | ".join(v.label for v in rows) + " |",
+                 "|---|" + "---:|" * len(rows)]
+        for c in task.classes_seen(task.num_steps - 1):
+            cells = [fmt_cell(*mean_std(r.steps[-1]["iou"].get(str(c))
+                                        for r in table[v][t].runs)[:2]) for v in rows]
+            lines.append(f"| {class_label(c, names)} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def _num(x: float | None) -> str:
