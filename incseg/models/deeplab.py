@@ -102,9 +102,9 @@ class ASPP(nn.Module):
 
     B x C_in x h x w -> B x out_ch x h x w:
 
-        maps = norm(concat(conv1x1(x), conv3x3_r1(x), conv3x3_r2(x), conv3x3_r3(x)))  4*hidden
-        pool = conv1x1(norm(conv1x1(mean_hw(x))))                                     B x out x 1 x 1
-        out  = norm(conv1x1(maps) + pool)          (the pooled branch broadcast over h x w)
+        maps = norm(concat(conv1x1(x), conv3x3_r1(x), conv3x3_r2(x), conv3x3_r3(x)))  # 4*hidden
+        pool = conv1x1(norm(conv1x1(mean_hw(x))))                      # B x out_ch x 1 x 1
+        out  = norm(conv1x1(maps) + pool)        # the pooled branch broadcast over h x w
 
     All convs bias-free, no dropout. Unlike torchvision's ``ASPP`` (which concatenates the
     upsampled pooling branch as a fifth map, then projects with dropout 0.5), the reference
