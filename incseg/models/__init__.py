@@ -1,4 +1,5 @@
-"""Model zoo: BiSeNet V1 with ResNet-18/50/101 context paths and incremental heads.
+"""Model zoo: BiSeNet V1 with ResNet-18/50/101 context paths, and DeepLabV3 with a dilated
+ResNet-50/101 (MiB / PLOP), each with incremental heads.
 
 A model is any ``nn.Module`` satisfying :class:`SegmentationModel` (``models/base.py``), built
 from its YAML in ``conf/model/`` by ``_target_``.
@@ -12,11 +13,12 @@ from typing import Any
 from incseg.models.backbones import ResNetBackbone
 from incseg.models.base import FEATURE_KEYS, SegmentationModel, SegOutput
 from incseg.models.bisenet import BiSeNet
+from incseg.models.deeplab import DeepLabV3
 from incseg.models.heads import IncrementalHead
 from incseg.models.pooling import LSELBAPool, lse_lba_pool
 
 __all__ = [
-    "FEATURE_KEYS", "BiSeNet", "IncrementalHead", "LSELBAPool", "ResNetBackbone",
+    "FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead", "LSELBAPool", "ResNetBackbone",
     "SegOutput", "SegmentationModel", "build_model", "lse_lba_pool", "model_config",
     "model_names",
 ]
