@@ -5,14 +5,19 @@
     {<header: dataset, task, method, overlap, seed, ...; class_names and class_colors (RGB
       per class id) for a dataset that defines them>,
      "steps": [{"step", "classes", "iou": {"<dataset class id>": float|null}, "miou_old",
-                "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", ...}, ...],
-     "final": {"old", "new", "all", "avg"},
+                "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", "hiou", ...}, ...],
+     "final": {"old", "new", "all", "avg", "hiou"},
      "provenance": {...}}
+
+``hiou`` is the harmonic mean of old and new, 2 old new / (old + new), as DKD reports it (Baek
+et al., NeurIPS 2022): high only when both are; null while there is no new class (step 0).
+Results written before it existed lack it; readers compute it from old and new
+(:func:`final_metric`).
 
 ``results.csv`` is long and tidy: columns ``step,class,iou``; one row per (step, seen class id)
 and, per step, rows whose class is ``miou_old``, ``miou_new``, ``miou_all``, ``miou_old_nobg``,
-``miou_all_nobg`` and ``avg`` (the mean of ``miou_all`` over steps 0..step, so the last step's
-``avg`` is the run's final avg). A null IoU is an empty cell.
+``miou_all_nobg``, ``hiou`` and ``avg`` (the mean of ``miou_all`` over steps 0..step, so the
+last step's ``avg`` is the run's final avg). A null IoU is an empty cell.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ HEADER_KEYS = ("dataset", "task", "method", "overlap", "seed")
 TOP_KEYS = (*HEADER_KEYS, "steps", "final", "provenance")
 STEP_KEYS = ("step", "classes", "iou", "miou_old", "miou_new", "miou_all")
 MIOU_KEYS = ("miou_old", "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg")
-FINAL_KEYS = ("old", "new", "all", "avg")
+FINAL_KEYS = ("old", "new", "all", "avg")  # required in a results file
+FINAL_METRICS = (*FINAL_KEYS, "hiou")      # what the tables print
 CONVENTION = (
     "old = background + step-0 classes, new = classes added after step 0; mIoU averages "
     "classes present in the ground truth (MiB); IoU in [0,1]"
@@ -52,6 +58,22 @@ def _num(x: Any) -> float | None:
     return round(x, DECIMALS) if math.isfinite(x) else None
 
 
+def harmonic_iou(old: float | None, new: float | None) -> float | None:
+    """hIoU = 2 old new / (old + new) (DKD's summary of the stability-plasticity trade-off);
+    0 when both are 0, None when either is None."""
+    if old is None or new is None:
+        return None
+    old, new = float(old), float(new)
+    return 0.0 if old + new == 0 else 2 * old * new / (old + new)
+
+
+def final_metric(final: Mapping[str, Any], key: str) -> float | None:
+    """``final[key]``; ``hiou`` computed from old and new for a file written before it."""
+    if key == "hiou" and "hiou" not in final:
+        return _num(harmonic_iou(final.get("old"), final.get("new")))
+    return final.get(key)
+
+
 def step_record(step: int, classes_added: Sequence[int], summary: Mapping[str, Any],
                 **extra: Any) -> dict[str, Any]:
     """The record of one step: classes added, per-class IoU and mIoUs (+ ``extra`` keys)."""
@@ -62,12 +84,14 @@ def step_record(step: int, classes_added: Sequence[int], summary: Mapping[str, A
     }
     for key in MIOU_KEYS:
         rec[key] = _num(summary.get(key))
+    rec["hiou"] = _num(harmonic_iou(rec["miou_old"], rec["miou_new"]))
     rec.update(extra)
     return rec
 
 
 def final_block(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """old/new/all of the last step and avg = mean over steps of ``miou_all``."""
+    """old/new/all of the last step, avg = mean over steps of ``miou_all``, and hiou of the
+    last step's old and new."""
     if not steps:
         raise ValueError("final_block needs at least one step record")
     last = steps[-1]
@@ -76,13 +100,14 @@ def final_block(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
         "new": _num(last["miou_new"]),
         "all": _num(last["miou_all"]),
         "avg": _num(mean_over_steps(s["miou_all"] for s in steps)),
+        "hiou": _num(harmonic_iou(last["miou_old"], last["miou_new"])),
     }
 
 
 def _round_step(rec: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(rec)
     out["iou"] = {str(k): _num(v) for k, v in rec["iou"].items()}
-    for key in MIOU_KEYS:
+    for key in (*MIOU_KEYS, "hiou"):
         if key in out:
             out[key] = _num(out[key])
     return out
@@ -143,7 +168,7 @@ def _csv_text(steps: Sequence[Mapping[str, Any]]) -> str:
         step = rec["step"]
         for cls, iou in rec["iou"].items():
             writer.writerow([step, cls, "" if iou is None else repr(iou)])
-        for key in MIOU_KEYS:
+        for key in (*MIOU_KEYS, "hiou"):
             if key in rec:
                 val = rec[key]
                 writer.writerow([step, key, "" if val is None else repr(val)])
@@ -159,19 +184,22 @@ def _md_text(results: Mapping[str, Any]) -> str:
     lines = [f"# {_run_label(results)}", ""]
     lines.append(f"overlap: {results.get('overlap')}")
     lines.append("")
-    lines.append("| step | classes added | old | new | all | old w/o bg | all w/o bg |")
-    lines.append("|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("| step | classes added | old | new | all | old w/o bg | all w/o bg | hIoU |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
     for rec in steps:
         classes = " ".join(str(c) for c in rec["classes"])
         cells = [_fmt(rec.get(k), 4) for k in MIOU_KEYS[:3]]
         cells += [_fmt(rec.get(k), 4) for k in MIOU_KEYS[3:]]
+        cells.append(_fmt(harmonic_iou(rec.get("miou_old"), rec.get("miou_new")), 4))
         lines.append(f"| {rec['step']} | {classes} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| final | old | new | all | avg |")
-    lines.append("|---|---:|---:|---:|---:|")
-    lines.append("| | " + " | ".join(_fmt(final[k], 4) for k in FINAL_KEYS) + " |")
+    lines.append("| final | old | new | all | avg | hIoU |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    lines.append("| | " + " | ".join(_fmt(final_metric(final, k), 4) for k in FINAL_METRICS)
+                 + " |")
     lines.append("")
-    lines.append(CONVENTION + "; avg = mean over steps of all (PLOP).")
+    lines.append(CONVENTION + "; avg = mean over steps of all (PLOP); hIoU = 2 old new / "
+                 "(old + new) (DKD).")
     lines.append("")
     # Per-class IoU: classes (task order of first appearance) as rows, steps as columns.
     classes: list[str] = []
@@ -216,7 +244,7 @@ def write_results(run_dir: str | os.PathLike, header: Mapping[str, Any],
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """A compact terminal table: per-step old/new/all and the final old/new/all/avg."""
+    """A compact terminal table: per-step old/new/all and the final old/new/all/avg/hiou."""
     label = " " + _run_label(results)
     rows = [f" step {rec['step']}" for rec in results["steps"]] + [" final"]
     width = max(len(label), *(len(r) for r in rows))
@@ -224,12 +252,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     def cells(values: Sequence[float | None]) -> str:
         return " ".join(_fmt(v, 3).center(5) for v in values).rstrip()
 
-    out = [f"{label:<{width}} | " + " ".join(f"{h:<5}" for h in FINAL_KEYS).rstrip()]
+    out = [f"{label:<{width}} | " + " ".join(f"{h:<5}" for h in FINAL_METRICS).rstrip()]
     for row, rec in zip(rows, results["steps"]):
         vals = [rec.get("miou_old"), rec.get("miou_new"), rec.get("miou_all")]
         out.append(f"{row:<{width}} | " + cells(vals))
     final = results["final"]
-    out.append(f"{rows[-1]:<{width}} | " + cells([final[k] for k in FINAL_KEYS]))
+    out.append(f"{rows[-1]:<{width}} | "
+               + cells([final_metric(final, k) for k in FINAL_METRICS]))
     return "\n".join(out)
 
 

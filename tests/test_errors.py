@@ -82,8 +82,9 @@ CONFIG_CASES = [
     pytest.param(["dataset=foo"],
                  ["unknown dataset 'foo'", "choose one of: ade, folder, shapes, voc"],
                  id="unknown-dataset"),
-    pytest.param(["method=foo"], ["unknown method 'foo'", "choose one of: ft, ilt, joint, lwf,"
-                                  " mib"], id="unknown-method"),
+    pytest.param(["method=foo"], ["unknown method 'foo'", "choose one of: ",
+                                  "ilt, joint, lwf, lwf_mc, mib, pi, plop, rw"],
+                 id="unknown-method"),
     pytest.param(["replay=foo"], ["unknown replay 'foo'", "deepinversion"], id="unknown-replay"),
     pytest.param(["replay=deepinversion", "replay.loss=foo"],
                  ["unknown replay.loss 'foo'", "choose one of: mse, kl, ukd"],

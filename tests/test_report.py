@@ -148,19 +148,22 @@ def test_table_cells_are_mean_and_sample_std_over_seeds(tmp_path):
     assert float(ft19["new_std"]) == 0.0
 
     md = (root / "report" / "table.md").read_text()
-    # 19-1 comes before 15-5 (the paper's order), then old/new/all/n per task
-    assert ("| method | 19-1 old | 19-1 new | 19-1 all | 19-1 n | 15-5 old | 15-5 new | "
-            "15-5 all | 15-5 n |") in md
-    assert ("| MiB | 0.670 ± 0.028 | 0.320 ± 0.028 | 0.660 ± 0.028 | 2 | 0.550 ± 0.071 | "
-            "0.420 ± 0.028 | 0.570 ± 0.071 | 2 |") in md
-    assert "| MiB + DI (mse) | - | - | - | - | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
-    assert "| Joint | - | - | - | - | 0.700 | 0.600 | 0.680 | 1 |" in md
+    # 19-1 comes before 15-5 (the paper's order), then old/new/all/hIoU/n per task
+    assert ("| method | 19-1 old | 19-1 new | 19-1 all | 19-1 hIoU | 19-1 n | 15-5 old | "
+            "15-5 new | 15-5 all | 15-5 hIoU | 15-5 n |") in md
+    # hIoU per seed from its old and new (2 o n / (o + n)), then mean ± std: 19-1 MiB seeds
+    # 0.410526 and 0.455534, 15-5 MiB 0.444444 and 0.507692
+    assert ("| MiB | 0.670 ± 0.028 | 0.320 ± 0.028 | 0.660 ± 0.028 | 0.433 ± 0.032 | 2 | "
+            "0.550 ± 0.071 | 0.420 ± 0.028 | 0.570 ± 0.071 | 0.476 ± 0.045 | 2 |") in md
+    assert "| MiB + DI (mse) | - | - | - | - | - | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
+    assert "| Joint | - | - | - | - | - | 0.700 | 0.600 | 0.680 | 0.646 | 1 |" in md
+    assert float(mib["hiou_mean"]) == pytest.approx((0.444444 + 0.507692) / 2, abs=1e-6)
     # methods in the order they first appear among the runs, the jointly trained one last
     order = [md.index(f"| {m} |") for m in ("FT", "MiB", "MiB + DI (mse)", "Joint")]
     assert order == sorted(order)
     assert CAPTION in md and "paper's 1-15" in md and "ddof=1" in md
     tex = (root / "report" / "table.tex").read_text()
-    assert r"$0.570 \pm 0.071$" in tex and r"\multicolumn{4}{c}{15-5}" in tex
+    assert r"$0.570 \pm 0.071$" in tex and r"\multicolumn{5}{c}{15-5}" in tex
     assert "paper's 1-15" in tex and r"bisenet\_r18" in tex
 
 
@@ -373,6 +376,7 @@ def test_runs_csv_keeps_the_per_seed_numbers(tmp_path):
     assert mib["run"] == "shapes/15-5/mib/seed1"
     assert (float(mib["old"]), float(mib["new"]), float(mib["all"])) == (0.6, 0.44, 0.62)
     assert float(mib["avg"]) == pytest.approx((0.8 + 0.62) / 2)  # mean over steps of all
+    assert float(mib["hiou"]) == pytest.approx(2 * 0.6 * 0.44 / 1.04, abs=1e-6)
     assert mib["all_per_step"] == "0.8 0.62" and mib["replay_sharpness_per_step"] == ""
     rep = by_key[("MiB + DI (mse)", "15-5", "1")]
     assert (rep["replay_sharpness_per_step"], rep["replay_stability_bound"]) == ("512.5",
@@ -405,7 +409,7 @@ def test_rows_come_from_the_runs_labels_and_order(tmp_path):
     make_report(root, overlays=False)
     md = (root / "report" / "table.md").read_text()
     assert _row_order(md) == ["Toy", "MiB", "FT", "offline"]
-    assert "| Toy | 0.350 ± 0.071 | 0.200 ± 0.000 | 0.330 ± 0.071 | 2 |" in md
+    assert "| Toy | 0.350 ± 0.071 | 0.200 ± 0.000 | 0.330 ± 0.071 | 0.253 ± 0.019 | 2 |" in md
     rows = _csv_rows(root / "report" / "table.csv")
     assert (rows[("Toy", "15-5")]["method"], rows[("Toy", "15-5")]["n"]) == ("toy", "2")
     assert rows[("offline", "15-5")]["n"] == "1"  # one step is all a joint run has

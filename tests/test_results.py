@@ -46,11 +46,14 @@ def test_final_block_hand_computed():
     assert final["new"] == pytest.approx(1 / 3, abs=1e-6)
     assert final["all"] == pytest.approx(49 / 90, abs=1e-6)
     assert final["avg"] == pytest.approx((5 / 9 + 49 / 90) / 2, abs=1e-6)
+    assert final["hiou"] == pytest.approx(1.3 / 2.95, abs=1e-6)  # 2 (.65)(1/3) / (.65 + 1/3)
+    assert steps[0]["hiou"] is None  # no new class at step 0
     # avg skips a step without an mIoU
     fake = [{"miou_old": 0.4, "miou_new": None, "miou_all": 0.4},
             {"miou_old": None, "miou_new": None, "miou_all": None},
             {"miou_old": 0.2, "miou_new": 0.1, "miou_all": 0.15}]
-    assert final_block(fake) == {"old": 0.2, "new": 0.1, "all": 0.15, "avg": 0.275}
+    assert final_block(fake) == {"old": 0.2, "new": 0.1, "all": 0.15, "avg": 0.275,
+                                 "hiou": round(2 * 0.2 * 0.1 / 0.3, 6)}
     with pytest.raises(ValueError):
         final_block([])
 
@@ -74,7 +77,8 @@ def test_write_results_json_schema(tmp_path):
     assert s1["miou_all"] == 0.544444
     assert s1["replay"] == "none"
     assert data["final"] == {"old": 0.65, "new": 0.333333, "all": 0.544444,
-                             "avg": round((5 / 9 + 49 / 90) / 2, 6)}
+                             "avg": round((5 / 9 + 49 / 90) / 2, 6), "hiou": 0.440678}
+    assert s1["hiou"] == 0.440678 and s0["hiou"] is None
     assert '"1": null' in (tmp_path / "results.json").read_text()
 
 
@@ -92,8 +96,9 @@ def test_write_results_csv_rows(tmp_path):
     assert float(table[("1", "miou_all")]) == 0.544444
     assert float(table[("0", "avg")]) == round(5 / 9, 6)
     assert float(table[("1", "avg")]) == pytest.approx((5 / 9 + 49 / 90) / 2, abs=1e-6)
-    # 3 + 4 class rows, 6 summary rows per step
-    assert len(rows) == 3 + 4 + 2 * 6
+    assert float(table[("1", "hiou")]) == 0.440678 and table[("0", "hiou")] == ""
+    # 3 + 4 class rows, 7 summary rows per step
+    assert len(rows) == 3 + 4 + 2 * 7
 
 
 def test_write_results_markdown(tmp_path):
@@ -119,11 +124,11 @@ def test_format_table():
            "steps": [{"step": 0, "miou_old": 0.812, "miou_new": None, "miou_all": 0.812},
                      {"step": 1, "miou_old": 0.701, "miou_new": 0.455, "miou_all": 0.642}],
            "final": {"old": 0.701, "new": 0.455, "all": 0.642, "avg": 0.727}}
-    assert format_table(res) == (
-        " shapes 15-5 mib seed0 | old   new   all   avg\n"
+    assert format_table(res) == (  # hiou computed from old and new when the file lacks it
+        " shapes 15-5 mib seed0 | old   new   all   avg   hiou\n"
         " step 0                | 0.812   -   0.812\n"
         " step 1                | 0.701 0.455 0.642\n"
-        " final                 | 0.701 0.455 0.642 0.727"
+        " final                 | 0.701 0.455 0.642 0.727 0.552"
     )
     assert format_table({**res, "replay": "deepinversion"}).startswith(
         " shapes 15-5 mib+deepinversion seed0 | old")

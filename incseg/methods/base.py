@@ -9,6 +9,13 @@ student (``incseg.systems.student``) computes, for every batch of a step t >= 1,
 
 and calls the hooks around the step. A method sees the models and the batches it is given,
 never the Trainer or the DataModule. Joint training is not a method but a protocol mode.
+
+The protocol builds a new method object per step. What a method carries from one step to the
+next (EWC's Fisher, PI's and RW's scores) it returns from :meth:`Method.next_step_state`; the
+protocol stores it in the step's model file and hands it to the next step's method through
+:meth:`Method.load_previous_step`. A method whose step 0 is not the shared plain-CE teacher
+(its importance accumulates from step 0, or its step-0 loss is its own) sets
+``trains_step0``: step 0 then trains with its loss and hooks, in a step-0 cache entry of its own.
 """
 
 from __future__ import annotations
@@ -37,13 +44,15 @@ class Batch:
 @dataclass
 class StepContext:
     """What a method knows about its step: the step index, ``num_old`` = C_o (classes seen
-    before the step, background included), ``num_classes`` (seen up to the step) and the
-    frozen model of the previous step."""
+    before the step, background included), ``num_classes`` (seen up to the step), the frozen
+    model of the previous step (None at step 0) and the model being trained (its weights are
+    what EWC / PI / RW hold in place; None where a caller has no model to give)."""
 
     step: int
     num_old: int
     num_classes: int
-    old_model: nn.Module
+    old_model: nn.Module | None
+    model: nn.Module | None = None
 
 
 class Method:
@@ -55,12 +64,15 @@ class Method:
       init_balanced      new heads start as MiB's background-balanced initialisation
       uses_old_outputs   the student runs the frozen previous model on each batch for ``terms``
       needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
+      trains_step0       step 0 trains with this method (its classification loss and its
+                         hooks; no ``terms``) instead of the plain-CE teacher shared by the others
     """
 
     classification = "ce"
     init_balanced = False
     uses_old_outputs = False
     needs_features: tuple[str, ...] = ()
+    trains_step0 = False
 
     def __init__(self) -> None:
         if self.classification not in CLASSIFICATION:
@@ -116,6 +128,16 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` on resume."""
+
+    # ---- from one step to the next ------------------------------------------------------------
+    def next_step_state(self) -> dict[str, Any]:
+        """What the next step's method starts from (read after :meth:`on_step_end`; tensors and
+        plain values only: it is saved in the step's model file). Empty by default."""
+        return {}
+
+    def load_previous_step(self, state: dict[str, Any]) -> None:
+        """Called before :meth:`setup` with the previous step's :meth:`next_step_state` (empty
+        when it had none)."""
 
 
 def check_weight(name: str, value: float) -> float:

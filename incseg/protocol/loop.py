@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from incseg.checkpoints import load_model, save_model
+from incseg.checkpoints import load_model, read_model_file, save_model
 from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
 from incseg.methods import build_method, is_joint
 from incseg.protocol.replay_sets import ReplayStage, build_replay
@@ -73,18 +73,22 @@ class StepOutcome:
     replay: dict | None = None
     replay_key: str | None = None
     extra: dict = field(default_factory=dict)
+    method_state: dict | None = None  # what the method hands to the next step
 
 
 def build_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
                   step: int) -> Student:
     """The student of step ``step`` >= 1, ready to fit: the model of step t-1 (from
     ``run_dir/checkpoints``) copied and grown by the step's classes, the method, the replay
-    and the DataModule, with the global seed of the step set as the protocol sets it."""
+    and the DataModule, with the global seed of the step set as the protocol sets it. The
+    method starts from what the previous step's method handed over (saved in its model file)."""
     L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
     prev = run_dir / "checkpoints" / f"step{step - 1}.pt"
-    old = load_model(prev, cfg.model, task.steps, step - 1)
+    payload = read_model_file(prev)
+    old = load_model(prev, cfg.model, task.steps, step - 1, ckpt=payload)
     model = copy.deepcopy(old)  # the student starts from model t-1; `old` stays frozen
     method = build_method(cfg.method)
+    method.load_previous_step(payload.get("method_state") or {})
     model.add_step(len(task.steps[step]), init_balanced=method.init_balanced)
     replay = build_replay(cfg, run_dir, cache, source, task, step, old)
     module = StudentModule(model, old, task, step, recipe(cfg, step), method,
@@ -112,7 +116,9 @@ def run_step(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
         trained, kind = task.joint(), "joint"
     elif step == 0:
         L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
-        fitted = train_teacher(cfg, run_dir, cache, source, task)
+        method = build_method(cfg.method)
+        fitted = train_teacher(cfg, run_dir, cache, source, task,
+                               method=method if method.trains_step0 else None)
         trained, kind = task, "step-0"
     else:
         student = build_student(cfg, run_dir, cache, source, task, step)
@@ -127,11 +133,12 @@ def run_step(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
                 replay.update(student.module.replay_stability)  # the curvature test
         return StepOutcome(student.module, summary, confusion, task,
                            student.module.val_summary, replay=replay,
-                           replay_key=student.replay.key if student.replay else None)
+                           replay_key=student.replay.key if student.replay else None,
+                           method_state=student.module.method.next_step_state())
     summary, confusion = evaluate(fitted.trainer, fitted.module, cfg, source, trained, step,
                                   cache)
     return StepOutcome(fitted.module, summary, confusion, trained, fitted.module.val_summary,
-                       cache=(kind, fitted.cache, fitted.key))
+                       cache=(kind, fitted.cache, fitted.key), method_state=fitted.method_state)
 
 
 def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
@@ -157,9 +164,13 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         out = run_step(cfg, run_dir, cache, source, task, t)
         walls[t] = round(time.perf_counter() - start, 2)
         if is_rank_zero():
-            # class names and colours travel with the model (incseg.predict draws with them)
+            # class names and colours travel with the model (incseg.predict draws with them),
+            # and the method's hand-over to the next step is written with it
+            extra = dict(source.class_info() or {})
+            if out.method_state:
+                extra["method_state"] = out.method_state
             save_model(run_dir / "checkpoints" / f"step{t}.pt", out.module.model, cfg.model,
-                       out.trained_task.steps, t, extra=source.class_info())
+                       out.trained_task.steps, t, extra=extra or None)
         if out.cache is not None and out.cache[1] is not None:
             kind, verdict, key = out.cache
             prov.setdefault("cache_keys", {})[kind] = key

@@ -46,12 +46,15 @@ class TeacherFit:
     trainer: L.Trainer
     cache: str | None = None
     key: str | None = None
+    method_state: dict | None = None  # a trains_step0 method's hand-over to step 1
 
 
-def teacher_key(cfg: DictConfig, data_root, classes: list[int]) -> str:
+def teacher_key(cfg: DictConfig, data_root, classes: list[int],
+                with_method: bool = False) -> str:
     """Everything a teacher model (step 0 or Joint) depends on. The method is not part of it,
     so a sweep shares step 0 across methods and across tasks with the same step 0 (15-5 and
-    15-5s), and Joint across tasks over the same classes."""
+    15-5s), and Joint across tasks over the same classes; except ``with_method``, for a
+    method that trains step 0 itself (``Method.trains_step0``): its entry holds its state."""
     fp = fingerprint(cfg)
     parts = {
         "dataset": fp["dataset"], "data_root": str(data_root), "data": fp["data"],
@@ -63,6 +66,8 @@ def teacher_key(cfg: DictConfig, data_root, classes: list[int]) -> str:
     n = world_size(cfg)
     if n > 1:  # only then, so one-process entries keep their keys
         parts["world_size"] = n
+    if with_method:  # only then, so the shared entries keep their keys
+        parts["method"] = {k: v for k, v in fp["method"].items() if k != "label"}
     return content_key("teacher", parts)
 
 
@@ -71,10 +76,15 @@ def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: Tea
     """Train a TeacherModule, or load it from the teacher cache. ``kind``: step-0 | joint."""
     stage = "step0" if kind == "step-0" else "joint"
     trainer = make_trainer(cfg, Stage(run_dir, stage, 0, "teacher", cfg), cfg.train.epochs)
+    method = module.method
+
+    def handover():
+        return method.next_step_state() if method is not None else None
+
     if not cfg.protocol.step0_cache:
         fit(trainer, module, dm, run_dir, stage)
-        return TeacherFit(module, trainer)
-    key = teacher_key(cfg, source.cache_identity(), task.steps[0])
+        return TeacherFit(module, trainer, method_state=handover())
+    key = teacher_key(cfg, source.cache_identity(), task.steps[0], with_method=method is not None)
     entry = cache / "step0" / f"{key}.pt"
     # Under DDP every rank must join the fit, so no rank may wait on the lock meanwhile; the
     # ranks agree without it (rank 0 alone decides before the others exist: Lightning starts
@@ -84,34 +94,40 @@ def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: Tea
         if entry.exists():
             try:
                 payload = safe_load(entry, "cache entry")
+                if method is not None and "method_state" not in payload:
+                    raise CheckpointError(f"cache entry {entry} holds no method state")
                 cached = load_model(entry, cfg.model, task.steps, 0, ckpt=payload)
                 module.model.load_state_dict(cached.state_dict())
                 # the record of a cache hit equals the one of the run that trained the entry
                 module.val_summary = payload.get("val_summary")
                 log.info("%s cache hit: %s (not retrained)", kind, entry)
-                return TeacherFit(module, trainer, "hit", key)
+                return TeacherFit(module, trainer, "hit", key, payload.get("method_state"))
             except CheckpointError as err:
                 log.warning("%s cache entry unusable (%s); retraining", kind, err)
                 if is_rank_zero():
                     entry.unlink(missing_ok=True)
         log.info("%s cache miss: training (entry %s)", kind, entry.name)
         fit(trainer, module, dm, run_dir, stage)
+        extra = {"val_summary": module.val_summary}
+        if method is not None:
+            extra["method_state"] = handover()
         if is_rank_zero():
-            save_model(entry, module.model, cfg.model, task.steps, 0,
-                       extra={"val_summary": module.val_summary})
+            save_model(entry, module.model, cfg.model, task.steps, 0, extra=extra)
         barrier()
-    return TeacherFit(module, trainer, "miss", key)
+    return TeacherFit(module, trainer, "miss", key, extra.get("method_state"))
 
 
 def train_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
-                  score_task: Task | None = None) -> TeacherFit:
+                  score_task: Task | None = None, method=None) -> TeacherFit:
     """Step 0 of ``task`` (or, with ``score_task``, Joint training on the one-step ``task``
-    scored with ``score_task``'s split at its last step)."""
+    scored with ``score_task``'s split at its last step). ``method``: a method that trains
+    step 0 itself (``Method.trains_step0``), else None for the shared plain-CE teacher."""
     joint = score_task is not None
     dm = make_datamodule(cfg, source, task, 0, cache)
     model = build_model(cfg.model, [len(task.steps[0])], cfg.model.get("pretrained"))
     module = TeacherModule(model, task, 0, recipe(cfg, 0), score_task=score_task,
-                           score_step=score_task.num_steps - 1 if joint else None)
+                           score_step=score_task.num_steps - 1 if joint else None,
+                           method=method)
     return fit_teacher(cfg, run_dir, cache, source, module, dm, task,
                        "joint" if joint else "step-0")
 

@@ -2,8 +2,9 @@
 
 Runs are grouped into one table per (dataset, model, overlap): averaging a ResNet-18 with a
 ResNet-101, or overlap with disjoint, would mix different experiments. A cell is the final
-step's old / new / all mIoU as mean ± sample std (ddof=1) over seeds; mIoU averages the classes
-present in the ground truth, as in MiB (Cermelli et al., CVPR 2020).
+step's old / new / all mIoU and their harmonic mean hIoU (DKD, Baek et al., NeurIPS 2022) as
+mean ± sample std (ddof=1) over seeds; mIoU averages the classes present in the ground truth,
+as in MiB (Cermelli et al., CVPR 2020).
 """
 
 from __future__ import annotations
@@ -19,23 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from incseg.report.discovery import Group, Missing, Run, Variant
-from incseg.results import class_label
+from incseg.results import class_label, final_metric
 from incseg.tasks import SPLITS
 
 log = logging.getLogger("incseg.report")
 
 CAPTION = (
     "old = background + step-0 classes (paper's 1-15), new = classes added after step 0, "
-    "all = all seen classes; mIoU over classes present in the test ground truth; test split"
+    "all = all seen classes, hIoU = 2 old new / (old + new) (DKD); mIoU over classes present "
+    "in the test ground truth; test split"
 )
 CELLS = ("mean ± sample std (ddof=1) over the n seeds of the cell; with one seed, the mean "
          "alone; IoU in [0, 1]")
-METRICS = ("old", "new", "all")
+METRICS = ("old", "new", "all", "hiou")
+#: how the tables head each metric
+HEADS = {"hiou": "hIoU"}
 
 
 @dataclass
 class Cell:
-    """The runs of one (row, task): their final old/new/all as (mean, std, n)."""
+    """The runs of one (row, task): their final old/new/all/hiou as (mean, std, n)."""
 
     runs: list[Run]
 
@@ -44,7 +48,7 @@ class Cell:
         return sorted(r.seed for r in self.runs)
 
     def stat(self, metric: str) -> tuple[float | None, float | None, int]:
-        return mean_std(r.results["final"].get(metric) for r in self.runs)
+        return mean_std(final_metric(r.results["final"], metric) for r in self.runs)
 
 
 Table = dict[Variant, dict[str, Cell]]
@@ -117,7 +121,7 @@ def tasks_of(group: Group, table: Table) -> list[str]:
 
 def markdown_table(group: Group, table: Table) -> str:
     tasks = tasks_of(group, table)
-    head = ["method"] + [f"{t} {m}" for t in tasks for m in (*METRICS, "n")]
+    head = ["method"] + [f"{t} {HEADS.get(m, m)}" for t in tasks for m in (*METRICS, "n")]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for variant, cells in table.items():
         row = [variant.label]
@@ -189,13 +193,14 @@ def csv_text(tables: dict[Group, Table]) -> str:
 
 
 def runs_csv_text(runs: Sequence[Run], root: Path) -> str:
-    """One line per finished run: its row label, task, seed, final old/new/all/avg (avg: the
-    mean of all over steps, as in PLOP, Douillard et al., CVPR 2021), all-mIoU after each step
+    """One line per finished run: its row label, task, seed, final old/new/all/avg/hiou (avg:
+    the mean of all over steps, as in PLOP, Douillard et al., CVPR 2021), all-mIoU after each
+    step
     and, with replay, the curvature test of each step. These are the per-seed numbers behind
     the table's means, for paired comparisons (method A vs B at the same seed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "row", "task", "seed", "old", "new", "all", "avg", "all_per_step",
+    w.writerow(["run", "row", "task", "seed", "old", "new", "all", "avg", "hiou", "all_per_step",
                 "replay_sharpness_per_step", "replay_stability_bound"])
     for r in sorted(runs, key=lambda r: (r.task_label, r.variant.label, r.seed)):
         final = r.results["final"]
@@ -204,7 +209,7 @@ def runs_csv_text(runs: Sequence[Run], root: Path) -> str:
         bound = next((x["stability_bound"] for x in reps if "stability_bound" in x), None)
         w.writerow([str(r.path.relative_to(root)) if r.path.is_relative_to(root) else r.path,
                     r.variant.label, r.task_label, r.seed,
-                    *(_num(final.get(m)) for m in ("old", "new", "all", "avg")),
+                    *(_num(final_metric(final, m)) for m in ("old", "new", "all", "avg", "hiou")),
                     " ".join(_num(s.get("miou_all")) for s in r.steps), sharp, _num(bound)])
     return buf.getvalue()
 
@@ -234,7 +239,8 @@ def latex_table(group: Group, table: Table) -> str:
         " & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{tex_escape(t)}}}" for t in tasks)
         + r" \\",
         "".join(rf"\cmidrule(lr){{{2 + i * k}-{1 + (i + 1) * k}}}" for i in range(len(tasks))),
-        "Method & " + " & ".join(f"{m}" for _ in tasks for m in (*METRICS, "$n$")) + r" \\",
+        "Method & " + " & ".join(HEADS.get(m, m) for _ in tasks for m in (*METRICS, "$n$"))
+        + r" \\",
         r"\midrule",
     ]
     for variant, cells in table.items():

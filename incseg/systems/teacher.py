@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from incseg.systems.base import SegmentationSystem
+from torch import Tensor
+
+from incseg.methods.base import Method, StepContext
+from incseg.models.base import SegmentationModel
+from incseg.systems.base import Recipe, SegmentationSystem
+from incseg.tasks import Task
 
 
 class TeacherModule(SegmentationSystem):
@@ -11,4 +16,43 @@ class TeacherModule(SegmentationSystem):
     At step 0 of an incremental task the model sees the step-0 classes only (future classes are
     background in its labels, the MiB protocol). For Joint, ``task`` is the one-step offline
     counterpart of the task being compared with and ``score_task`` that task itself.
+
+    ``method``: a method with ``trains_step0`` (EWC / PI / RW, whose importance accumulates
+    from step 0; LwF-MC, whose step 0 trains with BCE): its classification loss on every head,
+    its per-iteration and end-of-step hooks and its state in the epoch checkpoints. There is no
+    previous model, hence no ``terms``.
     """
+
+    def __init__(self, model: SegmentationModel, task: Task, step: int, recipe: Recipe,
+                 score_task: Task | None = None, score_step: int | None = None,
+                 method: Method | None = None):
+        super().__init__(model, task, step, recipe, score_task, score_step)
+        self.method = method
+        if method is not None:
+            method.setup(StepContext(step=step, num_old=len(task.classes_before(step)),
+                                     num_classes=model.num_classes, old_model=None,
+                                     model=self.model))
+
+    def training_loss(self, images: Tensor, labels: Tensor,
+                      replay: Tensor | None = None) -> dict[str, Tensor]:
+        if self.method is None:
+            return super().training_loss(images, labels, replay)
+        return {"loss": self.method.segmentation_loss(self.model(images), labels)}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.method is not None:
+            self.method.on_before_optimizer_step(self.model)
+
+    def on_train_end(self) -> None:
+        if self.method is not None:
+            self.method.on_step_end(self.model, None)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.method is not None:
+            checkpoint["incseg_method"] = self.method.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.method is not None:
+            self.method.load_state_dict(checkpoint.get("incseg_method") or {})
