@@ -41,7 +41,8 @@ class StudentModule(SegmentationSystem):
             raise CheckpointError(f"the previous model has {old_model.num_classes} outputs but "
                                   f"{self.num_old} classes were seen before step {step}")
         method.setup(StepContext(step=step, num_old=self.num_old,
-                                 num_classes=model.num_classes, old_model=self.old_model))
+                                 num_classes=model.num_classes, old_model=self.old_model,
+                                 reduction=recipe.loss_reduction))
 
     def train(self, mode: bool = True):
         super().train(mode)
