@@ -8,6 +8,7 @@ before anything trains.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def precheck(argv: list[str]) -> None:
     directory first."""
     if any(a.startswith("-") for a in argv):
         return  # --multirun, --cfg, --help, ...: Hydra's own modes; _main validates each job
-    cfg = compose(argv, return_hydra_config=True)
+    try:
+        cfg = compose(argv, return_hydra_config=True)
+    except ConfigError as err:
+        raise _missing_plugin(err) from None
     validate(cfg)
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
@@ -135,6 +139,17 @@ def precheck(argv: list[str]) -> None:
         return
     ensure_writable_dir(run_dir, "sweep directory" if multirun else "run directory",
                         RUN_DIR_FIX)
+
+
+def _missing_plugin(err: ConfigError) -> ConfigError:
+    """Hydra's "Could not find 'hydra/sweeper/optuna'" means a plugin that is not installed
+    (the Optuna sweeper is the ``optuna`` extra): say so, instead of listing its search path."""
+    found = re.search(r"Could not find 'hydra/(sweeper|launcher)/([\w.-]+)'", str(err))
+    if not found:
+        return err
+    group, name = found.groups()
+    return ConfigError(f"hydra/{group}={name} needs a Hydra plugin that is not installed; "
+                       f"for the Optuna sweeper: pip install -e '.[optuna]'")
 
 
 @report_errors
