@@ -4,6 +4,7 @@
 
     {<header: dataset, task, method, overlap, seed, ...; class_names and class_colors (RGB
       per class id) for a dataset that defines them>,
+     "conventions": {"val", "loss_reduction", "void_as_background", "unseen_as"[, "ade_class0"]},
      "steps": [{"step", "classes", "iou": {"<dataset class id>": float|null}, "miou_old",
                 "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", "hiou", ...}, ...],
      "final": {"old", "new", "all", "avg", "hiou"},
@@ -42,10 +43,28 @@ STEP_KEYS = ("step", "classes", "iou", "miou_old", "miou_new", "miou_all")
 MIOU_KEYS = ("miou_old", "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg")
 FINAL_KEYS = ("old", "new", "all", "avg")  # required in a results file
 FINAL_METRICS = (*FINAL_KEYS, "hiou")      # what the tables print
+#: ``conventions`` of a run: config keys its numbers depend on beyond the method (README)
+CONVENTION_KEYS = ("data.val", "train.loss_reduction", "data.void_as_background",
+                   "data.unseen_as", "data.ade_class0")
 CONVENTION = (
     "old = background + step-0 classes, new = classes added after step 0; mIoU averages "
     "classes present in the ground truth (MiB); IoU in [0,1]"
 )
+
+
+def conventions(cfg: Any) -> dict[str, Any]:
+    """The data and loss conventions of a run's config (``results.json`` ``conventions``):
+    where its validation images came from (``data.val``: split, holdout or none; never the test
+    split), how CE was averaged, void and unseen classes, and ADE20K's class 0 at test. Keys a
+    config lacks (``ade_class0`` outside ADE20K) are left out."""
+    out: dict[str, Any] = {}
+    for key in CONVENTION_KEYS:
+        group, name = key.split(".")
+        node = cfg.get(group) if hasattr(cfg, "get") else None
+        value = node.get(name) if node is not None else None
+        if value is not None:
+            out[name] = value if isinstance(value, (bool, int, float)) else str(value)
+    return out
 
 
 def _num(x: Any) -> float | None:
@@ -183,6 +202,11 @@ def _md_text(results: Mapping[str, Any]) -> str:
     final = results["final"]
     lines = [f"# {_run_label(results)}", ""]
     lines.append(f"overlap: {results.get('overlap')}")
+    conv = results.get("conventions")
+    if conv:
+        lines.append("")
+        lines.append("conventions: " + ", ".join(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in conv.items()))
     lines.append("")
     lines.append("| step | classes added | old | new | all | old w/o bg | all w/o bg | hIoU |")
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -1,16 +1,20 @@
 """``python -m incseg.run [overrides]``: the Hydra entry point (thin: validate, then run).
 
-Returns the final all-mIoU, so a Hydra sweeper (Optuna) can optimise it.
+Returns the last step's all-mIoU on the *validation* images (``data.val``), so that a Hydra
+sweeper that tunes (Optuna) optimises it: never a test-split figure, or the sweep would select
+on the numbers it reports. A tuning sweep with no validation (``data.val=none``) is refused
+before anything trains.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from incseg.cli import report_errors
@@ -24,6 +28,7 @@ from incseg.config import (
     task_from_cfg,
     validate,
 )
+from incseg.errors import ConfigError
 from incseg.io import ensure_writable_dir
 
 RUN_DIR_FIX = "hydra.run.dir=DIR (or paths.runs_dir=DIR) with a writable DIR"
@@ -43,10 +48,56 @@ def check_data(cfg: DictConfig) -> None:
                 batch_size=int(cfg.data.batch_size), progress=bool(cfg.trainer.progress_bar))
 
 
+def tunes(sweeper_target: str | None) -> bool:
+    """Whether a sweeper optimises what the jobs return: any but Hydra's basic one, which only
+    launches them (Optuna, Nevergrad, Ax do)."""
+    return bool(sweeper_target) and not str(sweeper_target).endswith(".BasicSweeper")
+
+
+def _job_sweeper() -> str | None:
+    """The ``_target_`` of the sweeper this Hydra job runs under (None outside Hydra)."""
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.select(HydraConfig.get(), "sweeper._target_")
+
+
+def check_tuning(cfg: DictConfig, sweeper_target: str | None) -> None:
+    """A tuning sweeper reads the last step's validation mIoU of the final model: refuse now
+    (one line) a config that would leave none."""
+    if not tunes(sweeper_target):
+        return
+    if cfg.data.val == "none":
+        raise ConfigError("a tuning sweeper optimises the validation mIoU, and data.val=none "
+                          "validates nothing (the test split is never tuned on); pass "
+                          "data.val=holdout (or data.val=split where the dataset has one)")
+    steps = 1 if cfg.method.get("joint", False) else task_from_cfg(cfg).num_steps
+    key = "train.epochs" if steps == 1 else "train.epochs_incremental"
+    epochs, every = int(OmegaConf.select(cfg, key)), int(cfg.train.val_every)
+    if epochs % every:
+        raise ConfigError(f"a tuning sweeper reads the validation of the final model, but "
+                          f"train.val_every={every} skips the last of {key}={epochs} epochs; "
+                          "pass train.val_every=1")
+
+
+def sweeper_value(results: dict, tuning: bool) -> float | None:
+    """What a job returns to its sweeper: the last step's ``val_miou_all`` (None without
+    validation). A tuning sweep that got none is stopped (one line) rather than fed a test
+    figure or a missing value."""
+    value = results["steps"][-1].get("val_miou_all")
+    if value is None and tuning:
+        raise ConfigError("a tuning sweeper needs the validation mIoU, and the last step "
+                          "recorded none (no val image holds a class seen by then, or "
+                          "train.val_every skipped the last epoch); pass train.val_every=1, "
+                          "or a data.val with more images")
+    return value
+
+
 @report_errors
 def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     setup_logging()
     validate(cfg)
+    sweeper = _job_sweeper()
+    check_tuning(cfg, sweeper)
     from incseg.protocol import is_rank_zero, run_protocol
     from incseg.results import format_table
 
@@ -57,7 +108,7 @@ def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     results = run_protocol(cfg, run_dir)
     if is_rank_zero():
         print(format_table(results), flush=True)
-    return results["final"]["all"]
+    return sweeper_value(results, tunes(sweeper))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -72,8 +123,12 @@ def precheck(argv: list[str]) -> None:
     directory first."""
     if any(a.startswith("-") for a in argv):
         return  # --multirun, --cfg, --help, ...: Hydra's own modes; _main validates each job
-    cfg = compose(argv, return_hydra_config=True)
+    try:
+        cfg = compose(argv, return_hydra_config=True)
+    except ConfigError as err:
+        raise _missing_plugin(err) from None
     validate(cfg)
+    check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
         # a sweep (hydra.mode: MULTIRUN in an experiment) writes below its sweep dir; proving
@@ -84,6 +139,17 @@ def precheck(argv: list[str]) -> None:
         return
     ensure_writable_dir(run_dir, "sweep directory" if multirun else "run directory",
                         RUN_DIR_FIX)
+
+
+def _missing_plugin(err: ConfigError) -> ConfigError:
+    """Hydra's "Could not find 'hydra/sweeper/optuna'" means a plugin that is not installed
+    (the Optuna sweeper is the ``optuna`` extra): say so, instead of listing its search path."""
+    found = re.search(r"Could not find 'hydra/(sweeper|launcher)/([\w.-]+)'", str(err))
+    if not found:
+        return err
+    group, name = found.groups()
+    return ConfigError(f"hydra/{group}={name} needs a Hydra plugin that is not installed; "
+                       f"for the Optuna sweeper: pip install -e '.[optuna]'")
 
 
 @report_errors

@@ -146,7 +146,8 @@ def cache_dir_from_cfg(cfg: DictConfig) -> Path:
 
 
 def source_from_cfg(cfg: DictConfig, progress: bool = True):
-    """The dataset source; for ``shapes`` without ``data.root`` the cached generated copy."""
+    """The dataset source under the validation policy ``data.val``; for ``shapes`` without
+    ``data.root`` the cached generated copy."""
     from incseg.data.sources import make_source
 
     root = cfg.data.get("root")
@@ -155,7 +156,7 @@ def source_from_cfg(cfg: DictConfig, progress: bool = True):
 
         params = ShapesParams.from_dict(_plain(cfg.dataset.get("generator")) or {})
         root = ensure_shapes(params, cache_dir_from_cfg(cfg), progress=progress)
-    return make_source(cfg.dataset.name, root)
+    return make_source(cfg.dataset.name, root, cfg.data.get("val"))
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -25,6 +25,12 @@ CHOICES = {
     "resume": ("auto", "never"),
     "data.unseen_as": ("ignore", "background"),
     "data.test_mode": ("resize", "full"),
+    "data.val": ("split", "holdout", "none"),
+    "train.loss_reduction": ("valid", "all"),
+}
+#: keys that only some dataset presets define (checked when present)
+OPTIONAL_CHOICES = {
+    "data.ade_class0": ("ignore", "score"),
 }
 
 
@@ -82,11 +88,12 @@ def validate(cfg: DictConfig) -> None:
 
     task_from_cfg(cfg)  # the split (one-line error on a bad one)
     _check_model(cfg)
-    for key, valid in CHOICES.items():
+    for key, valid in (*CHOICES.items(), *OPTIONAL_CHOICES.items()):
         value = OmegaConf.select(cfg, key)
-        if value not in valid:
+        if value not in valid and not (key in OPTIONAL_CHOICES and value is None):
             raise ConfigError(f"{key}={value!r} is not valid; use "
                               f"{' or '.join(f'{key}={v}' for v in valid)}")
+    _check_val_split(cfg)
     for key in BOOLEANS:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
@@ -105,6 +112,18 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "seed", example=0)
     _check_method(cfg)
     _check_replay(cfg)
+
+
+def _check_val_split(cfg: DictConfig) -> None:
+    """``data.val=split`` reads the dataset's own validation list; VOC and ADE20K ship none
+    (their val would be the test images)."""
+    from incseg.data.sources import SOURCES
+
+    source = SOURCES.get(str(cfg.dataset.name))
+    if cfg.data.val == "split" and source is not None and not source.own_val:
+        raise ConfigError(f"data.val=split: {cfg.dataset.name} has no validation split of its "
+                          "own (its val images are the test images); use data.val=holdout "
+                          "(1 in 20 training images, held out of training) or data.val=none")
 
 
 def _check_model(cfg: DictConfig) -> None:

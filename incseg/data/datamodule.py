@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,9 +14,15 @@ from incseg.data.index import scan_labels, select_test, select_train
 from incseg.data.sources import Source
 from incseg.data.transforms import eval_transform, train_transform
 from incseg.errors import DataError
-from incseg.tasks import Task
+from incseg.tasks import IGNORE, Task
 
 log = logging.getLogger(__name__)
+
+#: ``data.ade_class0``: class 0 at evaluation (ADE20K's 0 is "other objects", not a class)
+CLASS0_MODES = ("ignore", "score")
+# data.val=none: the val loader is an empty list, which is how Lightning is told that there is
+# nothing to validate; it warns about that list's length
+warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
 
 
 def _single_threaded(worker_id: int) -> None:
@@ -85,6 +92,12 @@ class IncrementalDataModule(L.LightningDataModule):
     foreground class, labels by ``task.test_lut``. ``replay_dataset`` (synthetic, noise or
     exemplar images, or None) is batched beside every real batch.
 
+    Which images are val is the source's validation policy (``source.val``, ``data.val``);
+    ``val``, when given, must agree with it. With no val images there is no val loader, and
+    Lightning validates nothing. ``ade_class0='ignore'`` makes class 0 unscored at val/test
+    (255), MiB's ADE20K convention (fcdl94/MiB ``dataset/ade.py`` maps 0 to 255 when not
+    training); ``'score'`` scores it as background, like every other dataset's 0.
+
     Under DDP the rank and world size are read from ``self.trainer`` when the loaders are
     built (Lightning attaches it; the Trainer runs with ``use_distributed_sampler=False`` so
     that it keeps our samplers); without a Trainer, or with one process, there is one replica.
@@ -95,8 +108,14 @@ class IncrementalDataModule(L.LightningDataModule):
                  test_mode: str = "full", batch_size: int = 16, eval_batch_size: int | None = None,
                  num_workers: int = 0, hflip: bool = True, rotation: float = 0.0,
                  color_jitter: float = 0.0, seed: int = 0, cache_dir: Path | None = None,
-                 progress: bool = True, replay_dataset: Dataset | None = None):
+                 progress: bool = True, replay_dataset: Dataset | None = None,
+                 val: str | None = None, ade_class0: str = "score"):
         super().__init__()
+        if val is not None and str(val) != source.val:
+            raise ValueError(f"val={val!r} differs from the source's validation policy "
+                             f"{source.val!r}; build the source with it (make_source(..., val))")
+        if ade_class0 not in CLASS0_MODES:
+            raise ValueError(f"ade_class0={ade_class0!r} is not one of {', '.join(CLASS0_MODES)}")
         self.source, self.task, self.step = source, task, step
         self.overlap, self.seed, self.cache_dir, self.progress = overlap, seed, cache_dir, progress
         self.batch_size = batch_size
@@ -106,6 +125,8 @@ class IncrementalDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_lut = task.train_lut(step, void_as_background)
         self.test_lut = task.test_lut(step, unseen_as)
+        if ade_class0 == "ignore":
+            self.test_lut[0] = IGNORE
         self.train_tf = train_transform(crop, hflip, rotation, color_jitter)
         self.eval_tf = eval_transform(crop, test_mode)
         self.selection: dict[str, list[int]] | None = None
@@ -190,8 +211,9 @@ class IncrementalDataModule(L.LightningDataModule):
         return self._loader(ds, self.eval_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        if not self.source.has_split("val"):
-            return []  # no validation split (folder without val.txt): Lightning validates nothing
+        self.setup()
+        if not self.selection["val"]:  # data.val=none (or no val image holds a seen class)
+            return []
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -114,8 +114,14 @@ class FolderSource(Source):
     name = "folder"
     layout_hint = LAYOUT
 
-    def __init__(self, root):
-        super().__init__(root)
+    def __init__(self, root, val: str | None = None):
+        # ``val.txt`` is optional: with it ``data.val=split`` (the folder default) reads it;
+        # without it the default validates nothing, and holdout / none apply as for VOC.
+        if root is not None and str(root) not in ("", "None", "null"):
+            self.own_val = (Path(os.path.expanduser(str(root))) / "val.txt").is_file()
+        if val == "split" and not self.own_val:
+            val = "none"
+        super().__init__(root, val)
         self.classes = read_classes(self.root / CLASSES_FILE)
         self.num_classes = len(self.classes.names)
         self.mask_value_fix = f"fix the mask, or add the class to {self.root / CLASSES_FILE}"
@@ -144,12 +150,9 @@ class FolderSource(Source):
                 {"classes": self.class_info(), "train": files})
         return self._identity
 
-    def has_split(self, split: str) -> bool:
-        return split != "val" or (self.root / "val.txt").is_file()
-
-    def samples(self, split: str) -> list[Sample]:
+    def listed(self, split: str) -> list[Sample]:
         if split not in self._samples:
-            self._samples[split] = self._read(split) if self.has_split(split) else []
+            self._samples[split] = self._read(split)
         return self._samples[split]
 
     def _read(self, split: str) -> list[Sample]:

@@ -106,13 +106,24 @@ def scan_labels(source: Source, split: str, cache: Path | None,
                 progress: bool = True) -> list[list[int]]:
     """Labels present in each mask of ``split`` (in ``source.samples(split)`` order).
 
-    Cached under ``cache/index/<key>.json``; the key covers every mask's and image's path,
+    The scan covers the whole list ``split`` is drawn from (:meth:`Source.origin`: under
+    ``data.val=holdout`` train and val are two parts of the training list, scanned once) and is
+    cached under ``cache/index/<key>.json``; the key covers every mask's and image's path,
     size and mtime, so an edited mask or image invalidates it.
     """
-    samples = source.check_split(split)
-    key = content_key("labels", {"dataset": source.name, "split": split,
+    name, keep = source.origin(split)
+    if name is None:
+        return []
+    labels = _scan_list(source, name, cache, progress)
+    return labels if keep is None else [labels[i] for i in keep]
+
+
+def _scan_list(source: Source, name: str, cache: Path | None,
+               progress: bool) -> list[list[int]]:
+    samples = source.check_list(name)
+    key = content_key("labels", {"dataset": source.name, "split": name,
                                  "files": _fingerprint(samples)})
-    entry = cache / "index" / f"{source.name}-{split}-{key}.json" if cache else None
+    entry = cache / "index" / f"{source.name}-{name}-{key}.json" if cache else None
     if entry is not None and (labels := _read_entry(entry, len(samples))) is not None:
         return labels
     lock = entry_lock(entry) if entry is not None else None
@@ -126,7 +137,7 @@ def scan_labels(source: Source, split: str, cache: Path | None,
         with ThreadPoolExecutor(workers) as pool:
             it = pool.map(lambda s: _scan_one(s, source), samples)
             labels = list(tqdm(it, total=len(samples), disable=not progress, leave=False,
-                               desc=f"scanning {source.name}/{split} masks"))
+                               desc=f"scanning {source.name}/{name} masks"))
         if entry is not None:
             atomic_write_json(entry, {"count": len(samples), "labels": labels})
         return labels

@@ -19,9 +19,15 @@ from incseg.losses.inversion import (
     competition_loss,
     image_priors,
 )
-from incseg.losses.segmentation import bisenet_loss, cross_entropy, unbiased_cross_entropy
+from incseg.losses.segmentation import (
+    REDUCTIONS,
+    bisenet_loss,
+    cross_entropy,
+    unbiased_cross_entropy,
+)
 
 __all__ = [
+    "REDUCTIONS",
     "REPLAY_LOSSES",
     "BNStatisticsHook",
     "bisenet_loss",

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from incseg.losses import bisenet_loss, cross_entropy, unbiased_cross_entropy
+from incseg.losses import REDUCTIONS, bisenet_loss, cross_entropy, unbiased_cross_entropy
 from incseg.models.base import SegOutput
 
 #: classification losses a method can train its heads with
@@ -45,14 +45,16 @@ class Batch:
 class StepContext:
     """What a method knows about its step: the step index, ``num_old`` = C_o (classes seen
     before the step, background included), ``num_classes`` (seen up to the step), the frozen
-    model of the previous step (None at step 0) and the model being trained (its weights are
-    what EWC / PI / RW hold in place; None where a caller has no model to give)."""
+    model of the previous step (None at step 0), the model being trained (its weights are
+    what EWC / PI / RW hold in place; None where a caller has no model to give) and the run's
+    ``reduction`` (``train.loss_reduction``)."""
 
     step: int
     num_old: int
     num_classes: int
     old_model: nn.Module | None
     model: nn.Module | None = None
+    reduction: str = "valid"
 
 
 class Method:
@@ -66,6 +68,9 @@ class Method:
       needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
       trains_step0       step 0 trains with this method (its classification loss and its
                          hooks; no ``terms``) instead of the plain-CE teacher shared by the others
+      reduction          None: the classification loss is averaged as the run says
+                         (``train.loss_reduction``); "valid" or "all" where the method's
+                         reference defines its loss with that mean
     """
 
     classification = "ce"
@@ -73,11 +78,15 @@ class Method:
     uses_old_outputs = False
     needs_features: tuple[str, ...] = ()
     trains_step0 = False
+    reduction: str | None = None
 
     def __init__(self) -> None:
         if self.classification not in CLASSIFICATION:
             raise ValueError(f"classification={self.classification!r} is not one of "
                              f"{', '.join(CLASSIFICATION)}")
+        if self.reduction not in (None, *REDUCTIONS):
+            raise ValueError(f"reduction={self.reduction!r} is not one of "
+                             f"{', '.join(REDUCTIONS)} (or None: train.loss_reduction)")
         self.ctx: StepContext | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -88,9 +97,10 @@ class Method:
     # ---- the loss -----------------------------------------------------------------------------
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """One head's loss: B x C x H x W logits, B x H x W labels -> scalar."""
+        reduction = self.reduction or self.ctx.reduction
         if self.classification == "unbiased_ce":
-            return unbiased_cross_entropy(logits, labels, self.ctx.num_old)
-        return cross_entropy(logits, labels)
+            return unbiased_cross_entropy(logits, labels, self.ctx.num_old, reduction=reduction)
+        return cross_entropy(logits, labels, reduction=reduction)
 
     def segmentation_loss(self, out: SegOutput, labels: Tensor) -> Tensor:
         """The classification loss summed over the main and auxiliary heads."""

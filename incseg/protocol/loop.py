@@ -43,7 +43,7 @@ from incseg.protocol.trainer import (
     quiet_lightning,
     recipe,
 )
-from incseg.results import final_block, step_record, write_results
+from incseg.results import conventions, final_block, step_record, write_results
 from incseg.systems import StudentModule
 from incseg.tasks import Task
 
@@ -197,7 +197,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         finish_wandb()
     header = {"dataset": task.dataset, "task": task.name, "method": str(cfg.method.name),
               "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name),
-              "replay": str(cfg.replay.name), **source.class_info()}
+              "replay": str(cfg.replay.name),
+              "conventions": {**conventions(cfg), "val": source.val}, **source.class_info()}
     records = [state.steps[t] for t in sorted(state.steps)]
     prov["wall_times_s"] = walls
     if not is_rank_zero():

@@ -84,7 +84,8 @@ def recipe(cfg: DictConfig, step: int) -> Recipe:
     return Recipe(lr=float(t.lr if step == 0 else t.lr_incremental), momentum=float(t.momentum),
                   nesterov=bool(t.nesterov), weight_decay=float(t.weight_decay),
                   poly_power=float(t.poly_power),
-                  channels_last=training_format(cfg).channels_last)
+                  channels_last=training_format(cfg).channels_last,
+                  loss_reduction=str(t.get("loss_reduction", "valid")))
 
 
 def data_kwargs(data: DictConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -19,7 +20,8 @@ from incseg.tasks import Task
 
 @dataclass
 class Recipe:
-    """SGD (momentum, Nesterov as in MiB), weight decay, poly LR per iteration (power 0.9)."""
+    """SGD (momentum, Nesterov as in MiB), weight decay, poly LR per iteration (power 0.9);
+    ``loss_reduction`` averages the classification losses (``incseg.losses.segmentation``)."""
 
     lr: float = 0.01
     momentum: float = 0.9
@@ -27,6 +29,7 @@ class Recipe:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     channels_last: bool = False
+    loss_reduction: str = "valid"
 
 
 class SegmentationSystem(L.LightningModule):
@@ -61,7 +64,8 @@ class SegmentationSystem(L.LightningModule):
                       replay: Tensor | None = None) -> dict[str, Tensor]:
         """Paper Eq. 3: L_B = CE(main) + CE(aux1) + CE(aux2), over every class of the step."""
         out = self.model(images)
-        return {"loss": bisenet_loss(out.logits, out.aux, labels, cross_entropy)}
+        ce = partial(cross_entropy, reduction=self.recipe.loss_reduction)
+        return {"loss": bisenet_loss(out.logits, out.aux, labels, ce)}
 
     def param_groups(self) -> list[dict]:
         """The optimiser's parameter groups: every trainable parameter of the model."""

@@ -42,7 +42,8 @@ class StudentModule(SegmentationSystem):
                                   f"{self.num_old} classes were seen before step {step}")
         method.setup(StepContext(step=step, num_old=self.num_old,
                                  num_classes=model.num_classes, old_model=self.old_model,
-                                 model=self.model))
+                                 model=self.model,
+                                 reduction=recipe.loss_reduction))
 
     def train(self, mode: bool = True):
         super().train(mode)
