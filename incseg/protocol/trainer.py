@@ -103,7 +103,8 @@ def make_datamodule(cfg: DictConfig, source, task: Task, step: int, cache: Path,
     return IncrementalDataModule(
         source, task, step, overlap=bool(cfg.overlap), seed=derive_seed(cfg.seed, step),
         cache_dir=cache, progress=bool(cfg.trainer.progress_bar), replay_dataset=replay_dataset,
-        **data_kwargs(cfg.data))
+        # the source's policy: a folder without val.txt turns data.val=split into none
+        **{**data_kwargs(cfg.data), "val": source.val})
 
 
 def make_trainer(cfg: DictConfig, stage: Stage, epochs: int):
