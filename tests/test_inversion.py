@@ -405,3 +405,47 @@ def test_autocast_precisions_run(precision):
         module = InversionModule(teacher, [1, 2], st).run()
     assert len(module.history) == 4 and all(math.isfinite(v) for v in module.history)
     assert next(teacher.parameters()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive DeepInversion's competition term, against the reference formula by hand
+
+
+def _softmax(z: list[float], t: float) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _reference_competition(student: list[float], teacher: list[float], t: float = 3.0) -> float:
+    """NVlabs/DeepInversion (deepinversion.py, R_ADI): M = (P + Q) / 2 from the unclamped
+    softmaxes, then P, Q and M clamped to [0.01, 0.99]; JS = KLDiv(log P, M) / 2 +
+    KLDiv(log Q, M) / 2 (KLDiv(input, target) = sum target * (log target - input))."""
+    p, q = _softmax(student, t), _softmax(teacher, t)
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    p, q, m = ([min(max(v, 0.01), 0.99) for v in x] for x in (p, q, m))
+    js = 0.5 * sum(c * (math.log(c) - math.log(a)) for c, a in zip(m, p, strict=True)) \
+        + 0.5 * sum(c * (math.log(c) - math.log(b)) for c, b in zip(m, q, strict=True))
+    return 1.0 - min(max(js, 0.0), 1.0)
+
+
+def test_competition_loss_clamps_in_the_reference_order():
+    from incseg.losses import competition_loss
+
+    # T = 3, student [0, 0], teacher [0, 20.72]: Q = softmax([0, 6.9067]) ~ (0.001, 0.999),
+    # M ~ (0.5005, 0.4995); only Q is clamped. Clamping Q before forming M gives 0.6303.
+    s, t = [0.0, 0.0], [0.0, 20.72]
+    want = _reference_competition(s, t)
+    assert want == pytest.approx(0.6357, abs=1e-4)
+    got = competition_loss(torch.tensor([s], dtype=torch.float64),
+                           torch.tensor([t], dtype=torch.float64), 3.0).item()
+    assert got == pytest.approx(want, rel=1e-12)
+    # Three classes where M itself is clamped: P(2) ~ 0.0003 and Q(2) ~ 0.0149 -> M(2) ~ 0.0076,
+    # raised to 0.01 (M from the clamped P and Q would be 0.0124); batch mean with another.
+    s2, t2 = [6.0, 0.0, -18.0], [0.0, 0.0, -10.5]
+    m2 = (_softmax(s2, 3.0)[2] + _softmax(t2, 3.0)[2]) / 2
+    assert m2 < 0.01 < (0.01 + _softmax(t2, 3.0)[2]) / 2
+    s3, t3 = [0.0, 3.0, 0.0], [9.0, 0.0, 0.0]
+    want2 = (_reference_competition(s2, t2) + _reference_competition(s3, t3)) / 2
+    got2 = competition_loss(torch.tensor([s2, s3], dtype=torch.float64),
+                            torch.tensor([t2, t3], dtype=torch.float64), 3.0).item()
+    assert got2 == pytest.approx(want2, rel=1e-12)
