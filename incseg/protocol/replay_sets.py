@@ -12,7 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from incseg.protocol.state import derive_seed, is_rank_zero
-from incseg.protocol.teachers import verifier_model
+from incseg.protocol.teachers import (
+    competition_student,
+    student_model_config,
+    verifier_model,
+)
 from incseg.replay.term import ReplaySpec, ReplayTerm
 from incseg.tasks import Task
 
@@ -58,14 +62,19 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
                             if cfg.replay.verifier == "joint" else (None, None))
     verifier_channel_of = ({k: channel_of[c] for k, c in enumerate(class_ids)}
                            if channel_of else None)
+    # Adaptive DeepInversion: the noise control is never optimised, so it has no competition
+    student = (competition_student(cfg, run_dir, cache, source, task, step)
+               if settings.competition and spec.kind == "deepinversion" else None)
     rs = ensure_replay_set(cache, old_model, targets, settings, kind=spec.kind,
-                           class_ids=class_ids, verifier=verifier,
+                           class_ids=class_ids, student=student, verifier=verifier,
                            verifier_channel_of=verifier_channel_of,
                            progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
     if is_rank_zero():
         class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
     ds = ReplayDataset(rs, hflip=True)
     info = rs.as_dict()
+    if student is not None:
+        info["competition_student"] = str(student_model_config(cfg).name)
     log.info("step %d replay: %d %s images, teacher accuracy %.2f, verifier accuracy %s",
              step, info["images"], spec.kind, info["teacher_accuracy"],
              "-" if info["verifier_accuracy"] is None else f"{info['verifier_accuracy']:.3f}")
