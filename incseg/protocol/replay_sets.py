@@ -41,6 +41,18 @@ def check_batch(ds, n: int = 8) -> torch.Tensor:
     return torch.stack([ds[(int(i), 0)] for i in idx])
 
 
+def generation_ranks() -> tuple[int, int, bool]:
+    """``(rank, world size, fill)`` of this process for making a replay set together.
+
+    Under DDP every rank makes its share once the process group is up. A rank > 0 can run
+    before it is: Lightning starts the other ranks at rank 0's first fit or test, and on a
+    resumed run that comes after rank 0 has made the set alone; such a rank waits for it."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, is_rank_zero()
+
+
 def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task, step: int,
                  old_model) -> ReplayStage | None:
     """The replay of ``step``, or None with ``replay=none``."""
@@ -65,10 +77,12 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
     # Adaptive DeepInversion: the noise control is never optimised, so it has no competition
     student = (competition_student(cfg, run_dir, cache, source, task, step)
                if settings.competition and spec.kind == "deepinversion" else None)
+    rank, world, fill = generation_ranks()  # after the fits above, which may start the ranks
     rs = ensure_replay_set(cache, old_model, targets, settings, kind=spec.kind,
                            class_ids=class_ids, student=student, verifier=verifier,
                            verifier_channel_of=verifier_channel_of,
-                           progress=bool(cfg.trainer.progress_bar), fill=is_rank_zero())
+                           progress=bool(cfg.trainer.progress_bar), fill=fill, rank=rank,
+                           world_size=world)
     if is_rank_zero():
         class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
     ds = ReplayDataset(rs, hflip=True)
