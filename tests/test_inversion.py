@@ -449,3 +449,69 @@ def test_competition_loss_clamps_in_the_reference_order():
     got2 = competition_loss(torch.tensor([s2, s3], dtype=torch.float64),
                             torch.tensor([t2, t3], dtype=torch.float64), 3.0).item()
     assert got2 == pytest.approx(want2, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation through a Lightning Trainer
+
+
+def test_trainer_fit_gives_the_plain_loop_images_to_the_bit():
+    """synthesise fits each batch with a Trainer; on a CPU its images, losses and verdicts are
+    those of InversionModule.run (no Trainer), with a competition student too; the global RNG
+    streams are left as they were."""
+    teacher, student = Toy(seed=0), Toy(seed=1)
+    st = small(n_per_class=3, batch_size=4, iterations_low=3, iterations_full=4)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    images, info = synthesise(teacher, [1, 2, 3], st, student=student, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    plain, history = [], []
+    with frozen(teacher, student):
+        for k, batch in enumerate(batch_plan([1, 2, 3], st)):
+            module = InversionModule(teacher, batch, st, student=student, batch_index=k).run()
+            plain.append(module.result_images())
+            history.append(module.history[-1])
+    assert torch.equal(images, torch.cat(plain))
+    assert [b["final_loss"] for b in info["batches"]] == history
+    assert bn_hooks_left(teacher) == 0 and not teacher.training
+
+
+def test_inversion_logs_per_iteration_losses_and_per_batch_teacher_accuracy(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from incseg.replay import inversion_trainer
+
+    logger = CSVLogger(str(tmp_path), name="logs", version="inversion1")
+    st = small(n_per_class=4, iterations_low=2, iterations_full=3)  # 2 batches of 5 iterations
+    synthesise(Toy(), [1, 2], st, progress=False,
+               trainer=lambda k: inversion_trainer("cpu", False, [logger], log_every_n_steps=2))
+    logger.save()
+    with open(tmp_path / "logs" / "inversion1" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    losses = {int(r["step"]): float(r["inversion/loss"]) for r in rows if r["inversion/loss"]}
+    assert sorted(losses) == [1, 3, 4, 6, 8, 9]  # every 2nd and the last iteration of a batch
+    acc = [r for r in rows if r["inversion/batch_teacher_accuracy"]]
+    assert [(int(r["step"]), int(r["inversion/batch"])) for r in acc] == [(4, 0), (9, 1)]
+    assert all(0.0 <= float(r["inversion/batch_teacher_accuracy"]) <= 1.0 for r in acc)
+
+
+def test_ctrl_c_during_generation_is_a_keyboard_interrupt(monkeypatch):
+    """Lightning turns Ctrl-C inside fit into exit status 1 with SIGINT ignored; generation
+    keeps it a KeyboardInterrupt (the CLI reports it, a rerun resumes) and SIGINT's handler."""
+    import signal
+
+    real = InversionModule.optimisation_step
+
+    def interrupted(self, optimizers):
+        if self.iteration == 2:
+            raise KeyboardInterrupt
+        return real(self, optimizers)
+
+    monkeypatch.setattr(InversionModule, "optimisation_step", interrupted)
+    teacher = Toy()
+    with pytest.raises(KeyboardInterrupt):
+        synthesise(teacher, [1, 2], small(), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert bn_hooks_left(teacher) == 0

@@ -182,3 +182,34 @@ def test_paper_generator_presets_turn_the_competition_on():
         assert c.inversion.competition is True and c.inversion.student_model is None
         validate(c)
     assert compose([]).inversion.competition is False  # the cpu presets leave it off
+
+
+def test_each_replay_set_is_a_logged_inversion_stage(tmp_path):
+    """The protocol's Trainers for a set: one logger run per set (stage inversion<t>, W&B
+    job_type inversion) shared by its batches, created only when a batch is generated."""
+    import csv
+
+    import torch
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from incseg.protocol.replay_sets import generation_device, inversion_trainers
+    from incseg.replay import synthesise
+    from tests.test_inversion import Toy, small
+
+    c = compose(["logger=wandb", "task=15-5s", "replay=deepinversion", "seed=2"])
+    assert generation_device(c) == torch.device("cpu")
+    make = inversion_trainers(c, tmp_path / "run", 3, torch.device("cpu"))
+    first, second = make(0), make(1)
+    assert first.loggers == second.loggers and len(first.loggers) == 2
+    assert any(isinstance(lg, CSVLogger) for lg in first.loggers)
+    wb = next(lg for lg in first.loggers if isinstance(lg, WandbLogger))
+    assert wb._wandb_init["job_type"] == "inversion" and wb._wandb_init["name"] == "inversion3"
+    assert wb._wandb_init["config"]["step"] == 3
+    csv_run = compose(["logger=csv", "replay=deepinversion"])
+    synthesise(Toy(), [1, 2], small(n_per_class=4), progress=False,
+               trainer=inversion_trainers(csv_run, tmp_path / "run", 1, torch.device("cpu")))
+    logged = tmp_path / "run" / "logs" / "inversion1" / "metrics.csv"
+    with open(logged) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["inversion/batch"]) for r in rows if r["inversion/batch"]] == [0, 1]
+    assert any(r["inversion/loss"] for r in rows)

@@ -4,6 +4,7 @@ foreground class, or a control: noise, real exemplars) and the student's replay 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from incseg.protocol.teachers import (
     student_model_config,
     verifier_model,
 )
+from incseg.protocol.trainer import Stage, make_loggers
 from incseg.replay.term import ReplaySpec, ReplayTerm
 from incseg.tasks import Task
 
@@ -53,6 +55,37 @@ def generation_ranks() -> tuple[int, int, bool]:
     return 0, 1, is_rank_zero()
 
 
+def generation_device(cfg: DictConfig) -> torch.device:
+    """Where this process optimises images: its GPU when the stages train on GPUs (under DDP
+    the one of its local rank), else the CPU."""
+    tc = cfg.trainer
+    gpu = str(tc.accelerator) in ("gpu", "cuda") or (
+        str(tc.accelerator) == "auto" and torch.cuda.is_available())
+    if not gpu:
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ids = OmegaConf.to_container(tc.devices) if OmegaConf.is_list(tc.devices) else None
+    return torch.device("cuda", int(ids[local]) if ids else local)
+
+
+def inversion_trainers(cfg: DictConfig, run_dir: Path, step: int, device: torch.device):
+    """``k -> Trainer`` for the batches of step ``step``'s set: its own logger run (stage
+    ``inversion<t>``, W&B job_type inversion; created at the first batch, so a cache hit logs
+    nothing), shared by its batches; the progress bar of the other stages, on rank 0."""
+    from incseg.replay import inversion_trainer
+
+    loggers: list = []
+
+    def trainer(k: int):
+        if not loggers:
+            loggers.extend(make_loggers(Stage(run_dir, f"inversion{step}", step, "inversion",
+                                              cfg)))
+        return inversion_trainer(device, bool(cfg.trainer.progress_bar) and is_rank_zero(),
+                                 loggers, int(cfg.trainer.get("log_every_n_steps", 50)))
+
+    return trainer
+
+
 def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task, step: int,
                  old_model) -> ReplayStage | None:
     """The replay of ``step``, or None with ``replay=none``."""
@@ -78,11 +111,13 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
     student = (competition_student(cfg, run_dir, cache, source, task, step)
                if settings.competition and spec.kind == "deepinversion" else None)
     rank, world, fill = generation_ranks()  # after the fits above, which may start the ranks
+    device = generation_device(cfg)
     rs = ensure_replay_set(cache, old_model, targets, settings, kind=spec.kind,
                            class_ids=class_ids, student=student, verifier=verifier,
                            verifier_channel_of=verifier_channel_of,
-                           progress=bool(cfg.trainer.progress_bar), fill=fill, rank=rank,
-                           world_size=world)
+                           progress=bool(cfg.trainer.progress_bar), device=device,
+                           trainer=inversion_trainers(cfg, run_dir, step, device), fill=fill,
+                           rank=rank, world_size=world)
     if is_rank_zero():
         class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
     ds = ReplayDataset(rs, hflip=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +37,6 @@ from incseg.data.prepare import save_palette_png
 from incseg.errors import CheckpointError
 from incseg.io import atomic_write_json, entry_lock, file_sha256
 from incseg.replay.controls import generator_settings
-from incseg.replay.generator import synthesise
 from incseg.replay.settings import InversionSettings, batch_plan, from_uint8, quantise
 from incseg.replay.store import (
     FORMAT,
@@ -52,6 +51,7 @@ from incseg.replay.store import (
     teacher_fingerprint,
     verify_entry,
 )
+from incseg.replay.synthesis import synthesise
 from incseg.replay.verdicts import (
     device_of,
     frozen,
@@ -88,6 +88,7 @@ def ensure_replay_set(
     verifier_channel_of: Mapping[int, int] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    trainer: Callable[[int], Any] | None = None,
     fill: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -109,6 +110,8 @@ def ensure_replay_set(
         verifier_channel_of: teacher channel -> verifier channel (default identity).
         progress: tqdm bars on stderr.
         device: where to optimise (default: the teacher's device).
+        trainer: ``k -> lightning.Trainer`` fitting batch ``k`` (default: a plain one on
+            ``device``; :func:`~incseg.replay.synthesis.synthesise`).
         fill: generate a missing entry (false: wait until another process has written it).
         rank, world_size: this process's share of the generation (:func:`shard_batches`); rank 0
             finishes the entry, the others wait for it.
@@ -136,7 +139,7 @@ def ensure_replay_set(
         device = device_of(teacher)
 
     job = _Job(work, key, kind, teacher, targets, plan, settings, class_of, student, verifier,
-               progress and rank == 0, device)
+               progress and rank == 0, device, trainer)
     manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
     if manifest is None and fill and rank > 0:
         _make_batches(job, shard_batches(len(plan), rank, world_size), final)
@@ -236,6 +239,7 @@ class _Job(NamedTuple):
     verifier: nn.Module | None
     progress: bool
     device: Any
+    trainer: Callable[[int], Any] | None
 
     def first(self, k: int) -> int:
         """Number of the first image of batch ``k``."""
@@ -259,7 +263,7 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path) -> dict[int, d
             log.info("replay set %s: generating batch %d/%d", job.key, k + 1, len(job.plan))
             images, info = synthesise(job.teacher, job.targets, gen_settings,
                                       student=job.student, progress=job.progress,
-                                      device=job.device, batches=[k])
+                                      device=job.device, batches=[k], trainer=job.trainer)
             if images.shape[0] != len(batch):
                 raise CheckpointError(f"generator returned {images.shape[0]} images for batch "
                                       f"{k} of {len(batch)}")
