@@ -117,26 +117,53 @@ def test_sync_batchnorm_conversion_of_bisenet():
 def test_ddp_smoke_protocol_with_replay_rank0_writes_everything(tmp_path):
     """trainer=ddp on 2 CPU processes (gloo): the protocol finishes, both ranks train every
     step, and every file (caches, replay set, checkpoints, state, results) is written by rank 0
-    (INCSEG_WRITE_LOG records the rank of each atomic write)."""
+    (INCSEG_WRITE_LOG records the rank of each atomic write) but rank 1's share of the replay
+    set: its batches, which rank 0 merges. That set is the one a single process makes from the
+    same teacher, to the byte."""
+    import json
     import subprocess
     import sys
+
+    from incseg.checkpoints import load_model
+    from incseg.config import compose
+    from incseg.io import file_sha256
+    from incseg.replay import InversionSettings, ensure_replay_set
 
     writes = tmp_path / "writes.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1",
                WANDB_MODE="disabled", INCSEG_WRITE_LOG=str(writes))
     run = tmp_path / "run"
+    overrides = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "logger=none", "replay=deepinversion", "replay.verifier=none"]
     proc = subprocess.run(
-        [sys.executable, "-m", "incseg.run", "experiment=smoke", "trainer=ddp",
-         "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "replay=deepinversion",
-         "replay.verifier=none", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'c'}"],
+        [sys.executable, "-m", "incseg.run", *overrides, f"hydra.run.dir={run}",
+         f"paths.cache_dir={tmp_path / 'c'}"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("step 1: old") == 2  # rank 0 and rank 1 both ran step 1
-    assert proc.stderr.count("waiting for rank 0") == 1  # rank 1 read rank 0's replay set
+    # smoke: 15 old classes x 2 images in batches of 16: batch 0 on rank 0, batch 1 on rank 1
+    assert proc.stderr.count("generating batch 1/2") == proc.stderr.count("generating batch 2/2")
+    assert proc.stderr.count("waiting for rank 0") == 1  # rank 1, for the manifest
     lines = [ln.split(" ", 1) for ln in writes.read_text().splitlines()]
-    assert {rank for rank, _ in lines} == {"0"}
+    assert {rank for rank, _ in lines} == {"0", "1"}
+    assert [os.path.basename(p) for rank, p in lines if rank == "1"] == ["batch_1.json"]
+    assert all("/replay/." in p and p.endswith(".partial/batch_1.json")
+               for rank, p in lines if rank == "1")
     paths = [p for _, p in lines]
     for name in ("results.json", "state.json", "step1.pt", "manifest.json"):
         assert any(p.endswith(name) for p in paths), name
     assert any("/step0/" in p for p in paths)  # the step-0 cache entry
     assert (run / "results.json").exists()
+    # one process, same teacher (the DDP run's model 0) and settings: the same set
+    replay = json.loads((run / "results.json").read_text())["steps"][1]["replay"]
+    two = tmp_path / "c" / "replay" / os.path.basename(os.path.dirname(replay["path"]))
+    cfg = compose(overrides)
+    teacher = load_model(run / "checkpoints" / "step0.pt", cfg.model,
+                         [list(range(16)), [16, 17, 18, 19, 20]], 0)
+    one = ensure_replay_set(tmp_path / "one", teacher, list(range(1, 16)),
+                            InversionSettings.from_dict(dict(cfg.inversion)),
+                            class_ids=list(range(16)), progress=False)
+    assert one.path.name == two.name
+    for rec in one.records:
+        for field in ("file", "mask"):
+            assert file_sha256(two / rec[field]) == file_sha256(one.path / rec[field])

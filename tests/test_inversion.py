@@ -405,3 +405,113 @@ def test_autocast_precisions_run(precision):
         module = InversionModule(teacher, [1, 2], st).run()
     assert len(module.history) == 4 and all(math.isfinite(v) for v in module.history)
     assert next(teacher.parameters()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive DeepInversion's competition term, against the reference formula by hand
+
+
+def _softmax(z: list[float], t: float) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _reference_competition(student: list[float], teacher: list[float], t: float = 3.0) -> float:
+    """NVlabs/DeepInversion (deepinversion.py, R_ADI): M = (P + Q) / 2 from the unclamped
+    softmaxes, then P, Q and M clamped to [0.01, 0.99]; JS = KLDiv(log P, M) / 2 +
+    KLDiv(log Q, M) / 2 (KLDiv(input, target) = sum target * (log target - input))."""
+    p, q = _softmax(student, t), _softmax(teacher, t)
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    p, q, m = ([min(max(v, 0.01), 0.99) for v in x] for x in (p, q, m))
+    js = 0.5 * sum(c * (math.log(c) - math.log(a)) for c, a in zip(m, p, strict=True)) \
+        + 0.5 * sum(c * (math.log(c) - math.log(b)) for c, b in zip(m, q, strict=True))
+    return 1.0 - min(max(js, 0.0), 1.0)
+
+
+def test_competition_loss_clamps_in_the_reference_order():
+    from incseg.losses import competition_loss
+
+    # T = 3, student [0, 0], teacher [0, 20.72]: Q = softmax([0, 6.9067]) ~ (0.001, 0.999),
+    # M ~ (0.5005, 0.4995); only Q is clamped. Clamping Q before forming M gives 0.6303.
+    s, t = [0.0, 0.0], [0.0, 20.72]
+    want = _reference_competition(s, t)
+    assert want == pytest.approx(0.6357, abs=1e-4)
+    got = competition_loss(torch.tensor([s], dtype=torch.float64),
+                           torch.tensor([t], dtype=torch.float64), 3.0).item()
+    assert got == pytest.approx(want, rel=1e-12)
+    # Three classes where M itself is clamped: P(2) ~ 0.0003 and Q(2) ~ 0.0149 -> M(2) ~ 0.0076,
+    # raised to 0.01 (M from the clamped P and Q would be 0.0124); batch mean with another.
+    s2, t2 = [6.0, 0.0, -18.0], [0.0, 0.0, -10.5]
+    m2 = (_softmax(s2, 3.0)[2] + _softmax(t2, 3.0)[2]) / 2
+    assert m2 < 0.01 < (0.01 + _softmax(t2, 3.0)[2]) / 2
+    s3, t3 = [0.0, 3.0, 0.0], [9.0, 0.0, 0.0]
+    want2 = (_reference_competition(s2, t2) + _reference_competition(s3, t3)) / 2
+    got2 = competition_loss(torch.tensor([s2, s3], dtype=torch.float64),
+                            torch.tensor([t2, t3], dtype=torch.float64), 3.0).item()
+    assert got2 == pytest.approx(want2, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation through a Lightning Trainer
+
+
+def test_trainer_fit_gives_the_plain_loop_images_to_the_bit():
+    """synthesise fits each batch with a Trainer; on a CPU its images, losses and verdicts are
+    those of InversionModule.run (no Trainer), with a competition student too; the global RNG
+    streams are left as they were."""
+    teacher, student = Toy(seed=0), Toy(seed=1)
+    st = small(n_per_class=3, batch_size=4, iterations_low=3, iterations_full=4)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    images, info = synthesise(teacher, [1, 2, 3], st, student=student, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    plain, history = [], []
+    with frozen(teacher, student):
+        for k, batch in enumerate(batch_plan([1, 2, 3], st)):
+            module = InversionModule(teacher, batch, st, student=student, batch_index=k).run()
+            plain.append(module.result_images())
+            history.append(module.history[-1])
+    assert torch.equal(images, torch.cat(plain))
+    assert [b["final_loss"] for b in info["batches"]] == history
+    assert bn_hooks_left(teacher) == 0 and not teacher.training
+
+
+def test_inversion_logs_per_iteration_losses_and_per_batch_teacher_accuracy(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from incseg.replay import inversion_trainer
+
+    logger = CSVLogger(str(tmp_path), name="logs", version="inversion1")
+    st = small(n_per_class=4, iterations_low=2, iterations_full=3)  # 2 batches of 5 iterations
+    synthesise(Toy(), [1, 2], st, progress=False,
+               trainer=lambda k: inversion_trainer("cpu", False, [logger], log_every_n_steps=2))
+    logger.save()
+    with open(tmp_path / "logs" / "inversion1" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    losses = {int(r["step"]): float(r["inversion/loss"]) for r in rows if r["inversion/loss"]}
+    assert sorted(losses) == [1, 3, 4, 6, 8, 9]  # every 2nd and the last iteration of a batch
+    acc = [r for r in rows if r["inversion/batch_teacher_accuracy"]]
+    assert [(int(r["step"]), int(r["inversion/batch"])) for r in acc] == [(4, 0), (9, 1)]
+    assert all(0.0 <= float(r["inversion/batch_teacher_accuracy"]) <= 1.0 for r in acc)
+
+
+def test_ctrl_c_during_generation_is_a_keyboard_interrupt(monkeypatch):
+    """Lightning turns Ctrl-C inside fit into exit status 1 with SIGINT ignored; generation
+    keeps it a KeyboardInterrupt (the CLI reports it, a rerun resumes) and SIGINT's handler."""
+    import signal
+
+    real = InversionModule.optimisation_step
+
+    def interrupted(self, optimizers):
+        if self.iteration == 2:
+            raise KeyboardInterrupt
+        return real(self, optimizers)
+
+    monkeypatch.setattr(InversionModule, "optimisation_step", interrupted)
+    teacher = Toy()
+    with pytest.raises(KeyboardInterrupt):
+        synthesise(teacher, [1, 2], small(), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert bn_hooks_left(teacher) == 0

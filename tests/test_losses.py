@@ -406,9 +406,10 @@ def test_image_priors_hand_values():
 
 
 def _hand_competition(p: list[float], q: list[float]) -> float:
+    # NVlabs/DeepInversion's order: M from the unclamped P and Q, then all three clamped
+    m = [min(max((a + b) / 2, 0.01), 0.99) for a, b in zip(p, q)]
     p = [min(max(v, 0.01), 0.99) for v in p]
     q = [min(max(v, 0.01), 0.99) for v in q]
-    m = [(a + b) / 2 for a, b in zip(p, q)]
     kl_mp = sum(mc * LN(mc / pc) for mc, pc in zip(m, p))
     kl_mq = sum(mc * LN(mc / qc) for mc, qc in zip(m, q))
     return (kl_mp + kl_mq) / 2
@@ -426,7 +427,8 @@ def test_competition_loss_hand_value():
     # Clamping: teacher [30, 0] at T = 3 -> Q ~ (0.99995, 0.00005) -> (0.99, 0.01); batch mean
     students = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     teachers = torch.tensor([[3 * LN(3.0), 0.0], [30.0, 0.0]], dtype=torch.float64)
-    js2 = _hand_competition([0.5, 0.5], [0.99, 0.01])
+    q1 = 1 / (1 + math.exp(-10))
+    js2 = _hand_competition([0.5, 0.5], [q1, 1 - q1])
     assert js == pytest.approx(_hand_competition([0.5, 0.5], [0.75, 0.25]))
     got = competition_loss(students, teachers, 3.0).item()
     assert got == pytest.approx(1 - (js + js2) / 2, rel=1e-12)
@@ -437,7 +439,8 @@ def test_competition_loss_clamped_probabilities_are_not_renormalised():
     # ~ (0.99991, 0.000045, 0.000045), clamped to (0.99, 0.01, 0.01) (sum 1.01, kept as is).
     student = torch.zeros(1, 3, dtype=torch.float64)
     teacher = torch.tensor([[30.0, 0.0, 0.0]], dtype=torch.float64)
-    js = _hand_competition([1 / 3] * 3, [0.99, 0.01, 0.01])
+    z = 1 + 2 * math.exp(-10)
+    js = _hand_competition([1 / 3] * 3, [1 / z, math.exp(-10) / z, math.exp(-10) / z])
     assert competition_loss(student, teacher, 3.0).item() == pytest.approx(1 - js, rel=1e-12)
 
 

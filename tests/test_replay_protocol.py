@@ -4,6 +4,7 @@ results.json; the cached sets are reused by a second run; the controls run the s
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from incseg.config import compose
 from incseg.protocol import run_protocol
@@ -80,3 +81,135 @@ def test_replay_stability_script_replays_a_step_under_variants(tmp_path):
     assert tenth["replay_sharpness"] == pytest.approx(0.1 * full["replay_sharpness"], rel=1e-3)
     assert full["stability_bound"] == pytest.approx(1357.1429, rel=1e-6)
     assert len(full["records"]) == 2 and png.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive DeepInversion: the competition student
+
+
+def test_competition_student_is_trained_once_cached_and_used(tmp_path, caplog, monkeypatch):
+    """inversion.competition=true: the protocol trains the student on the classes the teacher
+    knows (step 0's at step 1), caches it like a step-0 model, and the generator uses it
+    (w_adi = 0.2 > 0); the replay set's key differs from the one without a student."""
+    import json
+    from pathlib import Path
+
+    import incseg.replay.generator as generator
+    from incseg.checkpoints import load_model
+    from incseg.replay import InversionSettings, replay_key
+    from incseg.tasks import get_task
+
+    calls = []
+    real = generator.competition_loss
+    monkeypatch.setattr(generator, "competition_loss",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    over = ("replay=deepinversion", "replay.verifier=none", "inversion.competition=true",
+            "inversion.student_model=bisenet_r18_paper")
+    caplog.set_level("INFO")
+    res = run_protocol(cfg(cache, *over), tmp_path / "a")
+    assert "competition student cache miss" in caplog.text
+    rep = res["steps"][1]["replay"]
+    assert rep["competition_student"] == "bisenet_r18_paper" and rep["images"] == 15
+    # 2 batches of 8 and 7 images, 4 iterations each: the term ran at every iteration
+    assert len(calls) == 8
+    manifest = json.loads((Path(rep["path"]).parent / "manifest.json").read_text())
+    assert manifest["student"] is not None and manifest["settings"]["w_adi"] == 0.2
+    assert manifest["settings"]["competition"] is True
+    # the same teacher and settings without a student: another key
+    c = cfg(cache, *over)
+    teacher = load_model(tmp_path / "a" / "checkpoints" / "step0.pt", c.model,
+                         get_task("shapes", "15-5").steps, 0)
+    off = InversionSettings.from_dict({**OmegaConf.to_container(c.inversion),
+                                       "competition": False, "student_model": None})
+    assert manifest["key"] != replay_key(teacher, off, list(range(1, 16)),
+                                         class_ids=list(range(16)))
+    assert not (tmp_path / "a" / "checkpoints" / "competition1-last.ckpt").exists()
+    caplog.clear()
+    calls.clear()
+    again = run_protocol(cfg(cache, *over), tmp_path / "b")
+    assert "competition student cache hit" in caplog.text
+    assert "competition student cache miss" not in caplog.text
+    assert "replay set cache hit" in caplog.text and calls == []
+    assert again["steps"][1]["replay"]["path"] == rep["path"]
+
+
+def test_competition_student_model_defaults_to_the_teacher_with_resnet18():
+    from incseg.protocol.teachers import student_model_config
+
+    def student(*over):
+        return student_model_config(compose(["inversion.competition=true", *over]))
+
+    paper = student("model=bisenet_r50_paper")
+    assert paper.name == "bisenet_r18_paper" and paper.backbone == "resnet18"
+    assert paper.fusion_kernel == 3  # the teacher's variant, only the backbone changes
+    assert student("model=bisenet_r101").name == "bisenet_r18"
+    odd = student("model=bisenet_r50", "model.pretrained=/x.pt")  # equals no conf/model option
+    assert odd.name == "bisenet_r50-resnet18" and odd.pretrained == "/x.pt"
+    chosen = student("model=bisenet_r50", "inversion.student_model=bisenet_r18_paper")
+    assert chosen.name == "bisenet_r18_paper"
+
+
+@pytest.mark.parametrize("over, fragment", [
+    pytest.param(["inversion.competition=true"],
+                 "the competition student would be model=bisenet_r18 itself",
+                 id="student-is-teacher"),
+    pytest.param(["inversion.competition=true", "inversion.student_model=resnet"],
+                 "inversion.student_model=resnet names no conf/model option",
+                 id="unknown-student-model"),
+    pytest.param(["inversion.student_model=bisenet_r18_paper"],
+                 "student_model=bisenet_r18_paper is only used with competition=true",
+                 id="student-without-competition"),
+    pytest.param(["inversion.competition=yes"], "competition must be true or false",
+                 id="competition-not-boolean"),
+    pytest.param(["model=bisenet_r50", "inversion.competition=true", "inversion.w_adi=0"],
+                 "w_adi=0 turns the competition off", id="competition-without-weight"),
+])
+def test_competition_config_errors(over, fragment):
+    from incseg.config import validate
+    from incseg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["experiment=smoke", "replay=deepinversion", *over]))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paper_generator_presets_turn_the_competition_on():
+    from incseg.config import validate
+
+    for preset in ("paper", "paper_10k"):
+        c = compose(["model=bisenet_r50_paper", "replay=deepinversion", f"inversion={preset}"])
+        assert c.inversion.competition is True and c.inversion.student_model is None
+        validate(c)
+    assert compose([]).inversion.competition is False  # the cpu presets leave it off
+
+
+def test_each_replay_set_is_a_logged_inversion_stage(tmp_path):
+    """The protocol's Trainers for a set: one logger run per set (stage inversion<t>, W&B
+    job_type inversion) shared by its batches, created only when a batch is generated."""
+    import csv
+
+    import torch
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from incseg.protocol.replay_sets import generation_device, inversion_trainers
+    from incseg.replay import synthesise
+    from tests.test_inversion import Toy, small
+
+    c = compose(["logger=wandb", "task=15-5s", "replay=deepinversion", "seed=2"])
+    assert generation_device(c) == torch.device("cpu")
+    make = inversion_trainers(c, tmp_path / "run", 3, torch.device("cpu"))
+    first, second = make(0), make(1)
+    assert first.loggers == second.loggers and len(first.loggers) == 2
+    assert any(isinstance(lg, CSVLogger) for lg in first.loggers)
+    wb = next(lg for lg in first.loggers if isinstance(lg, WandbLogger))
+    assert wb._wandb_init["job_type"] == "inversion" and wb._wandb_init["name"] == "inversion3"
+    assert wb._wandb_init["config"]["step"] == 3
+    csv_run = compose(["logger=csv", "replay=deepinversion"])
+    synthesise(Toy(), [1, 2], small(n_per_class=4), progress=False,
+               trainer=inversion_trainers(csv_run, tmp_path / "run", 1, torch.device("cpu")))
+    logged = tmp_path / "run" / "logs" / "inversion1" / "metrics.csv"
+    with open(logged) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["inversion/batch"]) for r in rows if r["inversion/batch"]] == [0, 1]
+    assert any(r["inversion/loss"] for r in rows)

@@ -182,4 +182,28 @@ def _check_replay(cfg: DictConfig) -> None:
                           "numbers") from None
     from incseg.replay import InversionSettings
 
-    InversionSettings.from_dict(plain(cfg.get("inversion")) or {})
+    settings = InversionSettings.from_dict(plain(cfg.get("inversion")) or {})
+    if settings.competition and rc.get("name") == "deepinversion":
+        _check_competition_student(cfg)
+
+
+def _check_competition_student(cfg: DictConfig) -> None:
+    """Adaptive DeepInversion's student is built at step 1, after step 0 has trained."""
+    from incseg.protocol.teachers import student_model_config
+
+    node = student_model_config(cfg)
+
+    def arch(n) -> dict:
+        return {k: v for k, v in plain(n).items() if k not in ("name", "label")}
+
+    if arch(node) == arch(cfg.model):
+        raise ConfigError(f"inversion.competition=true: the competition student would be "
+                          f"model={cfg.model.get('name')} itself, at step 1 the teacher (no "
+                          "competition); use a larger teacher (e.g. model=bisenet_r50) or name "
+                          "another student with inversion.student_model=NAME")
+    check = getattr(target_class(node), "check_config", None)
+    if check is not None:
+        try:
+            check(**constructor_kwargs(node))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"inversion.student_model={node.get('name')}: {err}") from None

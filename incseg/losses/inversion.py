@@ -188,12 +188,17 @@ def competition_loss(
 
     Returns:
         Scalar in ``[0, 1]``; 1 when student and teacher agree. ``P = softmax(s/T)``,
-        ``Q = softmax(t/T)``, each clamped to ``[0.01, 0.99]``, ``M = (P+Q)/2``,
-        ``JS = (KL(M||P) + KL(M||Q))/2`` averaged over the batch, ``KL(M||P) = sum_c M log(M/P)``.
+        ``Q = softmax(t/T)``, ``M = (P+Q)/2`` from the unclamped P and Q; then M, P and Q are
+        each clamped to ``[0.01, 0.99]`` (not renormalised), ``JS = (KL(M||P) + KL(M||Q))/2``
+        averaged over the batch, ``KL(M||P) = sum_c M log(M/P)``. The order is the reference
+        code's (NVlabs/DeepInversion ``deepinversion.py``, ``kl_loss(log P, M)`` with
+        ``batchmean``); clamping P and Q before forming M changes the value whenever a
+        probability is outside the clamp range.
     """
-    p = F.softmax(student_logits / temperature, dim=1).clamp(0.01, 0.99)
-    q = F.softmax(teacher_logits / temperature, dim=1).clamp(0.01, 0.99)
-    m = 0.5 * (p + q)
+    p = F.softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
     log_m = m.log()
     kl_mp = (m * (log_m - p.log())).sum(dim=1)
     kl_mq = (m * (log_m - q.log())).sum(dim=1)

@@ -1,13 +1,16 @@
-"""Teachers: the step-0 model and the Joint model, trained once and shared through the cache.
+"""Teachers: the step-0 model, the Joint model and the competition student, trained once
+and shared through the cache.
 
 The step-0 cache lets a method sweep train step 0 once: FT, LwF, ILT and MiB on 15-5 and 15-5s
 share one step-0 model per (dataset, overlap, model, recipe, seed); Joint likewise per set of
 classes. Entries are content-keyed, filled under a file lock (parallel sweep jobs), written
-atomically and verified on read.
+atomically and verified on read. The competition student of Adaptive DeepInversion is such a
+model too (another architecture, trained on the classes the teacher knows), cached the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,10 +18,12 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities.seed import isolate_rng
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from incseg.checkpoints import load_model, safe_load, save_model
-from incseg.errors import CheckpointError
+from incseg.config import CONF_DIR
+from incseg.config.build import plain
+from incseg.errors import CheckpointError, ConfigError
 from incseg.io import content_key, entry_lock
 from incseg.models import build_model
 from incseg.models.norm import freeze
@@ -72,9 +77,12 @@ def teacher_key(cfg: DictConfig, data_root, classes: list[int],
 
 
 def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: TeacherModule,
-                dm, task: Task, kind: str) -> TeacherFit:
-    """Train a TeacherModule, or load it from the teacher cache. ``kind``: step-0 | joint."""
-    stage = "step0" if kind == "step-0" else "joint"
+                dm, task: Task, kind: str, stage: str | None = None) -> TeacherFit:
+    """Train a TeacherModule, or load it from the teacher cache. ``kind``: step-0 | joint | a
+    name for the log; ``stage``: the stage's name for its logs and epoch checkpoint (default
+    step0 for step-0, else joint)."""
+    if stage is None:
+        stage = "step0" if kind == "step-0" else "joint"
     trainer = make_trainer(cfg, Stage(run_dir, stage, 0, "teacher", cfg), cfg.train.epochs)
     method = module.method
 
@@ -143,3 +151,57 @@ def verifier_model(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Ta
         fit_teacher(cfg, run_dir, cache, source, module,
                     make_datamodule(cfg, source, joint, 0, cache), joint, "joint")
     return freeze(module.model), {c: i for i, c in enumerate(joint.steps[0])}
+
+
+def _model_options() -> dict[str, dict]:
+    return {p.stem: plain(OmegaConf.load(p)) for p in sorted((CONF_DIR / "model").glob("*.yaml"))}
+
+
+def student_model_config(cfg: DictConfig) -> DictConfig:
+    """The competition student's model config (Adaptive DeepInversion): the ``conf/model``
+    option ``inversion.student_model``, or by default the teacher's model with a ResNet-18
+    context path, as the paper's student (Di Salvo et al., appendix: the same BiSeNet with a
+    ResNet-18 backbone). The default is named after the option it equals (bisenet_r50_paper ->
+    bisenet_r18_paper), so it shares the step-0 cache with runs of that model."""
+    options = _model_options()
+    name = cfg.inversion.get("student_model")
+    if name is not None:
+        if str(name) not in options:
+            raise ConfigError(f"inversion.student_model={name} names no conf/model option; "
+                              f"choose one of: {', '.join(options)}")
+        return OmegaConf.create(options[str(name)])
+    node = {k: v for k, v in plain(cfg.model).items() if k != "label"}
+    if "backbone" not in node:
+        raise ConfigError(f"inversion.competition=true: model={cfg.model.get('name')} has no "
+                          "backbone to make the ResNet-18 student from; name the student with "
+                          "inversion.student_model=NAME")
+    node["backbone"] = "resnet18"
+    same = [n for n, o in options.items()
+            if {k: v for k, v in o.items() if k not in ("name", "label")}
+            == {k: v for k, v in node.items() if k != "name"}]
+    node["name"] = same[0] if same else f"{node.get('name')}-resnet18"
+    return OmegaConf.create(node)
+
+
+def competition_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
+                        step: int):
+    """The frozen competition student of step ``step`` >= 1: :func:`student_model_config`
+    trained on the classes the teacher (model ``step``-1) knows, i.e. one step over
+    ``classes_before(step)`` with the step-0 recipe and seed. At step 1 that is the teacher's own
+    step-0 training with the other model, under the same step-0 cache key; later steps train
+    it on the old classes at once. Cached like the step-0 model."""
+    scfg = copy.deepcopy(cfg)
+    with open_dict(scfg):
+        scfg.model = student_model_config(cfg)
+    known = Task(task.dataset, task.name, [task.classes_before(step)], task.num_dataset_classes)
+    model = build_model(scfg.model, [len(known.steps[0])], scfg.model.get("pretrained"))
+    module = TeacherModule(model, known, 0, recipe(scfg, 0))
+    stage = f"competition{step}"
+    with isolate_rng():  # the student's step draws the same numbers with or without it
+        L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
+        fit_teacher(scfg, run_dir, cache, source, module,
+                    make_datamodule(scfg, source, known, 0, cache), known,
+                    "competition student", stage=stage)
+    if is_rank_zero():  # trained and cached: its epoch checkpoint has served its purpose
+        (run_dir / "checkpoints" / f"{stage}-last.ckpt").unlink(missing_ok=True)
+    return freeze(module.model)

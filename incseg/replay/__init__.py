@@ -3,7 +3,9 @@
 - :mod:`~incseg.replay.settings`: :class:`InversionSettings` and the pixel space (normalise,
   denormalise, clamp, quantise to the stored uint8).
 - :mod:`~incseg.replay.generator`: DeepInversion (Yin et al., CVPR 2020) for a segmentation
-  teacher: :func:`synthesise`.
+  teacher, one batch: :class:`InversionModule`; :mod:`~incseg.replay.schedule`: its learning
+  rate and best iterate; :mod:`~incseg.replay.synthesis`: a set's batches, each fitted by a
+  Lightning Trainer: :func:`synthesise`.
 - :mod:`~incseg.replay.verdicts`: what a frozen teacher or verifier predicts for an image.
 - :mod:`~incseg.replay.store` / :mod:`~incseg.replay.fill`: replay sets cached under a content
   key, verified on read, filled resumably: :func:`ensure_replay_set`.
@@ -14,13 +16,8 @@
 from incseg.replay.controls import exemplar_dataset
 from incseg.replay.figures import class_grid
 from incseg.replay.fill import ensure_replay_set
-from incseg.replay.generator import (
-    BestIterate,
-    InversionModule,
-    LossParts,
-    cosine_warmup_lr,
-    synthesise,
-)
+from incseg.replay.generator import InversionModule, LossParts
+from incseg.replay.schedule import BestIterate, cosine_warmup_lr
 from incseg.replay.settings import (
     InversionSettings,
     batch_plan,
@@ -31,6 +28,7 @@ from incseg.replay.settings import (
     quantise,
 )
 from incseg.replay.store import KINDS, ReplayDataset, ReplaySet, replay_key, teacher_fingerprint
+from incseg.replay.synthesis import inversion_trainer, synthesise
 from incseg.replay.verdicts import (
     frozen,
     image_level_logits,
@@ -56,6 +54,7 @@ __all__ = [
     "exemplar_dataset",
     "frozen",
     "image_level_logits",
+    "inversion_trainer",
     "model_logits",
     "normalise",
     "pixel_range",

@@ -8,6 +8,13 @@ index, so the result equals an uninterrupted run). When every batch is done the 
 written last and the folder renamed to its final name (``os.replace``). Everything happens under
 :func:`incseg.io.entry_lock`.
 
+Under DDP the ranks share the work (:func:`shard_batches`: rank r makes the batches k with
+k % world_size == r) and write them into the same partial folder; rank 0 holds the lock, waits
+until every batch has a valid marker and writes the manifest. The waits poll the files rather
+than meet at a collective barrier: a rank with one batch more than the others can take hours at
+the paper's scale, longer than a process group's timeout. Batches are seeded by their index,
+never by the rank, so the set does not depend on the number of processes.
+
 Teacher figures are measured on the stored (uint8-quantised) images, which is what the student
 replays; the verifier (an independent model that knows all old classes, evaluation only) likewise.
 """
@@ -17,9 +24,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +37,6 @@ from incseg.data.prepare import save_palette_png
 from incseg.errors import CheckpointError
 from incseg.io import atomic_write_json, entry_lock, file_sha256
 from incseg.replay.controls import generator_settings
-from incseg.replay.generator import synthesise
 from incseg.replay.settings import InversionSettings, batch_plan, from_uint8, quantise
 from incseg.replay.store import (
     FORMAT,
@@ -45,6 +51,7 @@ from incseg.replay.store import (
     teacher_fingerprint,
     verify_entry,
 )
+from incseg.replay.synthesis import synthesise
 from incseg.replay.verdicts import (
     device_of,
     frozen,
@@ -53,7 +60,19 @@ from incseg.replay.verdicts import (
     verifier_predictions,
 )
 
-__all__ = ["ensure_replay_set"]
+__all__ = ["ensure_replay_set", "shard_batches"]
+
+#: seconds between two looks at files another rank is writing
+POLL_S = 2.0
+
+
+def shard_batches(n_batches: int, rank: int, world_size: int) -> list[int]:
+    """The batches of a set of ``n_batches`` that ``rank`` of ``world_size`` makes: every
+    ``world_size``-th from ``rank`` (round robin, so the ranks' shares differ by one batch at
+    most and each rank's first batch comes first)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size} processes")
+    return list(range(rank, n_batches, world_size))
 
 
 def ensure_replay_set(
@@ -69,7 +88,10 @@ def ensure_replay_set(
     verifier_channel_of: Mapping[int, int] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    trainer: Callable[[int], Any] | None = None,
     fill: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ReplaySet:
     """The replay set of ``teacher`` for ``targets``, generated once and cached.
 
@@ -88,8 +110,13 @@ def ensure_replay_set(
         verifier_channel_of: teacher channel -> verifier channel (default identity).
         progress: tqdm bars on stderr.
         device: where to optimise (default: the teacher's device).
+        trainer: ``k -> lightning.Trainer`` fitting batch ``k`` (default: a plain one on
+            ``device``; :func:`~incseg.replay.synthesis.synthesise`).
         fill: generate a missing entry (false: wait until another process has written it).
+        rank, world_size: this process's share of the generation (:func:`shard_batches`); rank 0
+            finishes the entry, the others wait for it.
     """
+    shard_batches(0, rank, world_size)  # a valid share
     check_kind(kind)
     if kind == "noise" and student is not None:
         raise ValueError("a noise replay set has no competition student; pass student=None")
@@ -111,21 +138,27 @@ def ensure_replay_set(
     if device is None:
         device = device_of(teacher)
 
+    job = _Job(work, key, kind, teacher, targets, plan, settings, class_of, student, verifier,
+               progress and rank == 0, device, trainer)
     manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
-    if manifest is None and not fill:
-        # DDP ranks > 0: rank 0 generates (no collective involved, so no barrier timeout on
-        # long generations); the others poll until its entry verifies.
+    if manifest is None and fill and rank > 0:
+        _make_batches(job, shard_batches(len(plan), rank, world_size), final)
+    if manifest is None and (not fill or rank > 0):
+        # rank 0 finishes the entry; polled, not a collective (no barrier timeout)
         log.info("replay set %s: waiting for rank 0 to write it", key)
         while manifest is None:
-            time.sleep(2.0)
-            manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
+            time.sleep(POLL_S)
+            if (final / "manifest.json").is_file():
+                manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
     if manifest is None:
         with entry_lock(final):
             manifest = verify_entry(final, key, settings_dict, n_total)
             if manifest is None:
                 discard(final)
-                manifest = _fill(work, final, key, kind, teacher, targets, plan, settings,
-                                 settings_dict, class_of, student, verifier, progress, device)
+                markers = _make_batches(job, shard_batches(len(plan), 0, world_size), final)
+                markers.update(_collect(job, [k for k in range(len(plan)) if k not in markers]))
+                manifest = _write_manifest(job, final, settings_dict,
+                                           [markers[k] for k in range(len(plan))])
                 return _finish(final, manifest, settings, verifier, verifier_channel_of)
     log.info("replay set cache hit: %s (%d images, not regenerated)", final, n_total)
     return _finish(final, manifest, settings, verifier, verifier_channel_of)
@@ -170,8 +203,10 @@ def _write_batch(work: Path, k: int, key: str, images: Tensor, targets: Sequence
     return marker
 
 
-def _read_marker(work: Path, k: int, key: str, expected: Sequence[int], size: int
-                 ) -> dict[str, Any] | None:
+def _read_marker(work: Path, k: int, key: str, expected: Sequence[int], size: int,
+                 warn: bool = True) -> dict[str, Any] | None:
+    """Batch ``k``'s marker when it and every PNG it lists are intact, else None (an invalid
+    one is reported when ``warn``: its batch is regenerated, never used)."""
     path = work / f"batch_{k}.json"
     if not path.is_file():
         return None
@@ -183,9 +218,78 @@ def _read_marker(work: Path, k: int, key: str, expected: Sequence[int], size: in
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
-        log.warning("partial replay batch %s in %s is invalid; regenerating it", k, work)
+        if warn:
+            log.warning("partial replay batch %s in %s is invalid; regenerating it", k, work)
         return None
     return marker
+
+
+class _Job(NamedTuple):
+    """What every batch of one replay set is made from."""
+
+    work: Path
+    key: str
+    kind: str
+    teacher: nn.Module
+    targets: list[int]
+    plan: list[list[int]]
+    settings: InversionSettings
+    class_of: Mapping[int, int]
+    student: nn.Module | None
+    verifier: nn.Module | None
+    progress: bool
+    device: Any
+    trainer: Callable[[int], Any] | None
+
+    def first(self, k: int) -> int:
+        """Number of the first image of batch ``k``."""
+        return sum(len(b) for b in self.plan[:k])
+
+
+def _make_batches(job: _Job, batches: Sequence[int], final: Path) -> dict[int, dict[str, Any]]:
+    """Make (or find valid) the given batches in the partial folder; their markers by index.
+    Stops early when the finished entry has appeared meanwhile (another job made it)."""
+    (job.work / "images").mkdir(parents=True, exist_ok=True)
+    (job.work / "teacher_masks").mkdir(parents=True, exist_ok=True)
+    gen_settings = generator_settings(job.kind, job.settings)
+    markers: dict[int, dict[str, Any]] = {}
+    for k in batches:
+        batch = job.plan[k]
+        marker = _read_marker(job.work, k, job.key, batch, job.settings.image_size)
+        if marker is None:
+            if (final / "manifest.json").is_file():
+                break
+            (job.work / f"batch_{k}.json").unlink(missing_ok=True)  # never read while rewritten
+            log.info("replay set %s: generating batch %d/%d", job.key, k + 1, len(job.plan))
+            images, info = synthesise(job.teacher, job.targets, gen_settings,
+                                      student=job.student, progress=job.progress,
+                                      device=job.device, batches=[k], trainer=job.trainer)
+            if images.shape[0] != len(batch):
+                raise CheckpointError(f"generator returned {images.shape[0]} images for batch "
+                                      f"{k} of {len(batch)}")
+            rec = info["batches"][0] if info.get("batches") else None
+            marker = _write_batch(job.work, k, job.key, images, batch, job.first(k), job.teacher,
+                                  job.settings, job.class_of, rec, job.verifier)
+        markers[k] = marker
+    return markers
+
+
+def _collect(job: _Job, pending: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Wait for the other ranks' batches: their valid markers by index."""
+    markers: dict[int, dict[str, Any]] = {}
+    pending = list(pending)
+    if pending:
+        log.info("replay set %s: waiting for batches %s from the other ranks", job.key, pending)
+    while pending:
+        for k in list(pending):
+            marker = _read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size,
+                                  warn=False)
+            if marker is not None:
+                markers[k] = marker
+                pending.remove(k)
+        if pending:
+            time.sleep(POLL_S)
+    return markers
 
 
 def _common_verifier(markers: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -196,50 +300,30 @@ def _common_verifier(markers: Sequence[dict[str, Any]]) -> dict[str, Any] | None
     return {"fingerprint": fps.pop()}
 
 
-def _fill(work: Path, final: Path, key: str, kind: str, teacher: nn.Module,
-          targets: list[int], plan: list[list[int]], settings: InversionSettings,
-          settings_dict: dict[str, Any], class_of: Mapping[int, int],
-          student: nn.Module | None, verifier: nn.Module | None, progress: bool,
-          device) -> dict[str, Any]:
-    (work / "images").mkdir(parents=True, exist_ok=True)
-    (work / "teacher_masks").mkdir(parents=True, exist_ok=True)
-    gen_settings = generator_settings(kind, settings)
-    markers: list[dict[str, Any]] = []
-    first = 0
-    for k, batch in enumerate(plan):
-        marker = _read_marker(work, k, key, batch, settings.image_size)
-        if marker is None:
-            log.info("replay set %s: generating batch %d/%d", key, k + 1, len(plan))
-            images, info = synthesise(teacher, targets, gen_settings, student=student,
-                                      progress=progress, device=device, batches=[k])
-            if images.shape[0] != len(batch):
-                raise CheckpointError(f"generator returned {images.shape[0]} images for batch "
-                                      f"{k} of {len(batch)}")
-            rec = info["batches"][0] if info.get("batches") else None
-            marker = _write_batch(work, k, key, images, batch, first, teacher, settings,
-                                  class_of, rec, verifier)
-        markers.append(marker)
-        first += len(batch)
+def _write_manifest(job: _Job, final: Path, settings_dict: dict[str, Any],
+                    markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest over every batch's marker, written last; the folder then takes its final
+    name."""
     records = [r for m in markers for r in m["images"]]
     hits = sum(int(r["teacher_pred"] == r["target"]) for r in records)
     manifest = {
         "format": FORMAT,
-        "key": key,
-        "kind": kind,
+        "key": job.key,
+        "kind": job.kind,
         "settings": settings_dict,
-        "teacher": teacher_fingerprint(teacher),
-        "student": teacher_fingerprint(student) if student is not None else None,
-        "image_size": settings.image_size,
+        "teacher": teacher_fingerprint(job.teacher),
+        "student": teacher_fingerprint(job.student) if job.student is not None else None,
+        "image_size": job.settings.image_size,
         "count": len(records),
-        "class_ids": {str(t): c for t, c in class_of.items()},
+        "class_ids": {str(t): c for t, c in job.class_of.items()},
         "teacher_accuracy": hits / len(records) if records else 0.0,
         "verifier": _common_verifier(markers),
         "batches": [{k: m[k] for k in ("batch", "count", "start_loss", "final_loss",
                                        "best_loss", "iterations", "seconds")} for m in markers],
         "images": records,
     }
-    atomic_write_json(work / "manifest.json", manifest)
-    os.replace(work, final)
+    atomic_write_json(job.work / "manifest.json", manifest)
+    os.replace(job.work, final)
     log.info("replay set %s written (%d images, teacher accuracy %.3f)", final, len(records),
              manifest["teacher_accuracy"])
     return manifest

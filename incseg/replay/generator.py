@@ -12,17 +12,18 @@ reference code's multi-resolution setting), fed to the frozen teacher, and the l
 LSE-LBA pooling turns the teacher's pixel logits into image-level scores, so the classification
 CE of the paper applies to a segmentation model. The one implementation of that loss is
 :meth:`InversionModule.compute_loss`; :meth:`InversionModule.optimisation_step` is the step
-around it. Per batch the best iterate is returned (:class:`BestIterate`).
+around it. Per batch the best iterate is returned (:class:`BestIterate`). The module is a
+LightningModule with manual optimisation, the image batch its parameter;
+:func:`~incseg.replay.synthesis.synthesise` fits one per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,57 +31,16 @@ from tqdm import tqdm
 
 from incseg.losses.inversion import BNStatisticsHook, competition_loss, image_priors
 from incseg.models.pooling import lse_lba_pool
-from incseg.replay.settings import InversionSettings, batch_plan, clamp_normalised
-from incseg.replay.verdicts import frozen, model_logits, teacher_verdicts
+from incseg.replay.schedule import BestIterate, cosine_warmup_lr
+from incseg.replay.settings import InversionSettings, clamp_normalised
+from incseg.replay.verdicts import model_logits, teacher_verdicts
 
 __all__ = [
     "BestIterate",
     "InversionModule",
     "LossParts",
     "cosine_warmup_lr",
-    "synthesise",
 ]
-
-
-def cosine_warmup_lr(i: int, n: int, base_lr: float, warmup_frac: float) -> float:
-    """Learning rate of iteration ``i`` (0-based) of a stage of ``n`` iterations.
-
-    Linear warm-up over the first ``int(warmup_frac * n)`` iterations (``base * (i+1)/w``), then a
-    cosine from ``base`` to 0 over the rest (DeepInversion's ``lr_cosine_policy``).
-    """
-    w = int(warmup_frac * n)
-    if i < w:
-        return base_lr * (i + 1) / w
-    rest = max(n - w, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * (i - w) / rest)) * base_lr
-
-
-class BestIterate:
-    """Keeps the image batch with the lowest total loss seen (DeepInversion's rule).
-
-    ``update(loss, images)`` stores a clone of ``images`` when ``loss`` is strictly lower than
-    the best so far (the first finite loss always is); NaN/inf losses are never kept. Only
-    full-resolution iterations are offered (half-resolution losses are not comparable: BN
-    statistics and TV terms change with the resolution) unless there are none; with no
-    iterations at all the clamped initialisation is returned — the noise control.
-    """
-
-    def __init__(self) -> None:
-        self.loss: float = math.inf
-        self.images: Tensor | None = None
-        self.index: int | None = None  # number of the update that was kept (0-based)
-        self._count = 0
-
-    def update(self, loss: float, images: Tensor) -> bool:
-        loss = float(loss)
-        i = self._count
-        self._count += 1
-        if math.isfinite(loss) and (self.images is None or loss < self.loss):
-            self.loss = loss
-            self.images = images.detach().clone()
-            self.index = i
-            return True
-        return False
 
 
 class LossParts(NamedTuple):
@@ -94,9 +54,9 @@ class LossParts(NamedTuple):
     pooled: Tensor  # B x C_o teacher image-level logits (float32)
 
 
-class InversionModule(nn.Module):
-    """One batch of DeepInversion images; :meth:`run` optimises it, :meth:`result_images` is
-    the best iterate.
+class InversionModule(L.LightningModule):
+    """One batch of DeepInversion images; ``Trainer.fit`` (or :meth:`run`, the same iterations
+    without a Trainer) optimises it, :meth:`result_images` is the best iterate.
 
     Args:
         teacher: frozen segmentation model (made eval + ``requires_grad=False`` here; its
@@ -118,6 +78,8 @@ class InversionModule(nn.Module):
         batch_index: int = 0,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
+        self._fitting = False
         self.settings = settings
         self.batch_index = int(batch_index)
         self.teacher = teacher
@@ -286,7 +248,11 @@ class InversionModule(nn.Module):
         if self._tracks_best(stage):
             self.best.update(value, self.images)  # the iterate the loss was measured on
         opt.zero_grad(set_to_none=True)
-        self._scaler.scale(parts.total).backward()
+        scaled = self._scaler.scale(parts.total)
+        if self._fitting:  # inside Trainer.fit: through Lightning (its hooks see it)
+            self.manual_backward(scaled)
+        else:
+            scaled.backward()
         self._scaler.step(opt)
         self._scaler.update()
         with torch.no_grad():
@@ -309,6 +275,45 @@ class InversionModule(nn.Module):
             self.detach_hooks()
         return self
 
+    # -- Lightning: Trainer.fit runs the iterations -------------------------------------------
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.make_optimizers()
+
+    def train_dataloader(self) -> range:
+        return range(self.iteration, self.total_iterations)  # one item per iteration
+
+    def on_train_start(self) -> None:
+        self._fitting = True
+        self.attach_hooks()
+
+    def training_step(self, batch: int, batch_idx: int) -> None:
+        # the optimisers themselves, not Lightning's wrappers: the same steps as run()
+        parts = self.optimisation_step(self.optimizers(use_pl_optimizer=False))
+        self.log("loss", self.history[-1], prog_bar=True, logger=False, batch_size=1)
+        every = self.trainer.log_every_n_steps
+        if self.iteration % every == 0 or self.iteration == self.total_iterations:
+            names = ("loss", "ce", "bn", "tv_l2", "tv_l1", "l2", "adi")
+            self._log_metrics({f"inversion/{n}": float(v.detach())
+                               for n, v in zip(names, parts, strict=False)})
+
+    def on_train_end(self) -> None:
+        self._fitting = False
+        self.detach_hooks()
+        rec = self.summary()
+        hits = sum(int(p == t) for p, t in zip(rec["teacher_pred"], self.targets.tolist()))
+        self._log_metrics({"inversion/batch": self.batch_index,
+                           "inversion/batch_best_loss": rec["best_loss"],
+                           "inversion/batch_final_loss": rec["final_loss"],
+                           "inversion/batch_teacher_accuracy": hits / max(rec["count"], 1)})
+
+    def _log_metrics(self, metrics: dict[str, float | None]) -> None:
+        """To the Trainer's loggers, at the iteration's step within the whole set (batch
+        ``k`` takes steps ``k * iterations`` on), so one logger run can hold every batch."""
+        step = self.batch_index * self.total_iterations + self.iteration - 1
+        for logger in self.loggers:
+            logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=step)
+
     # -- results ------------------------------------------------------------------------------
 
     def result_images(self) -> Tensor:
@@ -321,7 +326,9 @@ class InversionModule(nn.Module):
         """Per-batch figures: start/final/best loss and the teacher's verdicts
         (:func:`teacher_verdicts`) on the returned images."""
         images = self.result_images()
-        pred, conf, _ = teacher_verdicts(self.teacher, images, self.targets, self.settings)
+        device = self.targets.device  # the Trainer's teardown may have moved the module
+        pred, conf, _ = teacher_verdicts(self.teacher, images.to(device), self.targets,
+                                         self.settings)
         return {
             "index": self.batch_index,
             "count": int(images.shape[0]),
@@ -332,63 +339,3 @@ class InversionModule(nn.Module):
             "teacher_pred": pred.tolist(),
             "teacher_conf": conf.tolist(),
         }
-
-
-def synthesise(
-    teacher: nn.Module,
-    targets: list[int],
-    settings: InversionSettings,
-    student: nn.Module | None = None,
-    progress: bool = True,
-    device: str | torch.device = "cpu",
-    batches: Sequence[int] | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
-    """Synthesise ``settings.n_per_class`` images per target channel (see :func:`batch_plan`).
-
-    Args:
-        teacher: frozen segmentation model of the previous step (its mode, ``requires_grad``
-            flags and device are restored afterwards; weights and buffers are not written).
-        targets: target channels (old foreground classes, ``1..C_o-1``).
-        settings: :class:`InversionSettings`.
-        student: optional frozen competition student.
-        progress: tqdm bar on stderr.
-        device: where to optimise.
-        batches: only these batch indices of the plan (default: all), e.g. to resume.
-
-    Returns:
-        ``(images N x 3 x H x W normalised on CPU, info)``; ``info`` has ``batches`` (per batch:
-        index, count, iterations, start/final/best loss, teacher_pred, teacher_conf, seconds),
-        the flat per-image ``targets``, ``teacher_pred``, ``teacher_conf`` and ``seconds``.
-    """
-    plan = batch_plan(targets, settings)
-    indices = list(range(len(plan))) if batches is None else [int(k) for k in batches]
-    for k in indices:
-        if not 0 <= k < len(plan):
-            raise ValueError(f"batch {k} outside the plan of {len(plan)} batches")
-    device = torch.device(device)
-    total = len(indices) * (settings.iterations_low + settings.iterations_full)
-    images, records = [], []
-    t0 = time.perf_counter()
-    with frozen(teacher, student, device=device), tqdm(
-        total=total, desc="deepinversion", disable=not progress, leave=False, dynamic_ncols=True
-    ) as bar:
-        for k in indices:
-            tb = time.perf_counter()
-            module = InversionModule(teacher, plan[k], settings, student=student, batch_index=k)
-            module.to(device)
-            module.run(progress=bar)
-            images.append(module.result_images().cpu())
-            rec = module.summary()
-            rec["seconds"] = time.perf_counter() - tb
-            records.append(rec)
-            del module
-    out = torch.cat(images) if images else torch.zeros(0, 3, settings.image_size,
-                                                       settings.image_size)
-    info = {
-        "batches": records,
-        "targets": [t for k in indices for t in plan[k]],
-        "teacher_pred": [p for r in records for p in r["teacher_pred"]],
-        "teacher_conf": [c for r in records for c in r["teacher_conf"]],
-        "seconds": time.perf_counter() - t0,
-    }
-    return out, info

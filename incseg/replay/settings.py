@@ -50,6 +50,11 @@ class InversionSettings:
     (``r = lse_r0 + exp(lse_beta)``, LSE-LBA pooling). ``precision`` "bf16"/"16" runs the
     teacher (and student) forward under ``torch.autocast`` ("16" adds a dynamic gradient scaler
     on CUDA); the images and the loss stay float32.
+
+    ``competition`` asks the protocol for a competition student (Adaptive DeepInversion, Yin et
+    al.): by default the teacher's model with a ResNet-18 context path, as the paper's student
+    (Di Salvo et al., appendix), or the ``conf/model`` option ``student_model``. The generator
+    itself only sees whether a student is given.
     """
 
     n_per_class: int = 8
@@ -75,6 +80,8 @@ class InversionSettings:
     include_background: bool = False
     precision: str = "32"
     seed: int = 0
+    competition: bool = False
+    student_model: str | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -107,6 +114,14 @@ class InversionSettings:
             value = getattr(self, name)
             if value is not None and not float(value) >= 0:
                 raise bad(f"{name} must be >= 0, got {value}")
+        if not isinstance(self.competition, bool):
+            raise bad(f"competition must be true or false, got {self.competition!r}")
+        if self.student_model is not None and not self.competition:
+            raise bad(f"student_model={self.student_model} is only used with competition=true; "
+                      "add inversion.competition=true or drop inversion.student_model")
+        if self.competition and self.w_adi is not None and not float(self.w_adi) > 0:
+            raise bad(f"w_adi={self.w_adi} turns the competition off; use competition=false, or "
+                      "w_adi > 0 (null: 0.2)")
         if self.precision not in _PRECISION_ALIASES:
             raise bad(f"precision must be one of 32|bf16|16, got {self.precision!r}")
         self.precision = _PRECISION_ALIASES[self.precision]
@@ -145,10 +160,18 @@ class InversionSettings:
         return float(self.lse_r0 + math.exp(self.lse_beta))
 
     def resolved(self, has_student: bool = False) -> dict[str, Any]:
-        """The settings as they act (jitter and w_adi resolved): what cache keys hash."""
+        """The settings as they act (jitter and w_adi resolved): what cache keys hash.
+
+        ``competition`` and ``student_model`` appear only with a student (their absence is what
+        sets without one were keyed by); without one they act on nothing (e.g. the noise
+        control)."""
         out = self.to_dict()
         out["jitter"] = self.effective_jitter
         out["w_adi"] = self.effective_w_adi(has_student)
+        out.pop("competition")
+        student_model = out.pop("student_model")
+        if has_student:
+            out.update(competition=True, student_model=student_model)
         return out
 
     @property
