@@ -100,8 +100,11 @@ def test_paper_variant_multiplies_the_global_context():
         gap = body.mean(dim=(2, 3), keepdim=True)
         fa, fm = add.forward_features(x), mul.forward_features(x)
     size = fa["spatial"].shape[-2:]
-    up = lambda t: torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear",
-                                                   align_corners=False)
+
+    def up(t):
+        return torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear",
+                                               align_corners=False)
+
     torch.testing.assert_close(fa["cx2"], up(arm + gap))
     torch.testing.assert_close(fm["cx2"], up(arm * gap))
     assert not torch.allclose(fa["cx2"], fm["cx2"])
