@@ -322,6 +322,22 @@ def test_ilt_and_deepinversion_replay_run_on_deeplab(tmp_path):
     assert replay["sharpness"] > 0
 
 
+def test_plops_pod_runs_on_deeplab(tmp_path):
+    """PLOP's local POD reads the contract's ``stages`` and ``decoder``: on DeepLabV3 (ResNet-18
+    body) the smoke protocol runs through step 1 (a missing feature would stop it at the first
+    batch, docs/errors.md row 52)."""
+    from incseg.protocol import run_protocol
+
+    out = run_protocol(compose([*SMOKE, f"paths.cache_dir={tmp_path / 'cache'}",
+                                "method=plop", "logger=csv"]), tmp_path / "plop")
+    assert out["method"] == "plop" and len(out["steps"]) == 2
+    assert all(0.0 <= out["final"][k] <= 1.0 for k in ("old", "new", "all"))
+    from incseg.methods import build_method
+
+    assert {"stages", "decoder"} <= set(build_method(compose(["method=plop"]).method)
+                                        .needs_features)
+
+
 @pytest.mark.slow
 def test_a_literature_preset_runs_at_tiny_scale_on_the_cpu(tmp_path):
     """experiment=literature/voc_15-5 with its sizes overridden to a CPU: shapes, 32 px,
