@@ -20,6 +20,7 @@ the step's model file (:meth:`next_step_state`). A subclass says how its importa
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def clone_params(params: dict[str, nn.Parameter], names=None) -> Tensors:
     return {n: p.detach().clone() for n, p in params.items() if names is None or n in names}
 
 
-class ImportanceRegularizer(Method):
+class ImportanceRegularizer(Method, ABC):
     """CE on the step's labels + ``reg_weight`` * sum N(I) ⊙ (θ - θ_old)².
 
     ``normalize``: N(X) = (X - min) / (max - min + 1e-8) per tensor (MiB's default; false:
@@ -79,26 +80,26 @@ class ImportanceRegularizer(Method):
         self.handover: dict[str, Tensors] | None = None
         self._device: torch.device | None = None
 
-    # ---- what a subclass defines ------------------------------------------------------------
+    # ---- what a subclass defines (EWC, PI, RW) ----------------------------------------------
+    @abstractmethod
     def _start(self, params: dict[str, nn.Parameter]) -> None:
         """Set the step's running accumulators up (``self.previous`` is known)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _update(self, params: dict[str, nn.Parameter], grads: Tensors) -> None:
         """One iteration's importance update from the task gradients (no_grad)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _final(self, params: dict[str, nn.Parameter]) -> dict[str, Tensors]:
         """The importance handed to the next step, at the step's end."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _penalty_importance(self) -> Tensors:
         """The penalty's weights from ``self.previous`` (per tensor of the old model)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _running(self) -> dict[str, Any]:
         """The running accumulators by name (what a mid-step resume restores)."""
-        raise NotImplementedError
 
     def _norm(self, x: Tensor) -> Tensor:
         return normalize_importance(x) if self.normalize else x
