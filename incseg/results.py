@@ -3,7 +3,8 @@
 ``results.json``::
 
     {<header: dataset, task, method, overlap, seed, ...; class_names and class_colors (RGB
-      per class id) for a dataset that defines them>,
+      per class id) for a dataset that defines them; with a labelled memory, "memory": {"size",
+      "labels", "mix"} and "method_label" (the method's label + "-M")>,
      "conventions": {"val", "loss_reduction", "void_as_background", "unseen_as"[, "ade_class0"]},
      "steps": [{"step", "classes", "iou": {"<dataset class id>": float|null}, "miou_old",
                 "miou_new", "miou_all", "miou_old_nobg", "miou_all_nobg", "hiou", ...}, ...],
@@ -171,6 +172,8 @@ def _fmt(x: float | None, digits: int) -> str:
 
 def _run_label(results: Mapping[str, Any]) -> str:
     method = str(results.get("method", "?"))
+    if results.get("memory"):  # a labelled exemplar memory: "-M", as SSUL / DKD name it
+        method += "-M"
     replay = results.get("replay")
     if replay and str(replay) != "none":
         method += f"+{replay}"

@@ -36,9 +36,11 @@ CACHE_DIR_FIX = "paths.cache_dir=DIR (or INCSEG_CACHE=DIR) with a writable DIR"
 
 
 def check_data(cfg: DictConfig) -> None:
-    """Scan the dataset and check every step's training images before step 0 trains;
-    the scans are cached, so the protocol reads them back for free."""
+    """Scan the dataset and check every step's training images (and that they hold the
+    labelled memory) before step 0 trains; the scans are cached, so the protocol reads them
+    back for free."""
     from incseg.data.datamodule import check_steps
+    from incseg.protocol.memory import check_memory_size, memory_active, memory_size
 
     task = task_from_cfg(cfg)
     if cfg.method.get("joint", False):
@@ -46,6 +48,9 @@ def check_data(cfg: DictConfig) -> None:
     source = source_from_cfg(cfg, progress=bool(cfg.trainer.progress_bar))
     check_steps(source, task, bool(cfg.overlap), cache_dir_from_cfg(cfg),
                 batch_size=int(cfg.data.batch_size), progress=bool(cfg.trainer.progress_bar))
+    if memory_active(cfg):
+        check_memory_size(source, task, bool(cfg.overlap), cache_dir_from_cfg(cfg),
+                          memory_size(cfg))
 
 
 def tunes(sweeper_target: str | None) -> bool:

@@ -112,6 +112,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "seed", example=0)
     _check_method(cfg)
     _check_replay(cfg)
+    _check_memory(cfg)
 
 
 def _check_val_split(cfg: DictConfig) -> None:
@@ -207,3 +208,22 @@ def _check_competition_student(cfg: DictConfig) -> None:
             check(**constructor_kwargs(node))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"inversion.student_model={node.get('name')}: {err}") from None
+
+
+def _check_memory(cfg: DictConfig) -> None:
+    """The labelled exemplar memory (``memory.*``); whether the data hold ``memory.size``
+    images is checked with the data (``incseg.protocol.memory.check_memory_size``)."""
+    from incseg.data.memory import MEMORY_LABELS, MEMORY_MIX
+
+    mem = cfg.get("memory")
+    if mem is None:
+        return
+    size = mem.get("size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"memory.size={size!r} is not valid; pass the number of images the "
+                          "memory keeps, a whole number >= 0 (0: no memory), e.g. "
+                          "memory.size=100")
+    for key, valid in (("labels", MEMORY_LABELS), ("mix", MEMORY_MIX)):
+        if mem.get(key) not in valid:
+            raise ConfigError(f"memory.{key}={mem.get(key)!r} is not valid; use "
+                              f"{' or '.join(f'memory.{key}={v}' for v in valid)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from incseg.data.dataset import SeededSampler, SegmentationDataset
 from incseg.data.index import scan_labels, select_test, select_train
-from incseg.data.sources import Source
+from incseg.data.memory import memory_lut, mixed_sampler
+from incseg.data.sources import Sample, Source
 from incseg.data.transforms import eval_transform, train_transform
 from incseg.errors import DataError
 from incseg.tasks import IGNORE, Task
@@ -90,7 +92,9 @@ class IncrementalDataModule(L.LightningDataModule):
     ``task.train_lut``, shuffled by a :class:`SeededSampler`, last incomplete batch dropped
     (a BatchNorm after global pooling fails on a batch of one). val/test: images holding a seen
     foreground class, labels by ``task.test_lut``. ``replay_dataset`` (synthetic, noise or
-    exemplar images, or None) is batched beside every real batch.
+    exemplar images, or None) is batched beside every real batch. ``memory`` (a labelled
+    exemplar memory's samples, :mod:`incseg.data.memory`) trains with ``memory_labels`` and is
+    mixed into the batches as ``memory_mix`` says.
 
     Which images are val is the source's validation policy (``source.val``, ``data.val``);
     ``val``, when given, must agree with it. With no val images there is no val loader, and
@@ -109,7 +113,9 @@ class IncrementalDataModule(L.LightningDataModule):
                  num_workers: int = 0, hflip: bool = True, rotation: float = 0.0,
                  color_jitter: float = 0.0, seed: int = 0, cache_dir: Path | None = None,
                  progress: bool = True, replay_dataset: Dataset | None = None,
-                 val: str | None = None, ade_class0: str = "score"):
+                 val: str | None = None, ade_class0: str = "score",
+                 memory: Sequence[Sample] | None = None, memory_labels: str = "seen",
+                 memory_mix: str = "half"):
         super().__init__()
         if val is not None and str(val) != source.val:
             raise ValueError(f"val={val!r} differs from the source's validation policy "
@@ -132,6 +138,9 @@ class IncrementalDataModule(L.LightningDataModule):
         self.selection: dict[str, list[int]] | None = None
         #: images replayed beside every real batch (synthetic, noise or exemplars), or None
         self.replay_dataset = replay_dataset
+        self.memory = list(memory or [])
+        self.memory_lut = memory_lut(task, step, memory_labels, void_as_background)
+        self.memory_mix = memory_mix
         self.start_epoch = 0  # the epoch a resumed fit starts at (load_state_dict)
 
     def setup(self, stage: str | None = None) -> None:
@@ -151,9 +160,13 @@ class IncrementalDataModule(L.LightningDataModule):
             return SegmentationDataset(chosen, self.train_lut, self.train_tf)
         return SegmentationDataset(chosen, self.test_lut, self.eval_tf)
 
-    def _loader(self, dataset, batch_size, sampler=None, drop_last=False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                          drop_last=drop_last, num_workers=self.num_workers,
+    def _loader(self, dataset, batch_size=1, sampler=None, drop_last=False,
+                batch_sampler=None) -> DataLoader:
+        if batch_sampler is not None:  # the memory's half-and-half batches
+            how = {"batch_sampler": batch_sampler}
+        else:
+            how = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
+        return DataLoader(dataset, shuffle=False, **how, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
                           worker_init_fn=_single_threaded, pin_memory=False)
 
@@ -165,9 +178,15 @@ class IncrementalDataModule(L.LightningDataModule):
                 f"{self.batch_size}; lower data.batch_size"
             )
         replicas, rank = self._replicas()
-        sampler = SeededSampler(len(ds), self.seed, self.step, True, replicas, rank)
-        sampler.set_epoch(self.start_epoch)
-        real = self._loader(ds, self.batch_size, sampler, drop_last=True)
+        if self.memory:
+            mem = SegmentationDataset(self.memory, self.memory_lut, self.train_tf)
+            joined, how = mixed_sampler(ds, mem, self.memory_mix, self.batch_size, self.seed,
+                                        self.step, self.start_epoch, replicas, rank)
+            real = self._loader(joined, **how)
+        else:
+            sampler = SeededSampler(len(ds), self.seed, self.step, True, replicas, rank)
+            sampler.set_epoch(self.start_epoch)
+            real = self._loader(ds, self.batch_size, sampler, drop_last=True)
         if self.replay_dataset is None:
             return real
         from lightning.pytorch.utilities import CombinedLoader

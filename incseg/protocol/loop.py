@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from incseg.checkpoints import load_model, read_model_file, save_model
 from incseg.config import cache_dir_from_cfg, source_from_cfg, task_from_cfg
 from incseg.methods import build_method, is_joint
+from incseg.protocol.memory import Memory, build_memory, memory_active, memory_size
 from incseg.protocol.replay_sets import ReplayStage, build_replay
 from incseg.protocol.state import (
     RunState,
@@ -57,6 +58,7 @@ class Student:
     module: StudentModule
     datamodule: object
     replay: ReplayStage | None
+    memory: Memory | None = None
 
 
 @dataclass
@@ -74,14 +76,16 @@ class StepOutcome:
     replay_key: str | None = None
     extra: dict = field(default_factory=dict)
     method_state: dict | None = None  # what the method hands to the next step
+    memory: dict | None = None  # the labelled memory the step trained with
 
 
 def build_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
                   step: int) -> Student:
     """The student of step ``step`` >= 1, ready to fit: the model of step t-1 (from
     ``run_dir/checkpoints``) copied and grown by the step's classes, the method, the replay
-    and the DataModule, with the global seed of the step set as the protocol sets it. The
-    method starts from what the previous step's method handed over (saved in its model file)."""
+    and the DataModule (with the labelled memory of the step, when ``memory.size`` > 0), with
+    the global seed of the step set as the protocol sets it. The method starts from what the
+    previous step's method handed over (saved in its model file)."""
     L.seed_everything(derive_seed(cfg.seed, step, 1), workers=True, verbose=False)
     prev = run_dir / "checkpoints" / f"step{step - 1}.pt"
     payload = read_model_file(prev)
@@ -93,9 +97,11 @@ def build_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Tas
     replay = build_replay(cfg, run_dir, cache, source, task, step, old)
     module = StudentModule(model, old, task, step, recipe(cfg, step), method,
                            replay.term if replay else None)
+    memory = build_memory(cfg, run_dir, cache, source, task, step)
     dm = make_datamodule(cfg, source, task, step, cache,
-                         replay_dataset=replay.dataset if replay else None)
-    return Student(module, dm, replay)
+                         replay_dataset=replay.dataset if replay else None,
+                         memory=memory.samples if memory else None)
+    return Student(module, dm, replay, memory)
 
 
 def evaluate(trainer, module, cfg, source, task: Task, step: int, cache: Path):
@@ -134,7 +140,8 @@ def run_step(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task,
         return StepOutcome(student.module, summary, confusion, task,
                            student.module.val_summary, replay=replay,
                            replay_key=student.replay.key if student.replay else None,
-                           method_state=student.module.method.next_step_state())
+                           method_state=student.module.method.next_step_state(),
+                           memory=student.memory.info if student.memory else None)
     summary, confusion = evaluate(fitted.trainer, fitted.module, cfg, source, trained, step,
                                   cache)
     return StepOutcome(fitted.module, summary, confusion, trained, fitted.module.val_summary,
@@ -147,6 +154,9 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     task = task_from_cfg(cfg)
     joint = is_joint(cfg.method)
+    if joint and memory_size(cfg) > 0:
+        log.info("memory.size=%d ignored: Joint training sees every class's data at once",
+                 memory_size(cfg))
     state = RunState.open(run_dir, cfg)
     source = source_from_cfg(cfg, progress=bool(cfg.trainer.progress_bar))
     cache = cache_dir_from_cfg(cfg)
@@ -178,6 +188,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         if out.replay_key is not None:
             prov.setdefault("cache_keys", {})[f"replay_step{t}"] = out.replay_key
         extra = {"replay": out.replay} if out.replay is not None else {}
+        if out.memory is not None:
+            extra["memory"] = out.memory
         if out.val_summary is not None:  # model selection and calibration use val, never test
             extra["val_miou_all"] = out.val_summary["miou_all"]
         extra["confusion"] = {"classes": [int(c) for c in out.trained_task.classes_seen(t)],
@@ -199,6 +211,10 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
               "overlap": bool(cfg.overlap), "seed": int(cfg.seed), "model": str(cfg.model.name),
               "replay": str(cfg.replay.name),
               "conventions": {**conventions(cfg), "val": source.val}, **source.class_info()}
+    if memory_active(cfg):  # only then: the results of a run without memory stay as they were
+        header["memory"] = {"size": memory_size(cfg), "labels": str(cfg.memory.labels),
+                            "mix": str(cfg.memory.mix)}
+        header["method_label"] = f"{cfg.method.get('label') or cfg.method.name}-M"
     records = [state.steps[t] for t in sorted(state.steps)]
     prov["wall_times_s"] = walls
     if not is_rank_zero():

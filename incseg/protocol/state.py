@@ -81,6 +81,12 @@ def fingerprint(cfg: DictConfig) -> dict:
     plain.get("trainer", {}).pop("progress_bar", None)
     for group in ("method", "model"):
         plain.get(group, {}).pop("label", None)  # a display name
+    mem = plain.get("memory")
+    if isinstance(mem, dict) and (not _positive(mem.get("size"))
+                                  or plain.get("method", {}).get("joint", False)):
+        # no labelled memory (or Joint, which ignores it): the run is the one it was before
+        # the memory block existed, under the same hash and caches
+        plain.pop("memory")
     if "trainer" in plain and "train" in plain and "data" in plain:
         # what the numbers depend on is the resolved format, not the word "auto": a run or a
         # cache entry made with an explicit 32-true is the same as one that auto resolved so
@@ -88,6 +94,13 @@ def fingerprint(cfg: DictConfig) -> dict:
         plain["trainer"]["precision"] = fmt.precision
         plain["train"]["channels_last"] = fmt.channels_last
     return plain
+
+
+def _positive(value) -> bool:
+    try:
+        return int(value) > 0
+    except (TypeError, ValueError):
+        return True  # not a size at all: left in, the config check refuses it
 
 
 def usable_model(path: Path) -> bool:
@@ -120,7 +133,7 @@ class RunState:
         # new, so they read the state as rank 0 saw it and never delete anything themselves.
         if not path.exists() or (cfg.resume == "never" and is_rank_zero()):
             if is_rank_zero():
-                for stale in ("checkpoints", "state.json", "results.json"):
+                for stale in ("checkpoints", "memory", "state.json", "results.json"):
                     p = run_dir / stale
                     if p.is_dir():
                         shutil.rmtree(p)

@@ -99,10 +99,15 @@ def data_kwargs(data: DictConfig) -> dict[str, Any]:
 
 
 def make_datamodule(cfg: DictConfig, source, task: Task, step: int, cache: Path,
-                    replay_dataset=None) -> IncrementalDataModule:
+                    replay_dataset=None, memory=None) -> IncrementalDataModule:
+    """The DataModule of ``step``; ``memory``: the labelled exemplar memory's samples (trained
+    with ``memory.labels``, mixed in as ``memory.mix``), or None."""
+    mem = cfg.get("memory") or {}
     return IncrementalDataModule(
         source, task, step, overlap=bool(cfg.overlap), seed=derive_seed(cfg.seed, step),
         cache_dir=cache, progress=bool(cfg.trainer.progress_bar), replay_dataset=replay_dataset,
+        memory=memory, memory_labels=str(mem.get("labels", "seen")),
+        memory_mix=str(mem.get("mix", "half")),
         # the source's policy: a folder without val.txt turns data.val=split into none
         **{**data_kwargs(cfg.data), "val": source.val})
 

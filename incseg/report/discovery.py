@@ -1,9 +1,10 @@
 """Finding runs below a directory and reading what each one is: task, table, row, seed.
 
 A run is one ``results.json``. Its row in a table (:class:`Variant`) is its method, replay and
-replay distance as the run recorded them; the row's label is the method config's ``label``
-(``conf/method/*.yaml``) when the run has one, else the method's name, so a method the report
-has never heard of gets a row like any other.
+replay distance as the run recorded them, and whether it kept a labelled exemplar memory; the
+row's label is the method config's ``label`` (``conf/method/*.yaml``) when the run has one, else
+the method's name, so a method the report has never heard of gets a row like any other; a run
+with a memory adds "-M" (MiB-M, PLOP-M: SSUL's and DKD's name for the setting).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class Variant:
     # Display only: two runs of one method are one row even if only one of them was written
     # after the method's config gained its label.
     method_label: str = field(default="", compare=False)
+    memory: bool = False  # a labelled exemplar memory (memory.size > 0)
 
     @property
     def label(self) -> str:
-        name = self.method_label or self.method
+        name = (self.method_label or self.method) + ("-M" if self.memory else "")
         tail = f" [{self.detail}]" if self.detail else ""
         if self.replay == "none":
             return name + tail
@@ -56,14 +58,16 @@ class Variant:
     @property
     def slug(self) -> str:
         tail = ("_" + "_".join(self.detail.replace("=", "").split())) if self.detail else ""
+        method = self.method + ("-M" if self.memory else "")
         if self.replay == "none":
-            return self.method + tail
-        return f"{self.method}+{self.replay}" + (f"-{self.loss}" if self.loss else "") + tail
+            return method + tail
+        return f"{method}+{self.replay}" + (f"-{self.loss}" if self.loss else "") + tail
 
     @property
     def replay_key(self) -> tuple:
-        """Order of the rows of one method: plain, then replay kinds, distances, settings."""
-        return (_rank(self.replay, REPLAY_ORDER), self.replay,
+        """Order of the rows of one method: plain, then replay kinds, distances, settings;
+        the same with a memory after those without."""
+        return (self.memory, _rank(self.replay, REPLAY_ORDER), self.replay,
                 _rank(self.loss or "", LOSS_ORDER), self.loss or "", self.detail)
 
 
@@ -158,14 +162,22 @@ def expected_steps(results: dict[str, Any], task: Task) -> int:
     return 1 if is_joint(results) else task.num_steps
 
 
+def has_memory(results: dict[str, Any]) -> bool:
+    """The run kept a labelled exemplar memory (``results.json`` has a ``memory`` block only
+    then)."""
+    return bool(results.get("memory"))
+
+
 def variant_of(results: dict[str, Any]) -> Variant:
     method, label = str(results["method"]), method_label(results)
+    memory = has_memory(results)
     replay = str(results.get("replay") or _sub(_config_of(results), "replay").get("name")
                  or "none")
     if replay in ("none", "None", "null"):
-        return Variant(method, method_label=label)
+        return Variant(method, method_label=label, memory=memory)
     loss = _sub(_config_of(results), "replay").get("loss")
-    return Variant(method, replay, str(loss) if loss else None, method_label=label)
+    return Variant(method, replay, str(loss) if loss else None, method_label=label,
+                   memory=memory)
 
 
 #: config keys that never tell experiments apart (where and how a run was written, and the
@@ -198,13 +210,15 @@ def _details(results_files: Sequence[Path]) -> dict[Path, str]:
         except IncsegError:
             continue
         cfg = _flat(_config_of(res))
+        if not has_memory(res):  # memory.size=0 and a run from before the block: no axis
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("memory.")}
         if "replay.weight" in cfg and cfg["replay.weight"] is None:
             # the weight the run used: ``replay.weight: null`` means the per-loss default, so
             # a run with the default and one that sets it to the same value are one row
             cfg["replay.weight"] = cfg.get(f"replay.weights.{cfg.get('replay.loss')}")
         v = variant_of(res)
         kind = (res.get("dataset"), res.get("task"), res.get("model"), res.get("overlap"),
-                v.method, v.replay, v.loss)
+                v.method, v.replay, v.loss, v.memory)
         by_kind.setdefault(kind, []).append((path, cfg))
     out: dict[Path, str] = {}
     for members in by_kind.values():
@@ -226,9 +240,11 @@ def _hydra_label(run_dir: Path) -> str:
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"),
                                      resolve=False)
         replay = cfg.get("replay", {}).get("name", "none")
+        memory = int((cfg.get("memory") or {}).get("size") or 0) > 0 and \
+            not cfg["method"].get("joint", False)
         var = Variant(str(cfg["method"]["name"]), str(replay),
                       cfg.get("replay", {}).get("loss") if replay != "none" else None,
-                      method_label=str(cfg["method"].get("label") or ""))
+                      method_label=str(cfg["method"].get("label") or ""), memory=memory)
         return f"{var.label}, {cfg['dataset']['name']} {cfg['task']['name']}, seed {cfg['seed']}"
     except Exception:  # best effort only: the path alone still identifies the run
         return ""
