@@ -1,7 +1,8 @@
 """Kill a protocol run during step 1 (SIGKILL), rerun the same command: same final numbers as an
 uninterrupted run with the same seed, and step 0 is not retrained. With replay too: the replay
 set comes from the cache, and the curvature test taken at the start of the step (it is not
-repeated mid-step) travels with the epoch checkpoint into results.json."""
+repeated mid-step) travels with the epoch checkpoint into results.json. With a labelled memory
+too (half-and-half batches with loader workers, and concatenated)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ def _cmd(run_dir, extra=()):
     # once trained the resumed epoch on epoch 0's order)
     ("data.num_workers=2",),
     ("replay=deepinversion", "inversion.n_per_class=1", "data.num_workers=2"),
-], ids=["no-replay", "replay", "no-replay-workers", "replay-workers"])
+    # a labelled memory: its half-and-half batches follow the epoch too; the stored choice is
+    # read back, not selected again
+    # (lr_incremental 10x the preset's: an epoch trained on the wrong batches ends elsewhere)
+    ("memory.size=8", "data.num_workers=2", "train.lr_incremental=0.01"),
+    ("memory.size=8", "memory.mix=concat", "train.lr_incremental=0.01"),
+], ids=["no-replay", "replay", "no-replay-workers", "replay-workers", "memory-half-workers",
+        "memory-concat"])
 def test_kill_during_step1_then_resume(tmp_path, extra):
     env = _env(tmp_path)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
@@ -66,6 +73,8 @@ def test_kill_during_step1_then_resume(tmp_path, extra):
 
     assert numbers(resumed) == numbers(reference)
     assert resumed["final"] == reference["final"]
+    if any(e.startswith("memory.") for e in extra):
+        assert resumed["steps"][1]["memory"] == reference["steps"][1]["memory"]
     if any(e.startswith("replay=") for e in extra):  # the replay record, curvature figures
         # included, survived the kill
         replay = resumed["steps"][1]["replay"]

@@ -65,8 +65,8 @@ def balanced_selection(candidates: Sequence[int], classes_of: Mapping[int, set[i
     ``candidates`` in the order they are tried (the caller shuffles them), ``classes_of[i]``
     the old foreground classes of candidate ``i``, ``class_order`` the order of the rounds.
     Returns the chosen candidates in the order they were picked and the number picked for
-    each class (by class id). Stops early (fewer than ``size``) only when no candidate is left that holds
-    an old class; SSUL's loop would spin forever there.
+    each class (by class id). Stops early (fewer than ``size``) only when no candidate is left
+    that holds an old class; SSUL's loop would spin forever there.
     """
     pool = list(candidates)
     chosen: list[int] = []
