@@ -354,3 +354,23 @@ def test_teacher_cache_key_includes_the_number_of_processes():
     assert key(*ddp, "trainer.devices=2") not in (one, key(*ddp, "trainer.devices=4"))
     assert key(*ddp, "trainer.devices=2", "trainer.num_nodes=2") == key(*ddp,
                                                                       "trainer.devices=4")
+
+
+def test_replay_decay_reads_the_trainers_progress(monkeypatch):
+    """``replay.decay``: the student hands the term the fraction of the step's optimiser steps
+    done (global step / the Trainer's estimated total); 0 without a Trainer."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module, old = _student()
+    module.replay = ReplayTerm(ReplaySpec(loss="kl", weight=1.0, decay="linear"))
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32))
+    replay = torch.randn(2, 3, 32, 32)
+    module.training_loss(x, y, replay)
+    assert module.replay.progress == 0.0
+    fake = SimpleNamespace(estimated_stepping_batches=40, global_step=30)
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: fake))
+    monkeypatch.setattr(type(module), "global_step", property(lambda self: fake.global_step))
+    module._trainer = fake
+    module.training_loss(x, y, replay)
+    assert module.replay.progress == pytest.approx(0.75)

@@ -5,11 +5,19 @@ of synthetic images of the old classes, with no labels needed.
 ``ukd`` (MiB's unbiased KD on the student's full logits). The three differ in scale, so the
 weight is per distance. Before a step trains, a curvature test (:mod:`incseg.stability`) checks
 that SGD at the step's learning rate can follow the weighted term at all.
+
+Two options aim at the new-class cost of replay (new classes lose a little mIoU with every
+distance): ``label_weight`` adds a cross-entropy on the synthetic batch with the teacher's pixel
+predictions as labels, its background read as "background or a new class" (MiB's unbiased view,
+so replay never teaches that a new class is absent: the "half-real, half-fake" direction of
+Smith et al., 2021); ``decay`` lowers the replay weight over the step (linear or cosine to 0), so
+the last iterations fit the new classes alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from incseg.losses import REPLAY_LOSSES, replay_loss
+from incseg.losses import REPLAY_LOSSES, cross_entropy, old_view, replay_loss
 from incseg.models.norm import running_statistics, teacher_statistics
 from incseg.stability import sgd_stability_bound, top_hessian_eigenvalue
 
@@ -26,6 +34,18 @@ log = logging.getLogger(__name__)
 REPLAY_KINDS = ("deepinversion", "noise", "exemplars")
 REPLAY_BN = ("running", "batch", "teacher")
 BACKGROUNDS = ("unbiased", "plain")
+DECAYS = ("none", "linear", "cosine")
+
+
+def decay_factor(decay: str, progress: float) -> float:
+    """The replay weight's multiplier at ``progress`` in [0, 1] of the step's iterations:
+    1 throughout (``none``), ``1 - p`` (``linear``) or ``(1 + cos(pi p)) / 2`` (``cosine``)."""
+    p = min(max(float(progress), 0.0), 1.0)
+    if decay == "linear":
+        return 1.0 - p
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return 1.0
 
 
 @dataclass
@@ -35,7 +55,9 @@ class ReplaySpec:
     ``bn``: which BatchNorm statistics the student scores it with (``running``: its own, like
     the teacher; ``teacher``: the teacher's; ``batch``: the synthetic batch's). ``background``:
     ``unbiased`` compares the student's logsumexp(background, new classes) with the teacher's
-    background. ``check``: power iterations of the curvature test (0 = off).
+    background. ``check``: power iterations of the curvature test (0 = off). ``label_weight``:
+    the teacher-label cross-entropy's weight (0 = off); ``decay``: ``none``, ``linear`` or
+    ``cosine`` (module docstring).
     """
 
     kind: str = "deepinversion"
@@ -45,16 +67,20 @@ class ReplaySpec:
     bn: str = "running"
     background: str = "unbiased"
     check: int = 20
+    label_weight: float = 0.0
+    decay: str = "none"
 
     def __post_init__(self):
         for key, valid in (("kind", REPLAY_KINDS), ("loss", REPLAY_LOSSES), ("bn", REPLAY_BN),
-                           ("background", BACKGROUNDS)):
+                           ("background", BACKGROUNDS), ("decay", DECAYS)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not valid; use one of "
                                  f"{', '.join(valid)}")
         self.weight, self.temperature = float(self.weight), float(self.temperature)
-        if not self.weight >= 0:
-            raise ValueError(f"weight={self.weight:g} must be >= 0")
+        self.label_weight = float(self.label_weight)
+        for key in ("weight", "label_weight"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key}={getattr(self, key):g} must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature:g} must be > 0")
         self.check = int(self.check)
@@ -72,7 +98,8 @@ class ReplaySpec:
         return cls(kind=str(rc["name"]), loss=str(loss), weight=weight,
                    temperature=rc.get("temperature", 1.0), bn=str(rc.get("bn", "running")),
                    background=str(rc.get("background", "unbiased")),
-                   check=rc.get("check", 20))
+                   check=rc.get("check", 20), label_weight=rc.get("label_weight", 0.0),
+                   decay=str(rc.get("decay", "none")))
 
 
 def _sane(t: Tensor) -> Tensor:
@@ -85,12 +112,15 @@ class ReplayTerm:
 
     ``check_images``: a fixed, class-mixed batch of the replay set for the curvature test.
     ``left_out`` counts, per epoch, the images the teacher scores but the student cannot.
+    ``progress`` (the fraction of the step's iterations done) is set by the student before each
+    batch; only ``decay`` reads it.
     """
 
     def __init__(self, spec: ReplaySpec, check_images: Tensor | None = None) -> None:
         self.spec = spec
         self.check_images = check_images
         self.left_out = 0
+        self.progress = 0.0
 
     def __call__(self, model: nn.Module, old_model: nn.Module, images: Tensor,
                  count: bool = True) -> Tensor:
@@ -120,7 +150,13 @@ class ReplayTerm:
             z, z_old = z[usable], z_old[usable]
         if z.shape[0] == 0:  # nothing to distil
             return z.sum() * 0.0
-        return s.weight * replay_loss(s.loss, z, z_old, s.temperature, s.background)
+        loss = s.weight * replay_loss(s.loss, z, z_old, s.temperature, s.background)
+        if s.label_weight:
+            # the teacher's argmax over its C_o classes as labels; the student's background is
+            # logsumexp(background, new classes) whatever ``background`` says for the distance
+            labels = z_old.argmax(dim=1)
+            loss = loss + s.label_weight * cross_entropy(old_view(z, z_old.shape[1]), labels)
+        return decay_factor(s.decay, self.progress) * loss
 
     def check_stability(self, model: nn.Module, old_model: nn.Module, images: Tensor,
                         lr: float, momentum: float, nesterov: bool, step: int) -> dict:

@@ -70,9 +70,17 @@ class StudentModule(SegmentationSystem):
         terms = {"seg": m.segmentation_loss(out, labels)}
         terms.update(m.terms(Batch(images, labels), out, old))
         if replay is not None and self.replay is not None:
+            if self.replay.spec.decay != "none":
+                self.replay.progress = self._progress()
             terms["replay"] = self.replay(self.model, self.old_model, replay)
         terms["loss"] = sum(terms.values())
         return terms
+
+    def _progress(self) -> float:
+        """The fraction of the step's optimiser steps done (0 outside a Trainer)."""
+        if self._trainer is None:
+            return 0.0
+        return self.global_step / max(1, int(self.trainer.estimated_stepping_batches))
 
     def param_groups(self) -> list[dict]:
         return self.method.param_groups(self.model, self.recipe.lr)
