@@ -50,6 +50,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_slug(name: str) -> str:
+    """``AMD EPYC 7B13`` -> ``amd-epyc``: the CPU kind in a record's file name."""
+    words = [w for w in name.replace("(R)", "").replace("(TM)", "").lower().split() if w.isalpha()]
+    return "-".join(words[:2]) or "cpu"
+
+
 def numbers(results: dict) -> dict:
     """What must not change: the scores and the replay figures, not wall times or paths."""
     steps = []
@@ -101,12 +107,16 @@ def record(names: list[str], threads: int, work: Path) -> dict:
 
 
 def differences(a, b, path: str = "") -> list[str]:
-    """Every leaf where ``a`` and ``b`` differ (exact comparison: same digits or not)."""
+    """Every leaf where ``a`` and ``b`` differ (exact comparison: same digits or not). A key only
+    in ``b`` is a figure the suite added since (e.g. ``final.hiou``), not a changed number: it
+    is reported by :func:`added`, not here."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            if k not in a or k not in b:
-                out.append(f"{path}.{k}: only in {'after' if k in b else 'before'}")
+            if k not in b:
+                out.append(f"{path}.{k}: only in before")
+            elif k not in a:
+                continue
             else:
                 out.extend(differences(a[k], b[k], f"{path}.{k}"))
         return out
@@ -115,6 +125,16 @@ def differences(a, b, path: str = "") -> list[str]:
             return [f"{path}: {len(a)} entries before, {len(b)} after"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} before, {b!r} after"]
+
+
+def added(a, b, path: str = "") -> list[str]:
+    """Keys of ``b`` that ``a`` does not have (dicts, recursively; lists entry by entry)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(b, key=str) for x in
+                ([f"{path}.{k}"] if k not in a else added(a[k], b[k], f"{path}.{k}"))]
+    if isinstance(a, list) and isinstance(b, list):
+        return [x for i, (u, v) in enumerate(zip(a, b)) for x in added(u, v, f"{path}[{i}]")]
+    return []
 
 
 def compare(before: dict, after: dict) -> int:
@@ -131,8 +151,10 @@ def compare(before: dict, after: dict) -> int:
         diffs = differences({k: b[k] for k in ("final", "steps")},
                             {k: a[k] for k in ("final", "steps")})
         bad += bool(diffs)
+        new = added({k: b[k] for k in ("final", "steps")}, {k: a[k] for k in ("final", "steps")})
+        note = f" (added since: {', '.join(new)})" if new else ""
         print(f"{name:<22} {b['final']['all']!s:>18} {a['final']['all']!s:>18}  "
-              f"{'identical' if not diffs else f'{len(diffs)} differences'}")
+              f"{'identical' if not diffs else f'{len(diffs)} differences'}{note}")
         for d in diffs[:10]:
             print(f"    {d}")
     print(f"{len(after['cases']) - bad} identical, {bad} different")
@@ -147,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=None,
                    help="run and cache directories (default: a temporary one, removed after)")
-    p.add_argument("--save", type=Path, default=None, help="compare: also write the new record")
+    p.add_argument("--save", type=Path, default=None,
+                   help="compare: where to write the new record (default: beside FILE, named "
+                        "<commit>_<cpu>_<threads>thread.json; a compare run is never lost)")
     p.add_argument("--after", type=Path, default=None,
                    help="compare: an existing record instead of running the cases now")
     args = p.parse_args(argv)
@@ -165,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.file, now)
         print(f"recorded {len(names)} cases in {args.file}")
         return 0
-    if args.save:
-        from incseg.io import atomic_write_json
+    from incseg.io import atomic_write_json
 
-        atomic_write_json(args.save, now)
+    save = args.save or args.file.with_name(
+        f"{now['commit'][:7]}{'-dirty' if now['dirty'] else ''}_{cpu_slug(now['cpu'])}_"
+        f"{now['threads']}thread.json")
+    atomic_write_json(save, now)
+    print(f"new record: {save}", file=sys.stderr)
     return compare(before, now)
 
 
