@@ -32,12 +32,18 @@ class TeacherModule(SegmentationSystem):
             method.setup(StepContext(step=step, num_old=len(task.classes_before(step)),
                                      num_classes=model.num_classes, old_model=None,
                                      model=self.model))
+            method.on_train_mode(self.model)
 
     def training_loss(self, images: Tensor, labels: Tensor,
                       replay: Tensor | None = None) -> dict[str, Tensor]:
         if self.method is None:
             return super().training_loss(images, labels, replay)
-        return {"loss": self.method.segmentation_loss(self.model(images), labels)}
+        return {"loss": self.method.segmentation_loss(self.method_forward(images), labels)}
+
+    def param_groups(self) -> list[dict]:
+        if self.method is None:
+            return super().param_groups()
+        return self.method.param_groups(self.model, self.recipe.lr)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.method is not None:
