@@ -67,8 +67,9 @@ class Method:
       init_balanced      new heads start as MiB's background-balanced initialisation
       uses_old_outputs   the student runs the frozen previous model on each batch for ``terms``
       needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
-      trains_step0       step 0 trains with this method (its classification loss and its
-                         hooks; no ``terms``) instead of the plain-CE teacher shared by the others
+      trains_step0       step 0 trains with this method (its segmentation loss, parameter
+                         groups and hooks; no ``terms``) instead of the plain-CE teacher shared
+                         by the others
       reduction          None: the classification loss is averaged as the run says
                          (``train.loss_reduction``); "valid" or "all" where the method's
                          reference defines its loss with that mean

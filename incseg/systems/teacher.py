@@ -18,9 +18,9 @@ class TeacherModule(SegmentationSystem):
     counterpart of the task being compared with and ``score_task`` that task itself.
 
     ``method``: a method with ``trains_step0`` (EWC / PI / RW, whose importance accumulates
-    from step 0; LwF-MC, whose step 0 trains with BCE): its classification loss on every head,
-    its per-iteration and end-of-step hooks and its state in the epoch checkpoints. There is no
-    previous model, hence no ``terms``.
+    from step 0; LwF-MC and DKD, whose step 0 trains with BCE): its segmentation loss, its
+    parameter groups, its prediction rule, its hooks and its state in the epoch checkpoints.
+    There is no previous model, hence no ``terms``.
     """
 
     def __init__(self, model: SegmentationModel, task: Task, step: int, recipe: Recipe,
