@@ -230,6 +230,27 @@ def test_step0_is_bce_with_pos_weight_2_plus_the_ac():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_on_bisenet_the_aux_heads_get_the_bce_only_and_keep_their_own_new_rows():
+    from incseg.models import build_model
+
+    torch.manual_seed(0)
+    old = build_model("bisenet_r18", [16])
+    new = copy.deepcopy(old)
+    dkd = DKD()
+    dkd.add_classes(new, 5)
+    main, aux1, aux2 = new.heads()
+    assert torch.equal(main.convs[1].weight[3], main.convs[0].weight[0])
+    assert not torch.equal(aux1.convs[1].weight[3], aux1.convs[0].weight[0])
+    module = StudentModule(new, old, TASK, 1, Recipe(), dkd)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(16, 21, (2, 32, 32))
+    out = new(x)
+    assert len(out.aux) == 2
+    bce = sum(new_class_bce(h, y, 16, 1.0) for h in (out.logits, *out.aux))
+    ac = auxiliary_classifier_loss(dkd.auxiliary_logits(out))
+    assert module.training_loss(x, y)["seg"].item() == pytest.approx((bce + ac).item(),
+                                                                    rel=1e-5)
+
+
 # ---- BatchNorms and learning rates -------------------------------------------------------------
 def _bn(model):
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

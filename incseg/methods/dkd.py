@@ -23,7 +23,7 @@ classifiers; here everything but ``model.backbone``).
 
 The AC is computed here from the model's main head rather than inside the model, so every
 model's forward stays as it is: the logits' channel 0 (the same numbers, not detached) enters
-no loss. On BiSeNet the auxiliary heads (paper Eq. 3's deep supervision) get the step's BCE
+no loss. On BiSeNet the auxiliary heads (its deep supervision) get the step's BCE
 only, as every method's classification loss reaches every head here; their channel 0 is no AC
 (unused) and their new rows keep ``add_step``'s initialisation. KD, DKD and AC read the main
 head, the only one the reference has.
