@@ -116,7 +116,8 @@ def predict(args: dict[str, str | None]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
         image = read_image(path)
-        ids = predict_ids(model, to_input(image, size), class_ids, out_size=image.shape[:2])[0]
+        ids = predict_ids(model, to_input(image, size), class_ids, out_size=image.shape[:2],
+                          prediction=meta["prediction"])[0]
         write_palette_png(ids, out / f"{path.stem}_mask.png", palette)
         write_rgb_png(overlay(image, ids, 0.5, palette), out / f"{path.stem}_overlay.png")
     names = meta.get("class_names")

@@ -23,6 +23,7 @@ from incseg.data.prepare import voc_colormap
 from incseg.errors import CheckpointError
 from incseg.io import atomic_write_bytes
 from incseg.models import SegmentationModel
+from incseg.prediction import prediction_scores
 
 _CMAP = voc_colormap(256)
 
@@ -74,7 +75,8 @@ def write_rgb_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
 
 def load_segmenter(path: str | Path, model_name: str | None = None
                    ) -> tuple[SegmentationModel, list[int], dict]:
-    """(model in eval mode, dataset class id of every output channel, checkpoint metadata).
+    """(model in eval mode, dataset class id of every output channel, checkpoint metadata; its
+    ``prediction`` is the rule the model was evaluated with, :mod:`incseg.prediction`).
 
     Unlike :func:`incseg.checkpoints.load_model` it needs no task: the checkpoint says which
     classes it was trained on. ``model_name`` (optional) must match the stored model name.
@@ -95,6 +97,7 @@ def load_segmenter(path: str | Path, model_name: str | None = None
     model.eval()
     meta = {k: ckpt.get(k) for k in ("model", "step", "task_steps", "classes_per_step",
                                      "class_names", "class_colors")}
+    meta["prediction"] = ckpt.get("prediction") or "argmax"
     return model, class_ids, meta
 
 
@@ -121,16 +124,18 @@ def to_input(image: np.ndarray, size: int | None = None) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_ids(model: SegmentationModel, x: torch.Tensor, class_ids: Sequence[int],
-                out_size: tuple[int, int] | None = None) -> np.ndarray:
+                out_size: tuple[int, int] | None = None,
+                prediction: str = "argmax") -> np.ndarray:
     """B x 3 x h x w normalised images -> B x H x W uint8 dataset class ids.
 
     Logits are resized to ``out_size`` (bilinear, as the heads' own upsampling) before the
-    argmax, so a mask for the original image is as sharp as the model allows.
+    argmax, so a mask for the original image is as sharp as the model allows; ``prediction``:
+    the rule of the checkpoint's method (``load_segmenter``'s ``meta["prediction"]``).
     """
     device = next(model.parameters()).device
     logits = model(x.to(device)).logits
     if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
         logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear",
                                                  align_corners=False)
-    channels = logits.argmax(dim=1).cpu().numpy()
+    channels = prediction_scores(logits, prediction).argmax(dim=1).cpu().numpy()
     return channel_lut(class_ids)[channels]

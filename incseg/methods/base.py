@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from incseg.losses import REDUCTIONS, bisenet_loss, cross_entropy, unbiased_cross_entropy
 from incseg.models.base import SegOutput
+from incseg.prediction import check_prediction
 
 #: classification losses a method can train its heads with
 CLASSIFICATION = ("ce", "unbiased_ce")
@@ -66,11 +67,14 @@ class Method:
       init_balanced      new heads start as MiB's background-balanced initialisation
       uses_old_outputs   the student runs the frozen previous model on each batch for ``terms``
       needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
-      trains_step0       step 0 trains with this method (its classification loss and its
-                         hooks; no ``terms``) instead of the plain-CE teacher shared by the others
+      trains_step0       step 0 trains with this method (its segmentation loss, parameter
+                         groups and hooks; no ``terms``) instead of the plain-CE teacher shared
+                         by the others
       reduction          None: the classification loss is averaged as the run says
                          (``train.loss_reduction``); "valid" or "all" where the method's
                          reference defines its loss with that mean
+      prediction         how its logits are evaluated (:mod:`incseg.prediction`): "argmax",
+                         or "sigmoid" (DKD: background where no class's sigmoid exceeds 0.5)
     """
 
     classification = "ce"
@@ -79,6 +83,7 @@ class Method:
     needs_features: tuple[str, ...] = ()
     trains_step0 = False
     reduction: str | None = None
+    prediction = "argmax"
 
     def __init__(self) -> None:
         if self.classification not in CLASSIFICATION:
@@ -87,12 +92,23 @@ class Method:
         if self.reduction not in (None, *REDUCTIONS):
             raise ValueError(f"reduction={self.reduction!r} is not one of "
                              f"{', '.join(REDUCTIONS)} (or None: train.loss_reduction)")
+        check_prediction(self.prediction)
         self.ctx: StepContext | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
+    def add_classes(self, model: nn.Module, n_new: int) -> None:
+        """Grow the copy of the previous step's model by the step's ``n_new`` classes (before
+        :meth:`setup`): new heads as ``init_balanced`` says; a method may start them otherwise
+        (DKD: from its auxiliary classifier)."""
+        model.add_step(n_new, init_balanced=self.init_balanced)
+
     def setup(self, ctx: StepContext) -> None:
         """Called once by the student before the step trains (or resumes)."""
         self.ctx = ctx
+
+    def on_train_mode(self, model: nn.Module) -> None:
+        """Each time the system enters training mode (once built, and on ``train()``): a method
+        may keep parts of the model in eval mode (DKD's frozen BatchNorms from step 1)."""
 
     # ---- the loss -----------------------------------------------------------------------------
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -93,7 +93,7 @@ def build_student(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Tas
     model = copy.deepcopy(old)  # the student starts from model t-1; `old` stays frozen
     method = build_method(cfg.method)
     method.load_previous_step(payload.get("method_state") or {})
-    model.add_step(len(task.steps[step]), init_balanced=method.init_balanced)
+    method.add_classes(model, len(task.steps[step]))
     replay = build_replay(cfg, run_dir, cache, source, task, step, old)
     module = StudentModule(model, old, task, step, recipe(cfg, step), method,
                            replay.term if replay else None)
@@ -179,6 +179,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
             extra = dict(source.class_info() or {})
             if out.method_state:
                 extra["method_state"] = out.method_state
+            if out.module.prediction != "argmax":  # DKD's rule: predict and reports use it too
+                extra["prediction"] = out.module.prediction
             save_model(run_dir / "checkpoints" / f"step{t}.pt", out.module.model, cfg.model,
                        out.trained_task.steps, t, extra=extra or None)
         if out.cache is not None and out.cache[1] is not None:

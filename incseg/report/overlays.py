@@ -42,7 +42,7 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
     from incseg.viz import colorize, load_segmenter, palette_of, predict_ids
 
     rows = [(v, _lowest_seed(c[task_label])) for v, c in table.items() if task_label in c]
-    preds: list[tuple[str, Any, list[int]]] = []
+    preds: list[tuple[str, Any, list[int], str]] = []
     skipped = []
     for v, run in rows:
         ckpt = run.path / "checkpoints" / f"step{len(run.steps) - 1}.pt"
@@ -50,7 +50,8 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
             skipped.append(f"{v.label}: no {ckpt.name}")
             continue
         try:
-            model, class_ids, _ = load_segmenter(ckpt, None if group.model == "?" else group.model)
+            model, class_ids, meta = load_segmenter(ckpt,
+                                                    None if group.model == "?" else group.model)
         except IncsegError as err:
             skipped.append(f"{v.label}: {err}")
             continue
@@ -58,7 +59,7 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
         if sorted(class_ids) != sorted(want):
             skipped.append(f"{v.label}: {ckpt.name} holds classes {class_ids}, not the task's")
             continue
-        preds.append((v.label, model, class_ids))
+        preds.append((v.label, model, class_ids, meta["prediction"]))
     if skipped:
         log.info("overlays %s: skipped %s", task_label, "; ".join(skipped))
     if not preds:
@@ -85,8 +86,8 @@ def plot_overlays(group: Group, table: Table, task_label: str, path: Path, n_ima
     fig, axes = _figure(len(items), cols, 2.0, 2.0)
     for i, (sid, x, gt) in enumerate(items):
         panels = [(f"{sid}", _display(x)), ("ground truth", colorize(gt, palette))]
-        for label, model, class_ids in preds:
-            pred = predict_ids(model, x.unsqueeze(0), class_ids)[0]
+        for label, model, class_ids, rule in preds:
+            pred = predict_ids(model, x.unsqueeze(0), class_ids, prediction=rule)[0]
             panels.append((label, colorize(pred, palette)))
         for j, (title, img) in enumerate(panels):
             ax = axes[i][j]

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from incseg.errors import IncsegError, TrainingError
+from incseg.errors import ConfigError, IncsegError, TrainingError
 from incseg.losses import bisenet_loss, cross_entropy
+from incseg.methods.base import Method
 from incseg.metrics import SegMetric, summarize
-from incseg.models.base import SegmentationModel
+from incseg.models.base import SegmentationModel, SegOutput, missing_features
+from incseg.prediction import prediction_scores
 from incseg.tasks import Task
 
 
@@ -38,7 +40,10 @@ class SegmentationSystem(L.LightningModule):
     Evaluation is scored with ``score_task`` at ``score_step`` (for Joint: the incremental task
     being compared with, so old/new follow its split). Confusion matrices of the last val and
     test runs are kept in ``val_confusion`` / ``test_confusion``; summaries in ``*_summary``.
+    A subclass that trains with a ``method`` evaluates with its prediction rule.
     """
+
+    method: Method | None = None
 
     def __init__(self, model: SegmentationModel, task: Task, step: int, recipe: Recipe,
                  score_task: Task | None = None, score_step: int | None = None):
@@ -58,6 +63,33 @@ class SegmentationSystem(L.LightningModule):
         self.val_summary: dict | None = None
         self.test_summary: dict | None = None
         self.test_confusion: Tensor | None = None
+        self._features_checked = False
+
+    @property
+    def prediction(self) -> str:
+        """How logits become classes in evaluation (:mod:`incseg.prediction`): the method's."""
+        return "argmax" if self.method is None else self.method.prediction
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.method is not None:
+            self.method.on_train_mode(self.model)
+        return self
+
+    def method_forward(self, images: Tensor) -> SegOutput:
+        """The model's output for the method's loss; the first one is checked for the features
+        the method reads (one line instead of a KeyError deep in the method)."""
+        out = self.model(images)
+        m = self.method
+        if m is not None and not self._features_checked:
+            missing = missing_features(out, m.needs_features)
+            if missing:
+                raise ConfigError(
+                    f"the method {type(m).__name__} reads the model features "
+                    f"{', '.join(missing)}, which {type(self.model).__name__} does not provide; "
+                    "choose another model or another method setting")
+            self._features_checked = True
+        return out
 
     # ---- the loss: subclasses (the student) add their method's terms ------------------------
     def training_loss(self, images: Tensor, labels: Tensor,
@@ -115,7 +147,8 @@ class SegmentationSystem(L.LightningModule):
 
     def _eval_update(self, metric: SegMetric, batch) -> None:
         images, labels = batch
-        metric.update(self.model(self._prepare(images)).logits, labels)
+        logits = self.model(self._prepare(images)).logits
+        metric.update(prediction_scores(logits, self.prediction), labels)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_update(self.val_metric, batch)

@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import Tensor
 
-from incseg.errors import CheckpointError, ConfigError
+from incseg.errors import CheckpointError
 from incseg.methods.base import Batch, Method, StepContext
-from incseg.models.base import SegmentationModel, missing_features
+from incseg.models.base import SegmentationModel
 from incseg.models.norm import freeze
 from incseg.replay.term import ReplayTerm
 from incseg.systems.base import Recipe, SegmentationSystem
@@ -36,7 +36,6 @@ class StudentModule(SegmentationSystem):
         self.replay = replay
         self.num_old = len(task.classes_before(step))
         self.replay_stability: dict | None = None  # the curvature test's figures
-        self._features_checked = False
         if old_model.num_classes != self.num_old:
             raise CheckpointError(f"the previous model has {old_model.num_classes} outputs but "
                                   f"{self.num_old} classes were seen before step {step}")
@@ -44,6 +43,7 @@ class StudentModule(SegmentationSystem):
                                  num_classes=model.num_classes, old_model=self.old_model,
                                  model=self.model,
                                  reduction=recipe.loss_reduction))
+        method.on_train_mode(self.model)  # e.g. DKD's frozen BatchNorms, from the start
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -54,15 +54,7 @@ class StudentModule(SegmentationSystem):
                       replay: Tensor | None = None) -> dict[str, Tensor]:
         """L = L_B + the method's terms (+ w D_replay on the synthetic batch)."""
         m = self.method
-        out = self.model(images)
-        if not self._features_checked:  # once: a model that lacks what the method reads
-            missing = missing_features(out, m.needs_features)
-            if missing:
-                raise ConfigError(
-                    f"the method {type(m).__name__} reads the model features "
-                    f"{', '.join(missing)}, which {type(self.model).__name__} does not provide; "
-                    "choose another model or another method setting")
-            self._features_checked = True
+        out = self.method_forward(images)
         old = None
         if m.uses_old_outputs:
             with torch.no_grad():

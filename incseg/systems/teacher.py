@@ -18,9 +18,9 @@ class TeacherModule(SegmentationSystem):
     counterpart of the task being compared with and ``score_task`` that task itself.
 
     ``method``: a method with ``trains_step0`` (EWC / PI / RW, whose importance accumulates
-    from step 0; LwF-MC, whose step 0 trains with BCE): its classification loss on every head,
-    its per-iteration and end-of-step hooks and its state in the epoch checkpoints. There is no
-    previous model, hence no ``terms``.
+    from step 0; LwF-MC and DKD, whose step 0 trains with BCE): its segmentation loss, its
+    parameter groups, its prediction rule, its hooks and its state in the epoch checkpoints.
+    There is no previous model, hence no ``terms``.
     """
 
     def __init__(self, model: SegmentationModel, task: Task, step: int, recipe: Recipe,
@@ -32,12 +32,18 @@ class TeacherModule(SegmentationSystem):
             method.setup(StepContext(step=step, num_old=len(task.classes_before(step)),
                                      num_classes=model.num_classes, old_model=None,
                                      model=self.model))
+            method.on_train_mode(self.model)
 
     def training_loss(self, images: Tensor, labels: Tensor,
                       replay: Tensor | None = None) -> dict[str, Tensor]:
         if self.method is None:
             return super().training_loss(images, labels, replay)
-        return {"loss": self.method.segmentation_loss(self.model(images), labels)}
+        return {"loss": self.method.segmentation_loss(self.method_forward(images), labels)}
+
+    def param_groups(self) -> list[dict]:
+        if self.method is None:
+            return super().param_groups()
+        return self.method.param_groups(self.model, self.recipe.lr)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.method is not None:
