@@ -153,3 +153,27 @@ def test_inversion_iteration_flops_is_forward_plus_the_image_gradient(bench_modu
     assert run.inversion_iteration_flops(net, 8) == 2 * 1536
     assert run.inversion_iteration_flops(net, 16, at=8) == 4 * 2 * 1536
     assert all(p.requires_grad for p in net.parameters())  # a copy was frozen, not the model
+
+
+@pytest.mark.slow
+def test_methods_bench_tiny_times_each_method_against_mib(tmp_path):
+    """experiments/bench/methods.py at smoke scale: every entry timed, MiB's ratio 1, PLOP's
+    pass before the step measured (and nobody else's), the step = pass + epochs x batches x
+    iteration."""
+    out = tmp_path / "methods.json"
+    root = BENCH.parent.parent
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "methods.py"), "--tiny", "--repeats", "1", "--out",
+         str(out), "--methods", "mib", "plop", "mib-M"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"mib", "plop", "mib-M"}
+    assert res["mib"]["step_vs_mib"] == 1.0
+    assert res["plop"]["pass_s"] > 0 and res["mib"]["pass_s"] == 0 == res["mib-M"]["pass_s"]
+    for r in res.values():
+        assert r["iteration_s"] > 0 and r["batches"] >= 3
+        assert r["step_s"] > r["pass_s"]
+    assert "| plop |" in proc.stdout

@@ -287,16 +287,16 @@ def test_lr_groups_backbone_x1_the_rest_x10_decay_on_new_classifiers_only():
     m = module.model
     by_lr = {(g["lr"], g.get("weight_decay")): {id(p) for p in g["params"]} for g in groups}
     assert by_lr == {
-        (0.01, 0.0): {id(m.backbone[0].weight), id(m.backbone[0].bias)},
-        (0.1, 0.0): {id(p) for p in [m.decoder[0].weight, m.decoder[0].bias,
-                                     *m.head.convs[0].parameters()]},
-        (0.1, None): {id(p) for p in m.head.convs[1].parameters()},  # the recipe's decay
+        (0.001, 0.0): {id(m.backbone[0].weight), id(m.backbone[0].bias)},
+        (0.01, 0.0): {id(p) for p in [m.decoder[0].weight, m.decoder[0].bias,
+                                      *m.head.convs[0].parameters()]},
+        (0.01, None): {id(p) for p in m.head.convs[1].parameters()},  # the recipe's decay
     }
     torch.manual_seed(0)
     teacher = TeacherModule(Tiny([16]), TASK, 0, Recipe(lr=0.05), method=DKD(head_lr_factor=4))
     groups = teacher.param_groups()
     assert [(g["lr"], g.get("weight_decay"), len(g["params"])) for g in groups] == [
-        (0.05, None, 4), (0.2, None, 6)]  # step 0: every BN affine, every decay
+        (0.0125, None, 4), (0.05, None, 6)]  # step 0: every BN affine, every decay
 
 
 # ---- bad settings and models: one line each (docs/errors.md rows 89-91) ------------------------

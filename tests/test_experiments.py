@@ -119,3 +119,41 @@ def test_mse_replay_weight_default_and_the_paper_tables():
     assert replay_spec(compose(["experiment=cpu/table3_controls", "replay=noise"])).weight == 1.0
     assert replay_spec(compose(["experiment=cpu/table3_15-5s_weight", "seed=0",
                                 "replay.weight=0.1"])).weight == 0.1
+
+
+METHOD_SWEEPS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
+                       for p in (CONF_DIR / "experiment").glob("cpu/methods*.yaml"))
+
+
+@pytest.mark.parametrize("name", METHOD_SWEEPS)
+def test_methods_sweeps_compose_and_share_one_runs_dir_without_collisions(name):
+    """cpu/methods and its -M / 10-1 companions: every job composes and validates, the jobs
+    write under runs/cpu/methods (one report), never into one another's directory."""
+    dirs = set()
+    for overrides in _jobs(name):
+        cfg = compose([f"experiment={name}", *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert str(cfg.hydra.sweep.dir) == "runs/cpu/methods"
+        dirs.add(str(cfg.hydra.sweep.subdir))
+        validate(cfg)
+    assert len(dirs) == len(_jobs(name))
+
+
+def test_methods_sweeps_cover_the_table():
+    """15-5s: every method at 3 seeds, -M of MiB / PLOP / DKD at 3 seeds; 10-1: MiB, PLOP, DKD
+    and their -M at 3 seeds, the others at 1."""
+    def runs(name):
+        return {tuple(sorted(o for o in job if not o.startswith("task="))) for job in _jobs(name)}
+
+    seeds3 = {f"seed={s}" for s in range(3)}
+    main = runs("cpu/methods")
+    assert {o for job in main for o in job if o.startswith("method=")} == {
+        f"method={m}" for m in ("ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop",
+                                "dkd", "joint")}
+    assert {o for job in main for o in job if o.startswith("seed=")} == seeds3
+    for name in ("cpu/methods_memory", "cpu/methods_10-1_memory"):
+        assert all("memory.size=100" in job for job in runs(name))
+        assert len(runs(name)) == 9
+    assert len(runs("cpu/methods_10-1")) == 9
+    assert {o for job in runs("cpu/methods_10-1_others") for o in job
+            if o.startswith("seed=")} == {"seed=0"}

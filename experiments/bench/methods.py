@@ -1,0 +1,185 @@
+"""The methods side by side: the wall time of one incremental step against MiB's, same data.
+
+    OMP_NUM_THREADS=1 python experiments/bench/methods.py --out experiments/results/bench/FILE.json
+    python experiments/bench/methods.py --tiny --out FILE.json    # seconds: the script itself
+
+Per method the protocol's own pieces build step 1 of 15-5 on ``shapes`` (the step's real
+DataModule, the method's student as ``build_student`` makes it, the method's state handed over
+from its own step 0, which is trained for ``--step0-epochs`` in a cache of this run: the time
+of a step does not depend on how good step 0 is). Each repeat fits every method for one epoch
+in the suite's Trainer, the methods taking turns (the order rotates each repeat); the figures
+are medians over repeats:
+
+- ``pass_s``: the method's pass over the step's data before training (PLOP's entropy
+  thresholds; 0 for the others), timed around ``Method.on_step_start``;
+- ``iteration_s``: one training iteration (after two warm-up batches), the frozen previous
+  model's forward, the method's terms and hooks (EWC / PI / RW's importance update) included;
+- ``step_s``: ``pass_s + epochs_incremental x batches x iteration_s``, the whole step as the
+  recipe runs it (evaluation excluded; it is the same for every method).
+
+``-M`` entries (``mib-M``) run with a labelled memory of ``--memory`` images (SSUL's half
+batches: the same number of iterations and images per batch as without it). Threads are not
+set here: run it on an idle machine with the ``OMP_NUM_THREADS`` you train with (recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+from incseg.checkpoints import save_model
+from incseg.config import compose, source_from_cfg, task_from_cfg
+from incseg.io import atomic_write_json
+from incseg.protocol.loop import build_student, run_step
+from incseg.protocol.trainer import EpochCheckpoint, Stage, make_trainer
+
+METHODS = ("ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop", "dkd", "mib-M",
+           "plop-M")
+#: ``--tiny``: the smoke scale, for the tests
+TINY = ("experiment=smoke",)
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of the last warm-up batch to the end of the last batch."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if batch_idx == self.warmup - 1:
+            self.start = now
+        elif batch_idx >= self.warmup:
+            self.end, self.steps = now, self.steps + 1
+
+
+def config(entry: str, args, cache: Path):
+    method, memory = (entry[:-2], True) if entry.endswith("-M") else (entry, False)
+    over = [f"method={method}", f"task={args.task}", "logger=none", "trainer.progress_bar=false",
+            "data.num_workers=0", f"paths.cache_dir={cache}", f"train.epochs={args.step0_epochs}",
+            f"seed={args.seed}"]
+    if memory:
+        over.append(f"memory.size={args.memory}")
+    return compose([*(TINY if args.tiny else ()), *over])
+
+
+def prepare(entry: str, args, cache: Path, work: Path):
+    """Step 0 of ``entry`` (from the bench's cache when another entry trained it) saved in its
+    run directory as the protocol saves it; returns (cfg, source, task, run_dir)."""
+    cfg = config(entry, args, cache)
+    source, task = source_from_cfg(cfg, progress=False), task_from_cfg(cfg)
+    run_dir = work / entry
+    out = run_step(cfg, run_dir, cache, source, task, 0)
+    extra = dict(source.class_info() or {})
+    if out.method_state:
+        extra["method_state"] = out.method_state
+    if out.module.prediction != "argmax":
+        extra["prediction"] = out.module.prediction
+    save_model(run_dir / "checkpoints" / "step0.pt", out.module.model, cfg.model,
+               out.trained_task.steps, 0, extra=extra or None)
+    return cfg, source, task, run_dir
+
+
+def time_step(cfg, source, task, run_dir: Path, cache: Path, warmup: int) -> dict:
+    """One epoch of step 1: the pass before it and the per-iteration time after warm-up."""
+    student = build_student(cfg, run_dir, cache, source, task, 1)
+    method = student.module.method
+    timed = {"pass_s": 0.0}
+    start_pass = method.on_step_start
+
+    def on_step_start(*a, **k):
+        t = time.perf_counter()
+        start_pass(*a, **k)
+        timed["pass_s"] = time.perf_counter() - t
+
+    method.on_step_start = on_step_start
+    trainer = make_trainer(cfg, Stage(run_dir, "bench", 1, "student", cfg), 1)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EpochCheckpoint)]
+    timer = StepTimer(warmup)
+    trainer.callbacks.append(timer)
+    trainer.limit_val_batches = 0
+    trainer.fit(student.module, datamodule=student.datamodule)
+    if timer.start is None or not timer.steps:
+        raise SystemExit(f"{cfg.method.name}: the epoch ended before its timed batches; the "
+                         f"step has {trainer.num_training_batches} batches, warm-up {warmup}")
+    batches = int(trainer.num_training_batches)
+    it = (timer.end - timer.start) / timer.steps
+    return {"pass_s": timed["pass_s"], "iteration_s": it, "batches": batches,
+            "step_s": timed["pass_s"] + int(cfg.train.epochs_incremental) * batches * it}
+
+
+def run(args) -> dict:
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="incseg-bench-methods-") as tmp:
+        work = Path(tmp)
+        cache = args.cache or work / "cache"
+        prepared = {}
+        for entry in args.methods:
+            print(f"[bench] {entry}: step 0", file=sys.stderr, flush=True)
+            prepared[entry] = prepare(entry, args, cache, work)
+        times: dict[str, list[dict]] = {e: [] for e in args.methods}
+        for r in range(args.repeats):
+            order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
+            for entry in order:
+                cfg, source, task, run_dir = prepared[entry]
+                times[entry].append(time_step(cfg, source, task, run_dir, cache, args.warmup))
+                t = times[entry][-1]
+                print(f"[bench] repeat {r} {entry}: iteration {t['iteration_s']:.3f} s, pass "
+                      f"{t['pass_s']:.2f} s", file=sys.stderr, flush=True)
+    results = {e: {k: statistics.median(t[k] for t in ts) for k in ts[0]}
+               for e, ts in times.items()}
+    ref = results.get("mib")
+    for r in results.values():
+        r["batches"] = int(r["batches"])
+        if ref:
+            r["step_vs_mib"] = r["step_s"] / ref["step_s"]
+            r["iteration_vs_mib"] = r["iteration_s"] / ref["iteration_s"]
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+                        "task": args.task, "step": 1, "repeats": args.repeats,
+                        "step0_epochs": args.step0_epochs, "tiny": args.tiny},
+            "results": results}
+
+
+def table(out: dict) -> str:
+    rows = ["| method | pass before the step (s) | iteration (s) | step (s) | step / MiB's |",
+            "|---|---:|---:|---:|---:|"]
+    for e, r in out["results"].items():
+        ratio = f"{r['step_vs_mib']:.2f}" if "step_vs_mib" in r else "-"
+        rows.append(f"| {e} | {r['pass_s']:.2f} | {r['iteration_s']:.3f} | {r['step_s']:.1f} "
+                    f"| {ratio} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="the figures (JSON, atomic)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--task", default="15-5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", type=int, default=100, help="images of the -M entries' memory")
+    p.add_argument("--step0-epochs", type=int, default=1)
+    p.add_argument("--cache", type=Path, default=None, help="default: a temporary one")
+    p.add_argument("--tiny", action="store_true", help="smoke scale: the script itself")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.memory = min(args.memory, 20)
+    out = run(args)
+    atomic_write_json(args.out, out)
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
