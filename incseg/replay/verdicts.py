@@ -17,9 +17,11 @@ from incseg.models.pooling import lse_lba_pool
 from incseg.replay.settings import InversionSettings
 
 __all__ = [
+    "class_diversity",
     "frozen",
     "image_level_logits",
     "model_logits",
+    "pooled_features",
     "teacher_verdicts",
     "verifier_accuracy",
     "verifier_predictions",
@@ -117,3 +119,35 @@ def verifier_accuracy(preds: Sequence[int], targets: Sequence[int],
             raise ValueError(f"verifier_channel_of has no entry for teacher channel {t}")
         hits += int(p) == int(expected)
     return hits / len(targets)
+
+
+def pooled_features(model: nn.Module, images: Tensor, key: str = "decoder",
+                    batch_size: int = 32) -> Tensor:
+    """``N x D``: the model's ``key`` feature map (the contract's ``decoder``: what its
+    classifier reads) averaged over space and scaled to unit length, per image. The unit
+    length makes distances comparable across models and feature widths."""
+    feats = []
+    with frozen(model):
+        device = device_of(model)
+        for k in range(0, images.shape[0], batch_size):
+            with torch.no_grad():
+                f = model(images[k:k + batch_size].to(device)).features[key]
+            feats.append(torch.nn.functional.normalize(f.float().mean(dim=(2, 3)), dim=1).cpu())
+    return torch.cat(feats)
+
+
+def class_diversity(features: Tensor, targets: Sequence[int]) -> dict[int, float]:
+    """Per class, the mean Euclidean distance over all pairs of its images' ``features``
+    (0 for a class with one image): how spread out the replay images of a class look to a
+    model. Identical images give 0; unit vectors at most 2."""
+    t = torch.as_tensor([int(x) for x in targets])
+    out: dict[int, float] = {}
+    for c in sorted(set(t.tolist())):
+        f = features[t == c].double()
+        n = f.shape[0]
+        if n < 2:
+            out[c] = 0.0
+            continue
+        d = torch.cdist(f, f)
+        out[c] = float(d.sum() / (n * (n - 1)))  # the diagonal is 0: each pair counted twice
+    return out
