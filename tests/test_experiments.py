@@ -51,7 +51,7 @@ def test_experiment_sweep_jobs_compose_validate_and_do_not_share_run_dirs(name):
         HydraConfig.instance().set_config(cfg)
         dirs.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
         # the controls and the 15-5s half of Table 3 write beside the table they belong to
-        table = re.sub(r"(_controls|_15-5s|_weight|_newclass|_plain)+$", "", name)
+        table = re.sub(r"(_controls|_15-5s|_weight|_newclass|_plain|_competition)+$", "", name)
         assert str(cfg.hydra.sweep.dir) == f"runs/{table}"
         plain = cfg  # validate reads the job's keys, never hydra's
         validate(plain)
