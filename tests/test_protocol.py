@@ -224,15 +224,24 @@ def test_wandb_logger_groups_runs_offline(tmp_path):
 
 
 def test_smoke_protocol_with_the_default_wandb_logger_offline(tmp_path, monkeypatch):
-    """The default logger (W&B, offline) through a whole 2-step run: every stage's W&B run is
-    finished and written offline (the default job once crashed in wandb.finish)."""
+    """The default logger (W&B, offline) through a whole 2-step run with replay: every stage's
+    W&B run is finished and written offline (the default job once crashed in wandb.finish),
+    and each stage has its own: step 0, the verifier's Joint training, the inversion of step 1's
+    set, step 1 (the inversion once logged into the verifier's run, which was still open)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
     res = run_protocol(compose(["experiment=smoke", f"paths.cache_dir={tmp_path / 'c'}",
-                                "logger=wandb", "logger.name=wandb"]), run)  # smoke sets csv
+                                "logger=wandb", "logger.name=wandb",  # smoke sets csv
+                                "replay=deepinversion"]), run)
     assert len(res["steps"]) == 2
-    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*") if p.is_dir())
-    assert len(offline) == 2  # one W&B run per stage: step0 and step1
+    offline = sorted(p for p in (run / "wandb").glob("offline-run-*") if p.is_dir())
+    assert len(offline) == 4  # step0, joint (the verifier), inversion1, step1
+
+    def logged(d, key: str) -> bool:
+        return any(key.encode() in f.read_bytes() for f in d.glob("*.wandb"))
+
+    inversion = [d for d in offline if logged(d, "inversion/loss")]
+    assert len(inversion) == 1 and not logged(inversion[0], "train/loss")
 
 
 @pytest.mark.parametrize("bn", ["running", "batch"])

@@ -74,6 +74,11 @@ def wandb_logger(stage: Stage, project: str = "incseg", entity: str | None = Non
 
 
 def make_loggers(stage: Stage) -> list:
+    """A new stage's loggers. Any W&B run still open is finished first: Lightning's
+    WandbLogger reuses a live ``wandb.run`` instead of starting its own (``reinit`` is never
+    read then), so the stages made inside a step (the verifier's Joint training, the
+    competition student, the inversion runs) would otherwise log into the previous one."""
+    finish_wandb()
     return [instantiate(node, stage=stage) for node in stage.cfg.logger.get("loggers") or []]
 
 
