@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py: the harness's StepTimer
+
+from run import StepTimer  # noqa: E402
 
 from incseg.checkpoints import save_model
 from incseg.config import compose, source_from_cfg, task_from_cfg
@@ -46,20 +48,6 @@ METHODS = ("ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop", "dkd"
            "plop-M")
 #: ``--tiny``: the smoke scale, for the tests
 TINY = ("experiment=smoke",)
-
-
-class StepTimer(L.Callback):
-    """Wall time from the end of the last warm-up batch to the end of the last batch."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if batch_idx == self.warmup - 1:
-            self.start = now
-        elif batch_idx >= self.warmup:
-            self.end, self.steps = now, self.steps + 1
 
 
 def config(entry: str, args, cache: Path):
