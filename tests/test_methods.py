@@ -636,3 +636,30 @@ def test_the_methods_preset_composes_every_job_in_a_run_dir_of_its_own():
         dirs.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
         assert cfg.data.void_as_background is (method != "plop")
     assert len(dirs) == 2 * len(methods)
+
+
+def test_weight_penalty_curvature_is_checked_against_sgd_before_a_step():
+    """EWC's penalty w sum I (θ - θ*)² has curvature 2 w I along a weight: 2 x 500 x 1 = 1000
+    for MiB's weight and a normalised importance, above the 2 (1 + b) / ((1 + 2 b) lr) = 135.7
+    that Nesterov SGD (b = 0.9) at lr 0.01 can follow: the step is refused with the fix."""
+    from incseg.errors import ConfigError
+    from incseg.methods.ewc import EWC
+    from incseg.methods.rw import RW
+    from tests.test_protocol import _student
+
+    ewc = EWC(reg_weight=500)
+    assert ewc.penalty_curvature() is None  # no importance yet: step 0
+    ewc.importance = {"a": torch.tensor([0.2, 1.0]), "b": torch.tensor([0.5])}
+    assert ewc.penalty_curvature() == pytest.approx(1000.0)
+    rw = RW(reg_weight=100)
+    rw.importance = {"a": torch.tensor([2.0])}  # N(F) + N(S): at most 2
+    assert rw.penalty_curvature() == pytest.approx(400.0)
+
+    module, _ = _student(method=ewc)  # Recipe(): lr 0.01, Nesterov momentum 0.9
+    ewc.importance = {"a": torch.tensor([0.2, 1.0])}
+    with pytest.raises(ConfigError, match=r"largest curvature 1000 .* above 136, the most SGD "
+                                          r"with lr 0.01 and Nesterov momentum 0.9 can follow: "
+                                          r"step 1 would diverge; use method.reg_weight <= 67.9"):
+        module._check_penalty_curvature()
+    ewc.reg_weight = 60  # 120 < 135.7
+    module._check_penalty_curvature()

@@ -142,6 +142,11 @@ class Method:
     def on_step_end(self, model: nn.Module, old_model: nn.Module) -> None:
         """After the last iteration of a step."""
 
+    def penalty_curvature(self) -> float | None:
+        """The largest curvature of the method's quadratic weight penalty (EWC / PI / RW), which
+        SGD at the step's lr must be able to follow; None for a method without one."""
+        return None
+
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """The optimiser's parameter groups (one, every trainable parameter, by default); a
         method may freeze parts or give the heads their own learning rate."""

@@ -132,6 +132,14 @@ class ImportanceRegularizer(Method, ABC):
             self._start(self.params)
         self._device = None
 
+    def penalty_curvature(self) -> float | None:
+        """``w sum I (θ - θ*)²`` is a quadratic whose curvature along a weight is ``2 w I``:
+        its largest is ``2 w max I`` (``2 w`` for a normalised importance, ``4 w`` for RW's
+        sum of two). None before there is an importance (step 0)."""
+        if not self.importance or not self.reg_weight:
+            return None
+        return 2.0 * self.reg_weight * max(float(t.max()) for t in self.importance.values())
+
     def _on_device(self, device: torch.device) -> None:
         """The accumulators follow the model (built on the CPU, trained where Lightning puts
         it; a resumed state arrives on the CPU)."""

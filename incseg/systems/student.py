@@ -13,11 +13,12 @@ import logging
 import torch
 from torch import Tensor
 
-from incseg.errors import CheckpointError
+from incseg.errors import CheckpointError, ConfigError
 from incseg.methods.base import Batch, Method, StepContext
 from incseg.models.base import SegmentationModel
 from incseg.models.norm import freeze
 from incseg.replay.term import ReplayTerm
+from incseg.stability import sgd_stability_bound
 from incseg.systems.base import Recipe, SegmentationSystem
 from incseg.tasks import Task
 
@@ -82,6 +83,7 @@ class StudentModule(SegmentationSystem):
         if self.global_step > 0:
             return  # resumed mid-step: the state travels with the epoch checkpoint
         self.method.on_step_start(self.model, self.old_model, self.trainer.train_dataloader)
+        self._check_penalty_curvature()
         rt = self.replay
         if rt is None or not rt.spec.check or rt.check_images is None or not len(rt.check_images):
             return
@@ -89,6 +91,26 @@ class StudentModule(SegmentationSystem):
         images = self._prepare(rt.check_images.to(self.device))
         self.replay_stability = rt.check_stability(self.model, self.old_model, images, r.lr,
                                                    r.momentum, r.nesterov, self.step)
+
+    def _check_penalty_curvature(self) -> None:
+        """A weight penalty sharper than SGD at this lr can follow makes the weights oscillate
+        with a growing amplitude until they are non-finite (EWC at MiB's weight 500 with the
+        5x higher lr of a CPU recipe): refused before the first iteration, with the fix."""
+        lam = self.method.penalty_curvature()
+        if lam is None:
+            return
+        r = self.recipe
+        bound = sgd_stability_bound(r.lr, r.momentum, r.nesterov)
+        if lam > bound:
+            name = type(self.method).__name__
+            scale = bound / lam
+            raise ConfigError(
+                f"method {name}: the weight penalty's largest curvature {lam:g} (2 x "
+                f"reg_weight x the largest normalised importance) is above {bound:.0f}, the "
+                f"most SGD with lr {r.lr:g} and {'Nesterov ' if r.nesterov else ''}momentum "
+                f"{r.momentum:g} can follow: step {self.step} would diverge; use "
+                f"method.reg_weight <= {self.method.reg_weight * scale:.3g} or an incremental "
+                f"lr <= {r.lr * scale:.3g} (MiB's recipe: weight 500 at lr 0.001)")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.method.on_before_optimizer_step(self.model)
