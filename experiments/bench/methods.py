@@ -54,7 +54,11 @@ def config(entry: str, args, cache: Path):
     method, memory = (entry[:-2], True) if entry.endswith("-M") else (entry, False)
     over = [f"method={method}", f"task={args.task}", "logger=none", "trainer.progress_bar=false",
             "data.num_workers=0", f"paths.cache_dir={cache}", f"train.epochs={args.step0_epochs}",
-            f"seed={args.seed}"]
+            f"seed={args.seed}",
+            # MiB's incremental lr: EWC / PI / RW at MiB's weights are stable at it (at the
+            # shapes recipe's 0.005 their penalty is refused); an iteration's time does not
+            # depend on the lr
+            "train.lr_incremental=0.001"]
     if memory:
         over.append(f"memory.size={args.memory}")
     return compose([*(TINY if args.tiny else ()), *over])
