@@ -132,13 +132,17 @@ def precheck(argv: list[str]) -> None:
         cfg = compose(argv, return_hydra_config=True)
     except ConfigError as err:
         raise _missing_plugin(err) from None
-    validate(cfg)
+    # a sweep (hydra.mode: MULTIRUN in an experiment) is validated job by job in _main: its
+    # base config alone can be invalid where every job is fine (inversion.student_model set in
+    # the experiment, inversion.competition=true among the swept values)
+    multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
+    if not multirun:
+        validate(cfg)
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
-        # a sweep (hydra.mode: MULTIRUN in an experiment) writes below its sweep dir; proving
-        # the single-run dir writable would create an empty stray folder there
-        multirun = str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        # a sweep writes below its sweep dir; proving the single-run dir writable would create
+        # an empty stray folder there
         run_dir = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     except OmegaConfBaseException:  # e.g. ${hydra:...} that only a running job resolves
         return

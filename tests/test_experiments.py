@@ -157,3 +157,17 @@ def test_methods_sweeps_cover_the_table():
     assert len(runs("cpu/methods_10-1")) == 9
     assert {o for job in runs("cpu/methods_10-1_others") for o in job
             if o.startswith("seed=")} == {"seed=0"}
+
+
+@pytest.mark.parametrize("name", ["cpu/table3_competition", "cpu/table3_competition_15-5s"])
+def test_a_sweep_whose_base_config_needs_its_swept_values_starts(name, tmp_path, monkeypatch):
+    """``python -m incseg.run experiment=...`` (no -m: the experiment sets MULTIRUN) checks
+    every job, not the base config: competition=true is a swept value that the experiment's
+    inversion.student_model needs, and the base config alone would be refused."""
+    from incseg.run import precheck
+
+    monkeypatch.chdir(tmp_path)
+    precheck([f"experiment={name}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert (tmp_path / "runs" / "cpu" / "table3").is_dir()
+    with pytest.raises(Exception, match="only used with competition=true"):
+        precheck([f"experiment={name}", "hydra.mode=RUN", f"paths.cache_dir={tmp_path / 'c'}"])
