@@ -33,6 +33,7 @@ def bench_modules():
         sys.path.remove(str(BENCH))
 
 
+@pytest.mark.slow  # whole-script runs of minutes on 2 cores: `make slow`
 def test_tiny_run_writes_every_ratio_and_the_machine_block(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}

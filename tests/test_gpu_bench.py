@@ -35,6 +35,7 @@ def finite(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # whole-script runs of minutes on 2 cores: `make slow`
 def test_tiny_gpu_check_runs_on_the_cpu_and_writes_every_figure(tmp_path):
     proc = script("gpu.py", "--tiny", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,6 +103,7 @@ def test_paper_workload_hours_by_hand():
                      "paper_loop_gpu_hours": pytest.approx(250 / 3)}
 
 
+@pytest.mark.slow  # whole-script runs of minutes on 2 cores: `make slow`
 def test_tiny_model_timing_writes_counts_and_ratios(tmp_path):
     out = tmp_path / "models.json"
     proc = script("models.py", "--tiny", "--models", "bisenet_r18,deeplabv3_r50", "--out",

@@ -18,6 +18,7 @@ def cfg(cache, *extra):
     return compose([*TINY, f"paths.cache_dir={cache}", *extra])
 
 
+@pytest.mark.slow  # whole-script runs of minutes on 2 cores: `make slow`
 def test_replay_at_every_step_of_15_5s_and_cache_reuse(tmp_path, caplog):
     caplog.set_level("INFO")
     cache = tmp_path / "cache"
