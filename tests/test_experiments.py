@@ -148,15 +148,35 @@ def test_methods_sweeps_cover_the_table():
     seeds3 = {f"seed={s}" for s in range(3)}
     main = runs("cpu/methods")
     assert {o for job in main for o in job if o.startswith("method=")} == {
-        f"method={m}" for m in ("ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop",
-                                "dkd", "joint")}
+        f"method={m}" for m in ("ft", "lwf", "lwf_mc", "ilt", "mib", "plop", "dkd", "joint")}
     assert {o for job in main for o in job if o.startswith("seed=")} == seeds3
+    regs = runs("cpu/methods_regularizers")
+    assert {o for job in regs for o in job if o.startswith("method=")} == {
+        "method=ewc", "method=pi", "method=rw"}
+    assert {o for job in regs for o in job if o.startswith("seed=")} == seeds3
     for name in ("cpu/methods_memory", "cpu/methods_10-1_memory"):
         assert all("memory.size=100" in job for job in runs(name))
         assert len(runs(name)) == 9
     assert len(runs("cpu/methods_10-1")) == 9
-    assert {o for job in runs("cpu/methods_10-1_others") for o in job
-            if o.startswith("seed=")} == {"seed=0"}
+    for name in ("cpu/methods_10-1_others", "cpu/methods_10-1_regularizers"):
+        assert {o for job in runs(name) for o in job if o.startswith("seed=")} == {"seed=0"}
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_SWEEPS if "regularizers" in n])
+def test_regularizer_sweeps_train_at_an_lr_their_weights_can_follow(name):
+    """EWC / PI / RW at MiB's weights: the penalty's largest curvature (2 w, 4 w for RW's two
+    normalised importances) below the bound of the sweep's SGD, so no job is refused at its
+    first incremental step as they would be at the shapes recipe's lr."""
+    from incseg.protocol.trainer import recipe
+    from incseg.stability import sgd_stability_bound
+
+    for overrides in _jobs(name):
+        cfg = compose([f"experiment={name}", *overrides])
+        r = recipe(cfg, 1)
+        worst = 2 * cfg.method.reg_weight * (2 if cfg.method.name == "rw" else 1)
+        assert worst <= sgd_stability_bound(r.lr, r.momentum, r.nesterov), overrides
+        shapes = recipe(compose([f"method={cfg.method.name}"]), 1)
+        assert worst > sgd_stability_bound(shapes.lr, shapes.momentum, shapes.nesterov)
 
 
 @pytest.mark.parametrize("name", ["cpu/table3_competition", "cpu/table3_competition_15-5s"])
