@@ -199,7 +199,7 @@ def _plop_batch():
 
 
 def test_plop_thresholds_from_a_pass_over_the_step_data():
-    plop = PLOP(bins=2, threshold=0.001)
+    plop = PLOP(bins=2, threshold=0.001, median="histogram", entropy="normalized")
     plop.setup(_ctx(old=LogitsAsImages()))
     old, labels = _plop_batch()
     plop.on_step_start(None, plop.ctx.old_model, [(old, labels)])
@@ -211,8 +211,24 @@ def test_plop_thresholds_from_a_pass_over_the_step_data():
     assert torch.equal(restored.thresholds, plop.thresholds)
 
 
+def test_plop_defaults_to_the_published_codes_arithmetic():
+    """The config and the class default to the reference's uncertainty scale and median loop,
+    with which its results were made. On the same batch its uncertainties are H / (C_o log C_o
+    log C) = H / (2 ln 2 ln 3) and all four background pixels fall in bin 0 of 2, so the loop's
+    median is the bin's middle, 1/4 (the true median of H / log C_o above is 1/3)."""
+    from incseg.config import compose
+
+    assert (compose(["method=plop"]).method.median,
+            compose(["method=plop"]).method.entropy) == ("reference", "reference")
+    plop = PLOP(bins=2, threshold=0.001)
+    plop.setup(_ctx(old=LogitsAsImages()))
+    old, labels = _plop_batch()
+    plop.on_step_start(None, plop.ctx.old_model, [(old, labels)])
+    assert plop.thresholds.tolist() == pytest.approx([1 / 4, 0.001])
+
+
 def test_plop_terms_pseudo_labelled_adaptive_ce_on_every_head():
-    plop = PLOP(bins=2)
+    plop = PLOP(bins=2, median="histogram", entropy="normalized")
     plop.setup(_ctx(old=LogitsAsImages()))
     old, labels = _plop_batch()
     plop.on_step_start(None, plop.ctx.old_model, [(old, labels)])
