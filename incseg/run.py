@@ -132,12 +132,11 @@ def precheck(argv: list[str]) -> None:
         cfg = compose(argv, return_hydra_config=True)
     except ConfigError as err:
         raise _missing_plugin(err) from None
-    # a sweep (hydra.mode: MULTIRUN in an experiment) is validated job by job in _main: its
-    # base config alone can be invalid where every job is fine (inversion.student_model set in
-    # the experiment, inversion.competition=true among the swept values)
+    # a sweep (hydra.mode: MULTIRUN in an experiment) is checked on its first job: its base
+    # config alone can be invalid where every job is fine (inversion.student_model set in the
+    # experiment, inversion.competition=true among the swept values); _main validates each job
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
-    if not multirun:
-        validate(cfg)
+    validate(_first_job(argv, cfg) if multirun else cfg)
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
@@ -148,6 +147,17 @@ def precheck(argv: list[str]) -> None:
         return
     ensure_writable_dir(run_dir, "sweep directory" if multirun else "run directory",
                         RUN_DIR_FIX)
+
+
+def _first_job(argv: list[str], cfg: DictConfig) -> DictConfig:
+    """The config of a sweep's first job: each swept key at the first of its comma-separated
+    values (the basic sweeper's order); a key the command line sets, or a value in the sweeper's
+    own syntax (range(...), interval(...)), keeps the base config's value."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    extra = [f"{k}={str(v).split(',')[0]}" for k, v in (params or {}).items()
+             if k not in given and "(" not in str(v)]
+    return compose([*argv, *extra], return_hydra_config=True) if extra else cfg
 
 
 def _missing_plugin(err: ConfigError) -> ConfigError:
