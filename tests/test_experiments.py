@@ -181,8 +181,8 @@ def test_regularizer_sweeps_train_at_an_lr_their_weights_can_follow(name):
 
 @pytest.mark.parametrize("name", ["cpu/table3_competition", "cpu/table3_competition_15-5s"])
 def test_a_sweep_whose_base_config_needs_its_swept_values_starts(name, tmp_path, monkeypatch):
-    """``python -m incseg.run experiment=...`` (no -m: the experiment sets MULTIRUN) checks
-    every job, not the base config: competition=true is a swept value that the experiment's
+    """``python -m incseg.run experiment=...`` (no -m: the experiment sets MULTIRUN) checks its
+    first job, not the base config: competition=true is a swept value that the experiment's
     inversion.student_model needs, and the base config alone would be refused."""
     from incseg.run import precheck
 

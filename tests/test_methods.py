@@ -218,8 +218,8 @@ def test_plop_defaults_to_the_published_codes_arithmetic():
     median is the bin's middle, 1/4 (the true median of H / log C_o above is 1/3)."""
     from incseg.config import compose
 
-    assert (compose(["method=plop"]).method.median,
-            compose(["method=plop"]).method.entropy) == ("reference", "reference")
+    method = compose(["method=plop"]).method
+    assert (method.median, method.entropy) == ("reference", "reference")
     plop = PLOP(bins=2, threshold=0.001)
     plop.setup(_ctx(old=LogitsAsImages()))
     old, labels = _plop_batch()
