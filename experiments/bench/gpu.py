@@ -1,6 +1,6 @@
 """The GPU check: training and evaluation speed, memory and the generator's cost on one GPU.
 
-    python experiments/bench/gpu.py --out DIR        # about 10 minutes on one GPU
+    python experiments/bench/gpu.py --out DIR        # about 2 minutes on an H200
     python experiments/bench/gpu.py --tiny --out DIR # seconds on the CPU: the script itself
 
 What it measures, each in one process, medians over repeats:
@@ -20,7 +20,8 @@ What it measures, each in one process, medians over repeats:
    paper's workload (15 classes x 32 images x 20k iterations).
 
 Progress lines go to stderr, a table to stdout, every figure to ``DIR/gpu_bench.json``
-(``{"machine", "results"}``, written atomically). Without a GPU it says so in one line (exit
+(``{"machine", "results"}``, written atomically after each part, the generator's first, so a
+run cut off by a time limit keeps what it finished). Without a GPU it says so in one line (exit
 status 2) unless ``--tiny`` is given; ``--tiny`` runs every part on the CPU at 32 px, batch 2,
 two iterations, BiSeNet-R18 and DeepLabV3-R50, in the precisions a CPU runs (fp32,
 bf16-mixed); its hours are this CPU's at those sizes, meaningless beyond checking the
@@ -418,14 +419,23 @@ def run(sizes: Sizes, out: Path) -> dict:
     info = machine(sizes)
     say(f"{sizes.name}: {info.get('gpu', info['cpu'])}")
     start = time.perf_counter()
-    results = {"train": bench_models(sizes)}
-    with tempfile.TemporaryDirectory(prefix="incseg-gpu-bench-") as work:
-        results["mib"] = bench_mib(sizes, Path(work))
-    results["inversion"] = bench_inversion(sizes)
-    results["run"] = {"variant": sizes.name, "sizes": dataclasses.asdict(sizes),
-                      "wall_s": time.perf_counter() - start}
+    results: dict = {}
     doc = {"machine": info, "results": results}
-    atomic_write_json(out / "gpu_bench.json", doc)
+
+    def part(name, fn):
+        # each part is written as soon as it is measured: a device lease that ends mid-run (a
+        # per-call time limit) still leaves the finished parts in gpu_bench.json
+        results[name] = fn()
+        results["run"] = {"variant": sizes.name, "sizes": dataclasses.asdict(sizes),
+                          "parts": [k for k in results if k != "run"],
+                          "wall_s": time.perf_counter() - start}
+        atomic_write_json(out / "gpu_bench.json", doc)
+
+    # the generator's cost first: the figure the paper's GPU-hours are compared with
+    part("inversion", lambda: bench_inversion(sizes))
+    with tempfile.TemporaryDirectory(prefix="incseg-gpu-bench-") as work:
+        part("mib", lambda: bench_mib(sizes, Path(work)))
+    part("train", lambda: bench_models(sizes))
     print(table(results))
     say(f"done in {results['run']['wall_s']:.0f} s: {out / 'gpu_bench.json'}")
     return doc
