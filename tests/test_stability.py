@@ -80,7 +80,8 @@ def test_top_hessian_eigenvalue_of_least_squares_and_unused_parameters():
     assert top_hessian_eigenvalue(lambda: (unused * 0).sum().detach(), [unused]) == 0.0
 
 
-def _student(weight: float, lr: float = 0.005, loss: str = "mse") -> StudentModule:
+def _student(weight: float, lr: float = 0.005, loss: str = "mse",
+             label_weight: float = 0.0) -> StudentModule:
     torch.manual_seed(0)
     task = get_task("voc", "15-5")
     old = build_model("bisenet_r18", [16])
@@ -92,7 +93,8 @@ def _student(weight: float, lr: float = 0.005, loss: str = "mse") -> StudentModu
     new.load_state_dict(old.state_dict())
     new.add_step(5, init_balanced=True)
     return StudentModule(new, old, task, 1, Recipe(lr=lr), MiB(kd_weight=10),
-                         ReplayTerm(ReplaySpec(loss=loss, weight=weight, check=8)))
+                         ReplayTerm(ReplaySpec(loss=loss, weight=weight, check=8,
+                                               label_weight=label_weight)))
 
 
 def _check(student: StudentModule, images: torch.Tensor) -> dict:
@@ -129,6 +131,25 @@ def test_student_check_warns_above_the_bound_only(caplog):
         _check(_student(1.0, lr=lr_over), images)
     assert "likely to diverge" in caplog.text
     assert "replay.weight below 0.25" in caplog.text  # w * bound / lambda = 1 / 4
+    assert "or replay.loss=kl" in caplog.text  # an MSE run is pointed to KL
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 2.0])
+def test_student_check_advice_fits_the_term(caplog, label_weight):
+    """A KL run is not told to use KL; with the teacher-label CE on, both weights scale (the
+    curvature of w * KL + l * CE is linear in (w, l), and replay.weight alone leaves the CE)."""
+    images = torch.randn(4, 3, 32, 32)
+    probe = _check(_student(1.0, loss="kl", label_weight=label_weight), images)["sharpness"]
+    lr_over = sgd_stability_bound(1.0, 0.9, True) / (probe / 4)
+    with caplog.at_level(logging.WARNING, logger="incseg.replay.term"):
+        _check(_student(1.0, lr=lr_over, loss="kl", label_weight=label_weight), images)
+    assert "likely to diverge" in caplog.text
+    assert "replay.loss=kl" not in caplog.text
+    if label_weight:
+        assert "1 * kl + 2 * teacher-label CE" in caplog.text
+        assert "replay.weight and replay.label_weight by 0.25 (to 0.25 and 0.5)" in caplog.text
+    else:
+        assert "use replay.weight below 0.25" in caplog.text
 
 
 def test_replay_images_the_diverged_student_cannot_score_are_reported(caplog):

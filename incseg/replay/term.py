@@ -176,10 +176,21 @@ class ReplayTerm:
                 for k, v in model.named_buffers():
                     v.copy_(buffers[k])
         if lam > bound:
+            # the curvature is linear in the weights: scaling every weight of the term by
+            # bound / lam brings it to the bound (the label CE is not scaled by replay.weight)
+            fit = bound / lam
+            term = f"{s.weight:g} * {s.loss}"
+            if s.label_weight:
+                term += f" + {s.label_weight:g} * teacher-label CE"
+                fix = (f"scale replay.weight and replay.label_weight by {fit:.2g} "
+                       f"(to {s.weight * fit:.2g} and {s.label_weight * fit:.2g})")
+            else:
+                fix = f"use replay.weight below {s.weight * fit:.2g}"
+            if s.loss != "kl":  # advising KL to a KL run would send the user in a circle
+                fix += " or replay.loss=kl"
             log.warning(
-                "step %d replay: the largest curvature of %g * %s (%.0f) is above %.0f, the "
-                "most that SGD with lr %g and %smomentum %g can follow: training is likely to "
-                "diverge; use replay.weight below %.2g or replay.loss=kl", step, s.weight,
-                s.loss, lam, bound, lr, "Nesterov " if nesterov else "", momentum,
-                s.weight * bound / lam)
+                "step %d replay: the largest curvature of %s (%.0f) is above %.0f, the most "
+                "that SGD with lr %g and %smomentum %g can follow: training is likely to "
+                "diverge; %s", step, term, lam, bound, lr, "Nesterov " if nesterov else "",
+                momentum, fix)
         return {"sharpness": round(lam, 4), "stability_bound": round(bound, 4)}
