@@ -17,6 +17,7 @@ distance between the verifier's pooled, unit-length decoder features of the clas
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,12 +26,22 @@ import torch
 
 from incseg.io import atomic_write_json
 from incseg.replay import ReplayDataset
+from incseg.replay.settings import InversionSettings
 from incseg.replay.verdicts import class_diversity, pooled_features, verifier_predictions
 from incseg.viz import load_segmenter
 
 
-def measure(set_dir: Path, verifier, channel_of_class: dict[int, int], lse_r: float) -> dict:
+def set_lse_r(set_dir: Path) -> float:
+    """The pooling sharpness the set was generated and verified with (its manifest's settings),
+    so this script's verifier accuracy is the one the protocol logged for the set."""
+    manifest = json.loads((set_dir / "manifest.json").read_text())
+    return InversionSettings.from_dict(manifest["settings"]).lse_r
+
+
+def measure(set_dir: Path, verifier, channel_of_class: dict[int, int],
+            lse_r: float | None) -> dict:
     ds = ReplayDataset(set_dir)
+    lse_r = set_lse_r(set_dir) if lse_r is None else lse_r
     images = torch.stack([ds[i] for i in range(len(ds))])
     classes = ds.replay_set.class_ids
     missing = sorted(set(classes) - set(channel_of_class))
@@ -52,9 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("sets", nargs="+", type=Path)
     p.add_argument("--verifier", type=Path, required=True)
     p.add_argument("--names", nargs="+", default=None)
-    p.add_argument("--lse-r", type=float, default=5.0,
-                   help="LSE-LBA pooling sharpness for the image-level verdict (the "
-                        "inversion presets' lse_r)")
+    p.add_argument("--lse-r", type=float, default=None,
+                   help="LSE-LBA pooling sharpness for the image-level verdict (default: each "
+                        "set's own, lse_r0 + exp(lse_beta) of its manifest)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     names = args.names or [s.name for s in args.sets]
