@@ -144,6 +144,10 @@ def test_ddp_smoke_protocol_with_replay_rank0_writes_everything(tmp_path):
     # smoke: 15 old classes x 2 images in batches of 16: batch 0 on rank 0, batch 1 on rank 1
     assert proc.stderr.count("generating batch 1/2") == proc.stderr.count("generating batch 2/2")
     assert proc.stderr.count("waiting for rank 0") == 1  # rank 1, for the manifest
+    # the ranks share one log stream: each line says which rank made the batch
+    assert proc.stderr.count("generating batch 1/2 on rank 0 of 2") == 1
+    assert proc.stderr.count("generating batch 2/2 on rank 1 of 2") == 1
+    assert proc.stderr.count("waiting for rank 0 to write it on rank 1 of 2") == 1
     lines = [ln.split(" ", 1) for ln in writes.read_text().splitlines()]
     assert {rank for rank, _ in lines} == {"0", "1"}
     assert [os.path.basename(p) for rank, p in lines if rank == "1"] == ["batch_1.json"]

@@ -142,10 +142,12 @@ def ensure_replay_set(
                progress and rank == 0, device, trainer)
     manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
     if manifest is None and fill and rank > 0:
-        _make_batches(job, shard_batches(len(plan), rank, world_size), final)
+        _make_batches(job, shard_batches(len(plan), rank, world_size), final,
+                      _on_rank(rank, world_size))
     if manifest is None and (not fill or rank > 0):
         # rank 0 finishes the entry; polled, not a collective (no barrier timeout)
-        log.info("replay set %s: waiting for rank 0 to write it", key)
+        log.info("replay set %s: waiting for rank 0 to write it%s", key,
+                 _on_rank(rank, world_size))
         while manifest is None:
             time.sleep(POLL_S)
             if (final / "manifest.json").is_file():
@@ -155,7 +157,8 @@ def ensure_replay_set(
             manifest = verify_entry(final, key, settings_dict, n_total)
             if manifest is None:
                 discard(final)
-                markers = _make_batches(job, shard_batches(len(plan), 0, world_size), final)
+                markers = _make_batches(job, shard_batches(len(plan), 0, world_size), final,
+                                        _on_rank(0, world_size))
                 markers.update(_collect(job, [k for k in range(len(plan)) if k not in markers]))
                 manifest = _write_manifest(job, final, settings_dict,
                                            [markers[k] for k in range(len(plan))])
@@ -246,7 +249,14 @@ class _Job(NamedTuple):
         return sum(len(b) for b in self.plan[:k])
 
 
-def _make_batches(job: _Job, batches: Sequence[int], final: Path) -> dict[int, dict[str, Any]]:
+def _on_rank(rank: int, world_size: int) -> str:
+    """' on rank r of N' under DDP: the ranks log to one stream, and the lines must say which
+    rank made which batch. Empty for one process."""
+    return f" on rank {rank} of {world_size}" if world_size > 1 else ""
+
+
+def _make_batches(job: _Job, batches: Sequence[int], final: Path,
+                  where: str = "") -> dict[int, dict[str, Any]]:
     """Make (or find valid) the given batches in the partial folder; their markers by index.
     Stops early when the finished entry has appeared meanwhile (another job made it)."""
     (job.work / "images").mkdir(parents=True, exist_ok=True)
@@ -260,7 +270,8 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path) -> dict[int, d
             if (final / "manifest.json").is_file():
                 break
             (job.work / f"batch_{k}.json").unlink(missing_ok=True)  # never read while rewritten
-            log.info("replay set %s: generating batch %d/%d", job.key, k + 1, len(job.plan))
+            log.info("replay set %s: generating batch %d/%d%s", job.key, k + 1, len(job.plan),
+                     where)
             images, info = synthesise(job.teacher, job.targets, gen_settings,
                                       student=job.student, progress=job.progress,
                                       device=job.device, batches=[k], trainer=job.trainer)
