@@ -17,7 +17,6 @@ distance between the verifier's pooled, unit-length decoder features of the clas
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,17 +30,11 @@ from incseg.replay.verdicts import class_diversity, pooled_features, verifier_pr
 from incseg.viz import load_segmenter
 
 
-def set_lse_r(set_dir: Path) -> float:
-    """The pooling sharpness the set was generated and verified with (its manifest's settings),
-    so this script's verifier accuracy is the one the protocol logged for the set."""
-    manifest = json.loads((set_dir / "manifest.json").read_text())
-    return InversionSettings.from_dict(manifest["settings"]).lse_r
-
-
 def measure(set_dir: Path, verifier, channel_of_class: dict[int, int],
             lse_r: float | None) -> dict:
     ds = ReplayDataset(set_dir)
-    lse_r = set_lse_r(set_dir) if lse_r is None else lse_r
+    if lse_r is None:  # the sharpness the set was verified with, as the protocol logged it
+        lse_r = InversionSettings.from_dict(ds.replay_set.manifest["settings"]).lse_r
     images = torch.stack([ds[i] for i in range(len(ds))])
     classes = ds.replay_set.class_ids
     missing = sorted(set(classes) - set(channel_of_class))
