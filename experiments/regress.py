@@ -92,7 +92,7 @@ def run_case(name: str, overrides: list[str], work: Path, threads: int) -> dict:
 def record(names: list[str], threads: int, work: Path) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "incseg", "conf"],
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "incseg"],
                                 cwd=ROOT, capture_output=True, text=True).stdout.strip())
     out = {"cpu": cpu_name(), "threads": threads, "commit": commit, "dirty": dirty,
            "cases": {}}

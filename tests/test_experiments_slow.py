@@ -8,10 +8,11 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+
+from incseg.config import CONF_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ TINY = ["dataset.generator.size=32", "dataset.generator.n_train=160",
 
 def _label(method: str) -> str:
     """A method's row label in the report: its config's ``label``, else its name."""
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "method" / f"{method}.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
     return str(cfg.get("label") or method)
 
 

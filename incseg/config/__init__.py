@@ -18,7 +18,7 @@ from incseg.config.build import plain as _plain
 from incseg.errors import ConfigError
 from incseg.io import stable_hash
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 
