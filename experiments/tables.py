@@ -1,0 +1,284 @@
+"""The result tables of the READMEs, regenerated from the committed result files.
+
+    python experiments/tables.py            # rewrite every table block in place
+    python experiments/tables.py --check    # exit 1, naming each table that differs
+
+A table lives in a README between ``<!-- table:NAME -->`` and ``<!-- /table -->``; everything
+between the markers is this script's output, so a figure in a table is always the figure of a
+file under ``experiments/results/`` (torchvision's references keep "the exact command behind
+every number"; here the number itself is derived, never typed). The per-run figures come from
+a folder's ``runs.csv`` (what ``python -m incseg.report`` writes) or, for a folder that only
+holds run directories, from its ``results.json`` files read by the report's own discovery.
+Means and sample standard deviations are the report's (``incseg.report.tables.mean_std``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+#: the files whose table blocks this script owns
+READMES = (ROOT / "README.md", ROOT / "experiments" / "README.md")
+
+TABLE3 = "table3_amd-epyc_2026-12-01"     # MiB (cpu/table2 runs) and the cpu/table3* sweeps
+NEWCLASS = "table3_amd-epyc_2026-12-04"   # teacher-label CE, linear decay, competition
+METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s runs kept)
+
+BLOCK = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+@cache
+def runs_of(folder: str) -> tuple[dict[str, str], ...]:
+    """Every finished run of a result folder, one dict per run (the columns of ``runs.csv``)."""
+    path = RESULTS / folder
+    if (path / "runs.csv").is_file():
+        text = (path / "runs.csv").read_text()
+    else:  # run directories only: the report's discovery reads their results.json
+        from incseg.report.discovery import discover
+        from incseg.report.tables import runs_csv_text
+        runs, _missing = discover(path / "per_run")
+        text = runs_csv_text(runs, path / "per_run")
+    return tuple(csv.DictReader(io.StringIO(text)))
+
+
+def hiou(old: float, new: float) -> float:
+    """Harmonic mean of old and new mIoU (DKD, Baek et al., NeurIPS 2022); 0 when both are."""
+    return 0.0 if old + new == 0 else 2 * old * new / (old + new)
+
+
+def metric(run: dict[str, str], name: str) -> float:
+    # the 2026-12-01 runs.csv predates the report's hiou column: derive it from old and new
+    if name == "hiou" and not run.get("hiou"):
+        return hiou(float(run["old"]), float(run["new"]))
+    return float(run[name])
+
+
+@dataclass(frozen=True)
+class Sel:
+    """Which runs make a cell: a result folder, a task, and the report's row label (or a
+    piece of the run's path when the label is long, as for the per_run folders)."""
+    folder: str
+    task: str
+    row: str | None = None
+    path: str | None = None
+
+    def runs(self) -> list[dict[str, str]]:
+        out = [r for r in runs_of(self.folder) if r["task"] == self.task
+               and (self.row is None or r["row"] == self.row)
+               and (self.path is None or self.path in r["run"])]
+        return sorted(out, key=lambda r: int(r["seed"]))
+
+
+def cell(sel: Sel | None, name: str) -> str:
+    from incseg.report.tables import fmt_cell, mean_std
+    if sel is None:
+        return ""
+    runs = sel.runs()
+    if not runs:
+        raise SystemExit(f"error: no run in experiments/results/{sel.folder} matches {sel}")
+    mean, std, _n = mean_std(metric(r, name) for r in runs)
+    return fmt_cell(mean, std)
+
+
+def seeds(sel: Sel) -> str:
+    return ",".join(r["seed"] for r in sel.runs())
+
+
+def per_seed(sel: Sel) -> str:
+    """all-mIoU per seed, new-class mIoU in brackets; empty for a single seed."""
+    runs = sel.runs()
+    if len(runs) < 2:
+        return ""
+    return " / ".join(f"{float(r['all']):.3f} ({float(r['new']):.3f})" for r in runs)
+
+
+def markdown(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the tables ----------------------------------------------------------------------------
+
+def _two_tasks(rows: Sequence[tuple[str, Sel | None, Sel | None]]) -> str:
+    """old / new / all on 15-5 and on 15-5s, a row per method."""
+    body = [[label, *(cell(s, m) for s in (a, b) for m in ("old", "new", "all"))]
+            for label, a, b in rows]
+    return markdown(["method", "15-5 old", "15-5 new", "15-5 all", "15-5s old", "15-5s new",
+                     "15-5s all"], ["---"] + ["---:"] * 6, body)
+
+
+def _t3(row: str, task: str) -> Sel:
+    return Sel(TABLE3, task, row=row)
+
+
+def readme_replay() -> str:
+    """The README's one table: MiB against MiB + DeepInversion replay."""
+    return _two_tasks([
+        ("MiB", _t3("MiB", "15-5"), _t3("MiB", "15-5s")),
+        ("MiB + DI replay (mse, w = 0.1, default)", _t3("MiB + DI (mse) [weight=0.1]", "15-5"),
+         _t3("MiB + DI (mse) [weight=0.1]", "15-5s")),
+        ("MiB + DI replay (kl)", _t3("MiB + DI (kl) [weight=1.0]", "15-5"),
+         _t3("MiB + DI (kl)", "15-5s")),
+        ("MiB + DI replay (ukd)", _t3("MiB + DI (ukd)", "15-5"), _t3("MiB + DI (ukd)", "15-5s")),
+    ])
+
+
+def table3() -> str:
+    return _two_tasks([
+        ("MiB", _t3("MiB", "15-5"), _t3("MiB", "15-5s")),
+        ("MiB + DI (mse, w = 1, paper)", _t3("MiB + DI (mse) [weight=1.0]", "15-5"),
+         _t3("MiB + DI (mse) [weight=1.0]", "15-5s")),
+        ("MiB + DI (mse, w = 0.1, default)", _t3("MiB + DI (mse) [weight=0.1]", "15-5"),
+         _t3("MiB + DI (mse) [weight=0.1]", "15-5s")),
+        ("MiB + DI (kl)", _t3("MiB + DI (kl) [weight=1.0]", "15-5"),
+         _t3("MiB + DI (kl)", "15-5s")),
+        ("MiB + DI (ukd)", _t3("MiB + DI (ukd)", "15-5"), _t3("MiB + DI (ukd)", "15-5s")),
+        ("MiB + exemplars (mse, w = 1)", _t3("MiB + exemplars (mse)", "15-5"),
+         _t3("MiB + exemplars (mse) [weight=1.0]", "15-5s")),
+        ("MiB + exemplars (mse, w = 0.1)", None,
+         _t3("MiB + exemplars (mse) [weight=0.1]", "15-5s")),
+        ("MiB + noise (mse, w = 1)", _t3("MiB + noise (mse)", "15-5"),
+         _t3("MiB + noise (mse)", "15-5s")),
+    ])
+
+
+def table3_weight() -> str:
+    ws = ("0.1", "0.3", "1.0", "3.0")
+    body = [[f"DI ({loss})", *(cell(_t3(f"MiB + DI ({loss}) [weight={w}]", "15-5"), "all")
+                               for w in ws)] for loss in ("mse", "kl")]
+    return markdown(["15-5 all, w", "0.1", "0.3", "1", "3"], ["---"] + ["---:"] * 4, body)
+
+
+_SEEDS_HEADER = ["seeds", "old", "new", "all", "hIoU", "all per seed (new)"]
+
+
+def _seed_rows(first: str, rows: Sequence[tuple[str, Sel]]) -> str:
+    body = [[label, seeds(s), *(cell(s, m) for m in ("old", "new", "all", "hiou")), per_seed(s)]
+            for label, s in rows]
+    return markdown([first, *_SEEDS_HEADER], ["---"] + ["---:"] * 5 + ["---"], body)
+
+
+def _newclass(task: str) -> str:
+    kl = "MiB + DI (kl) [weight=1.0]" if task == "15-5" else "MiB + DI (kl)"
+    return _seed_rows(f"{task}: MiB ...", [
+        ("MiB", _t3("MiB", task)),
+        ("MiB + DI (kl)", _t3(kl, task)),
+        ("+ competition", Sel(NEWCLASS, task, path="bd90d9e1/")),
+        ("+ teacher-label CE", Sel(NEWCLASS, task, path="858680a0/")),
+        ("+ linear decay", Sel(NEWCLASS, task, path="e84b7f4f/")),
+    ])
+
+
+def methods_10_1() -> str:
+    rows = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "PI", "RW", "MiB", "MiB-M", "PLOP", "PLOP-M",
+            "DKD", "DKD-M", "Joint"]
+    return _seed_rows("10-1", [(r, Sel(METHODS, "10-1", row=r)) for r in rows])
+
+
+def methods_15_5s() -> str:
+    return _seed_rows("15-5s", [
+        ("PI (500 at lr 0.001)", Sel(METHODS, "15-5s", row="PI")),
+        ("RW (100 at lr 0.001)", Sel(METHODS, "15-5s", row="RW")),
+        ("MiB-M, `memory.mix=concat`", Sel(METHODS, "15-5s", row="MiB-M")),
+        ("PLOP-M, `memory.mix=concat`", Sel(METHODS, "15-5s", row="PLOP-M")),
+    ])
+
+
+def _bench(name: str) -> dict:
+    return json.loads((RESULTS / "bench" / name).read_text())
+
+
+def bench_methods() -> str:
+    res = _bench("methods_amd-epyc_1thread_15-5.json")["results"]
+    names = {"ft": "FT", "lwf": "LwF", "lwf_mc": "LwF-MC", "ilt": "ILT", "ewc": "EWC", "pi": "PI",
+             "rw": "RW", "mib": "MiB", "plop": "PLOP", "dkd": "DKD", "mib-M": "MiB-M",
+             "plop-M": "PLOP-M"}
+    body = [[names.get(k, k), f"{v['pass_s']:.1f}" if v["pass_s"] >= 0.05 else "0",
+             f"{v['iteration_s']:.3f}", f"{v['step_s']:.0f}", f"{v['step_vs_mib']:.2f}"]
+            for k, v in res.items()]
+    return markdown(["method", "pass before the step (s)", "iteration (s)", "step (s)",
+                     "step / MiB's"], ["---"] + ["---:"] * 4, body)
+
+
+def bench_models() -> str:
+    models = _bench("models_amd-epyc_1thread_64px.json")["models"]
+    names = {"bisenet_r18": "BiSeNet-R18", "bisenet_r50": "BiSeNet-R50",
+             "deeplabv3_r50": "DeepLabV3-R50"}
+    body = [[names.get(k, k), f"{m['parameters']:,}", f"{m['macs_at_512'] / 1e9:.1f}",
+             f"{m['step_s'] * 1e3:.0f} / {m['step_cpu_s'] * 1e3:.0f}",
+             f"{m['vs_bisenet_r18']['step_s']:.2f} / {m['vs_bisenet_r18']['step_cpu_s']:.2f}"]
+            for k, m in models.items()]
+    return markdown(["model", "parameters", "GMACs at 512 px", "step wall / CPU ms",
+                     "x BiSeNet-R18 (wall / CPU)"], ["---", "---:", "---:", "---:", "---:"], body)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "readme_replay": readme_replay,
+    "table3": table3,
+    "table3_weight": table3_weight,
+    "newclass_15-5": lambda: _newclass("15-5"),
+    "newclass_15-5s": lambda: _newclass("15-5s"),
+    "methods_10-1": methods_10_1,
+    "methods_15-5s": methods_15_5s,
+    "bench_methods": bench_methods,
+    "bench_models": bench_models,
+}
+
+
+def fill(text: str) -> str:
+    """``text`` with every table block replaced by the table the files give."""
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"error: unknown table '{name}'; known: {', '.join(TABLES)}")
+        return m.group(1) + TABLES[name]() + m.group(4)
+    return BLOCK.sub(one, text)
+
+
+def stale(text: str) -> list[str]:
+    """The names of the table blocks of ``text`` that differ from what the files give."""
+    return [m.group(2) for m in BLOCK.finditer(text) if fill(m.group(0)) != m.group(0)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Regenerate the README tables from "
+                                 "experiments/results/ (or --check that they match).")
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    args = ap.parse_args(argv)
+    bad = 0
+    for path in READMES:
+        text = path.read_text()
+        if args.check:
+            for name in stale(text):
+                print(f"{path.relative_to(ROOT)}: table '{name}' differs from the result files; "
+                      "run: python experiments/tables.py")
+                bad += 1
+        elif (new := fill(text)) != text:
+            _write_atomic(path, new)
+            print(f"rewrote the tables of {path.relative_to(ROOT)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The READMEs' result tables are the result files' figures (experiments/tables.py).
+
+A table between ``<!-- table:NAME -->`` markers must equal what the script derives from
+``experiments/results/``; a figure typed into one, or a result file changed without
+regenerating, fails here.
+"""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "experiments" / "tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tables"] = mod  # its dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tables = _tables()
+
+
+@pytest.mark.parametrize("readme", ["README.md", "experiments/README.md"])
+def test_every_readme_table_equals_the_result_files(readme):
+    text = (ROOT / readme).read_text()
+    assert tables.BLOCK.search(text), f"{readme} has no generated table"
+    assert tables.stale(text) == []
+
+
+def test_every_table_is_used_once():
+    text = "".join((ROOT / p).read_text() for p in ("README.md", "experiments/README.md"))
+    names = [m.group(2) for m in tables.BLOCK.finditer(text)]
+    assert sorted(names) == sorted(tables.TABLES)
+
+
+def test_a_changed_figure_fails(tmp_path):
+    """Edit one figure of a copy of the README table: the check names that table."""
+    text = (ROOT / "README.md").read_text()
+    block = tables.BLOCK.search(text).group(0)
+    assert "0.526 ± 0.009" in block  # MiB + DI (kl), 15-5s all: the 3-seed mean of runs.csv
+    changed = text.replace(block, block.replace("0.526 ± 0.009", "0.536 ± 0.009"))
+    copy = tmp_path / "README.md"
+    copy.write_text(changed)
+    assert tables.stale(copy.read_text()) == ["readme_replay"]
+    assert tables.fill(copy.read_text()) == text  # regenerating restores the file's figure
+
+
+def test_a_cell_is_the_mean_and_sample_std_of_its_runs():
+    # MiB + DI (kl) on 15-5s, all-mIoU of seeds 0 / 1 / 2 in runs.csv: 0.517972, 0.536122,
+    # 0.525112; by hand: mean 0.526402, deviations -0.008430 / 0.009720 / -0.001290, sample
+    # variance (7.107e-5 + 9.448e-5 + 0.166e-5) / 2 = 8.36e-5, std 0.00914
+    sel = tables.Sel(tables.TABLE3, "15-5s", row="MiB + DI (kl)")
+    assert [r["seed"] for r in sel.runs()] == ["0", "1", "2"]
+    assert tables.cell(sel, "all") == "0.526 ± 0.009"
+    assert tables.seeds(sel) == "0,1,2"
+
+
+def test_hiou_is_the_harmonic_mean_of_old_and_new():
+    assert tables.hiou(0.6, 0.3) == pytest.approx(2 * 0.6 * 0.3 / 0.9)  # 0.4
+    assert tables.hiou(0.0, 0.0) == 0.0
+    # a runs.csv without a hiou column: derived per run from old and new
+    assert tables.metric({"old": "0.5", "new": "0.25", "hiou": ""}, "hiou") == pytest.approx(1 / 3)
+
+
+def test_an_unknown_table_name_is_one_line():
+    with pytest.raises(SystemExit, match=r"unknown table 'nope'"):
+        tables.fill("<!-- table:nope -->\n<!-- /table -->")
+
+
+def test_check_mode_exits_1_on_a_stale_table(tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- table:table3_weight -->\n| stale |\n<!-- /table -->\n")
+    monkeypatch.setattr(tables, "READMES", (readme,))
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    assert tables.main(["--check"]) == 1
+    assert "table 'table3_weight' differs" in capsys.readouterr().out
+    assert tables.main([]) == 0 and re.search(r"DI \(kl\) \| 0\.569", readme.read_text())
+    assert tables.main(["--check"]) == 0
