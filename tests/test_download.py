@@ -282,3 +282,107 @@ def test_the_shipped_table_holds_the_published_checksums():
         "ADEChallengeData2016.zip": ("sha1", "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7",
                                      "ADEChallengeData2016"),
     }
+
+
+# ---- ImageNet weights: torchvision's file into the torch hub cache -----------------------------
+
+@pytest.fixture
+def weights_site(tmp_path, monkeypatch):
+    """torchvision's resnet18 file layout (fc included), served from 127.0.0.1 under a name that
+    carries its sha256 prefix as torchvision's do, with the weights enum's URL pointed there."""
+    import dataclasses
+    import types
+
+    import torch
+    import torchvision
+
+    from incseg.models import backbones
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    server = FileServer({f"/models/{name}": data}).start()
+    spec = backbones.RESNETS["resnet18"]
+    url = f"{server.base}/models/{name}"
+    monkeypatch.setitem(backbones.RESNETS, "resnet18",
+                        dataclasses.replace(spec, weights=types.SimpleNamespace(url=url)))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("INCSEG_OFFLINE", raising=False)
+    yield types.SimpleNamespace(server=server, state=state, name=name, url=url,
+                                hub=tmp_path / "torch" / "hub" / "checkpoints")
+    server.stop()
+
+
+def test_imagenet_weights_are_downloaded_hash_checked_then_read_offline(weights_site,
+                                                                         monkeypatch):
+    import torch
+
+    from incseg.config import compose, validate
+    from incseg.models import build_model
+
+    # the config check, before anything runs, fetches the file into the hub cache
+    validate(compose(["model=bisenet_r18", "model.pretrained=imagenet"]))
+    path = weights_site.hub / weights_site.name
+    assert path.is_file() and [r.status for r in weights_site.server.log] == [200]
+    assert not [p for p in weights_site.hub.iterdir() if p != path]  # no .partial left
+    # present: read from the cache, offline, with no second request
+    weights_site.server.stop()
+    monkeypatch.setenv("INCSEG_OFFLINE", "1")
+    model = build_model("bisenet_r18", [21], pretrained="imagenet")
+    torch.testing.assert_close(model.backbone.layer4[1].conv2.weight,
+                               weights_site.state["layer4.1.conv2.weight"])
+    assert len(weights_site.server.log) == 1
+
+
+def test_imagenet_weights_that_do_not_match_their_hash_are_not_kept(weights_site, monkeypatch):
+    import dataclasses
+    import types
+
+    from incseg.errors import ConfigError
+    from incseg.models import backbones
+
+    data = weights_site.server.files.pop(f"/models/{weights_site.name}")
+    url = f"{weights_site.server.base}/models/resnet18-00000000.pth"
+    weights_site.server.files["/models/resnet18-00000000.pth"] = data
+    spec = backbones.RESNETS["resnet18"]
+    monkeypatch.setitem(backbones.RESNETS, "resnet18",
+                        dataclasses.replace(spec, weights=types.SimpleNamespace(url=url)))
+    with pytest.raises(ConfigError) as e:
+        backbones.pretrained_file("resnet18", "imagenet")
+    got = hashlib.sha256(data).hexdigest()
+    assert str(e.value) == (
+        f"model.pretrained=imagenet: the file downloaded from {url} does not match the sha256 "
+        f'prefix in its name (invalid hash value (expected "00000000", got "{got}")) and was '
+        f"not kept; rerun to download it again, or place resnet18-00000000.pth (from {url}) in "
+        f"{weights_site.hub}/, or set model.pretrained=null (or none) to train from scratch")
+    assert list(weights_site.hub.iterdir()) == []
+
+
+def test_imagenet_weights_offline_and_missing_is_one_line(weights_site, monkeypatch, capsys):
+    import dataclasses
+    import types
+
+    from incseg.models import backbones
+    from incseg.run import main as run_main
+
+    url = f"http://127.0.0.1:{closed_port()}/models/{weights_site.name}"
+    spec = backbones.RESNETS["resnet18"]
+    monkeypatch.setitem(backbones.RESNETS, "resnet18",
+                        dataclasses.replace(spec, weights=types.SimpleNamespace(url=url)))
+    tmp = weights_site.hub.parents[2]  # the test's tmp_path
+    monkeypatch.setattr("sys.argv", ["incseg.run", "experiment=smoke", "model.pretrained=imagenet",
+                                     f"paths.runs_dir={tmp / 'runs'}",
+                                     f"paths.cache_dir={tmp / 'cache'}"])
+    with pytest.raises(SystemExit) as exc:
+        run_main()
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        "error: model.pretrained=imagenet: the ImageNet weights of resnet18 are not in the torch "
+        f"hub cache ({weights_site.hub / weights_site.name} is missing) and cannot be downloaded "
+        f"([Errno 111] Connection refused); place {weights_site.name} (from {url}) in "
+        f"{weights_site.hub}/, or set model.pretrained=null (or none) to train from scratch")
+    assert not (tmp / "runs").exists()
