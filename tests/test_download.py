@@ -233,6 +233,51 @@ def test_a_full_disk_is_refused_before_the_first_byte(site, tmp_path, capsys, mo
     assert site.server.log == [] and not (root / "downloads").exists()
 
 
+def test_a_disk_filling_up_during_the_download_or_the_unpacking(site, tmp_path, capsys,
+                                                                 monkeypatch):
+    import errno
+
+    from incseg.data import download as dl
+
+    root, name = tmp_path / "data", "ADEChallengeData2016.zip"
+    real_open = open
+
+    class Full:  # a file whose disk fills up after the first 100 bytes
+        def __init__(self, *a):
+            self.fh, self.n = real_open(*a), 0
+
+        def write(self, block):
+            if self.n + len(block) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(block)
+            return self.fh.write(block)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(dl, "open", Full, raising=False)
+    line = fails(capsys, "dataset=ade", f"data.root={root}", f"download.table={site.table}")
+    part = root / "downloads" / f"{name}.part"
+    assert line == (f"error: no space left on device while downloading {part}; free some space "
+                    "and rerun the same command to resume it, or pass another data.root=DIR")
+    assert part.exists()  # kept for the rerun to resume
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", full)
+    line = fails(capsys, "dataset=ade", f"data.root={root}", f"download.table={site.table}")
+    assert line == (f"error: no space left on device while unpacking {root / 'downloads' / name} "
+                    f"into {root} (nothing was kept); free some space and rerun, or pass another "
+                    "data.root=DIR")
+    assert sorted(p.name for p in root.iterdir()) == ["downloads"]  # no half-unpacked folder
+    assert (root / "downloads" / name).is_file()  # verified: the rerun unpacks, no download
+
+
 def test_an_archive_that_is_not_what_it_claims(site, tmp_path, capsys):
     root = tmp_path / "data"
     # the right checksum in the table, but the archive holds no ADEChallengeData2016/
@@ -264,6 +309,17 @@ def test_bad_requests_are_one_line(site, tmp_path, capsys, monkeypatch):
     line = fails(capsys, "dataset=voc", f"download.table={site.table}")
     assert line == ("error: download needs data.root=DIR, the folder the voc archives are "
                     "unpacked into")
+    missing = tmp_path / "missing.yaml"
+    write_table(missing, site.server, site.archives, CREATES, base=f"{site.server.base}/gone")
+    line = fails(capsys, "dataset=ade", f"data.root={tmp_path / 'd'}", f"download.table={missing}")
+    url = f"{site.server.base}/gone/ADEChallengeData2016.zip"
+    assert line == (f"error: cannot download {url} (HTTP 404 Not Found); check the URL in the "
+                    f"archive table, or download it by hand from {url} (a browser, wget -c) into "
+                    f"{tmp_path / 'd/downloads/ADEChallengeData2016.zip'} and rerun")
+    with pytest.raises(SystemExit):
+        main(["stats", "dataset=voc", f"download.table={site.table}"])
+    assert capsys.readouterr().err.strip() == ("error: download.table=PATH is read by `python -m "
+                                               "incseg.data download` only")
     monkeypatch.setenv("INCSEG_ARCHIVES", str(tmp_path / "none.yaml"))
     line = fails(capsys, "dataset=voc", f"data.root={tmp_path}")
     assert line.startswith(f"error: archive table {tmp_path / 'none.yaml'} does not exist; pass "

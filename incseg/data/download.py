@@ -35,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from incseg.errors import ConfigError, DataError, StorageError
-from incseg.io import NO_SPACE, make_dirs, storage_error
+from incseg.io import NO_SPACE, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ def fetch(archive: Archive, dest: Path, progress: bool = True) -> int:
                         out.write(block)
                     except OSError as err:
                         if err.errno in NO_SPACE:
-                            raise storage_error(err, dest) from None
+                            raise StorageError(
+                                f"no space left on device while downloading {dest}; free some "
+                                "space and rerun the same command to resume it, or pass "
+                                "another data.root=DIR") from None
                         raise
                     received += len(block)
                     bar.update(len(block))
@@ -226,7 +229,9 @@ def unpack(archive: Archive, path: Path, root: Path) -> Path:
                             f"{archive.name}: delete it and rerun") from None
         except OSError as err:
             if err.errno in NO_SPACE:
-                raise storage_error(err, target) from None
+                raise StorageError(f"no space left on device while unpacking {path} into "
+                                   f"{root} (nothing was kept); free some space and rerun, or "
+                                   "pass another data.root=DIR") from None
             raise
         made = tmp / archive.creates
         if not made.is_dir():
