@@ -442,3 +442,22 @@ def test_imagenet_weights_offline_and_missing_is_one_line(weights_site, monkeypa
         f"([Errno 111] Connection refused); place {weights_site.name} (from {url}) in "
         f"{weights_site.hub}/, or set model.pretrained=null (or none) to train from scratch")
     assert not (tmp / "runs").exists()
+
+
+def test_a_member_outside_the_archive_folder_is_refused(site, tmp_path, capsys):
+    root = tmp_path / "data"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"evil"))
+    evil = buf.getvalue()
+    site.server.files["/ADEChallengeData2016.zip"] = evil
+    table = write_table(tmp_path / "t.yaml", site.server,
+                        {**site.archives, "ADEChallengeData2016.zip": evil}, CREATES)
+    line = fails(capsys, "dataset=ade", f"data.root={root}", f"download.table={table}")
+    path = root / "downloads/ADEChallengeData2016.zip"
+    assert line.startswith(f"error: {path} cannot be unpacked (") and "../evil.txt" in line
+    assert line.endswith("it is not a complete ADEChallengeData2016.zip: delete it and rerun")
+    assert not (root / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["downloads"]
