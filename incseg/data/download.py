@@ -35,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from incseg.errors import ConfigError, DataError, StorageError
-from incseg.io import NO_SPACE, make_dirs
+from incseg.io import NO_SPACE, entry_lock, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -278,19 +278,22 @@ def download(dataset: str, root: str | os.PathLike | None, table: str | os.PathL
     _free_space_check(root, todo, downloads)
     report = []
     for a in archives[dataset]:
-        if a not in todo:
-            report.append({"archive": a.name, "status": "already unpacked"})
-            continue
         final, part = downloads / a.name, downloads / f"{a.name}.part"
-        received = 0
-        if not final.is_file():
-            make_dirs(downloads)
-            received = fetch(a, part, progress)
-            verify(a, part)
-            os.replace(part, final)
-        else:
-            verify(a, final)
-        log.info("unpacking %s into %s", final, root)
-        unpack(a, final, root)
+        # two commands on the same data.root (a sweep's jobs) must not append to one .part
+        with entry_lock(final):
+            if (root / a.creates).is_dir():
+                report.append({"archive": a.name, "status": "already unpacked"})
+                continue
+            received = 0
+            if not final.is_file():
+                received = fetch(a, part, progress)
+                log.info("checking the %s of %s", a.algo, part)
+                verify(a, part)
+                os.replace(part, final)
+            else:
+                log.info("checking the %s of %s", a.algo, final)
+                verify(a, final)
+            log.info("unpacking %s into %s", final, root)
+            unpack(a, final, root)
         report.append({"archive": a.name, "status": "unpacked", "bytes_received": received})
     return {"dataset": dataset, "root": str(root), "table": str(table_path), "archives": report}
