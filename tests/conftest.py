@@ -11,6 +11,10 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# `model.pretrained=imagenet` downloads torchvision's file when it is missing; no test may reach
+# the internet, so every test (and every subprocess it starts from os.environ) runs offline.
+# The download tests lift it and point the URL at a server on 127.0.0.1.
+os.environ["INCSEG_OFFLINE"] = "1"
 
 from incseg.data.prepare import save_palette_png  # noqa: E402
 

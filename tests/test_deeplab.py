@@ -201,6 +201,7 @@ def test_missing_imagenet_weights_of_deeplab_name_the_torchvision_file(tmp_path,
         raise AssertionError("tried to reach the network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    monkeypatch.setenv("INCSEG_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     line = run_main(monkeypatch, capsys, "experiment=literature/voc_15-5", "method=mib",
@@ -208,7 +209,8 @@ def test_missing_imagenet_weights_of_deeplab_name_the_torchvision_file(tmp_path,
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     assert line == (
         "error: model.pretrained=imagenet: the ImageNet weights of resnet101 are not in the "
-        f"torch hub cache ({hub}/resnet101-63fe2227.pth is missing) and nothing is downloaded; "
+        f"torch hub cache ({hub}/resnet101-63fe2227.pth is missing) and cannot be downloaded "
+        "(INCSEG_OFFLINE=1); "
         "place resnet101-63fe2227.pth (from https://download.pytorch.org/models/"
         f"resnet101-63fe2227.pth) in {hub}/, or set model.pretrained=null (or none) to train "
         "from scratch")

@@ -179,6 +179,7 @@ def test_imagenet_weights_missing_never_touch_the_network(tmp_path, monkeypatch,
         raise AssertionError("tried to reach the network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    monkeypatch.setenv("INCSEG_OFFLINE", "1")  # a node without internet, told so
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
@@ -187,7 +188,8 @@ def test_imagenet_weights_missing_never_touch_the_network(tmp_path, monkeypatch,
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     assert line == (
         "error: model.pretrained=imagenet: the ImageNet weights of resnet50 are not in the torch "
-        f"hub cache ({hub}/resnet50-0676ba61.pth is missing) and nothing is downloaded; place "
+        f"hub cache ({hub}/resnet50-0676ba61.pth is missing) and cannot be downloaded "
+        "(INCSEG_OFFLINE=1); place "
         "resnet50-0676ba61.pth (from https://download.pytorch.org/models/resnet50-0676ba61.pth) "
         f"in {hub}/, or set model.pretrained=null (or none) to train from scratch")
     assert not (tmp_path / "torch").exists() and not (tmp_path / "runs").exists()
@@ -442,7 +444,7 @@ def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
             "TORCH_HOME": str(tmp_path / "torch"), "INCSEG_CACHE": str(tmp_path / "cache"),
             "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+            "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), "INCSEG_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "incseg.run", *args], cwd=tmp_path,
                           capture_output=True, text=True, env={**base, **env}, timeout=300)
 

@@ -188,7 +188,7 @@ def test_checkpoint_with_other_classes_is_refused(tmp_path):
 def _cli(*args, tmp_path):
     env = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin",
            "INCSEG_CACHE": str(tmp_path / "cache"), "TORCH_HOME": str(tmp_path / "torch"),
-           "HOME": str(tmp_path)}
+           "HOME": str(tmp_path), "INCSEG_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "incseg.run", *args,
                            f"paths.runs_dir={tmp_path / 'runs'}"],
                           capture_output=True, text=True, env=env, timeout=300)

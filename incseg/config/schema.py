@@ -135,7 +135,7 @@ def _check_model(cfg: DictConfig) -> None:
         cls = target_class(node)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"model._target_={node._target_!r} cannot be imported ({err})") from None
-    # e.g. "imagenet" must already be in the torch hub cache: fail now, not at step 0
+    # e.g. "imagenet" is fetched into the torch hub cache now (or fails now), not at step 0
     check = getattr(cls, "check_config", None)
     if check is not None:
         try:

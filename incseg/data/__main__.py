@@ -1,5 +1,7 @@
-"""``python -m incseg.data {prepare,stats,check} <hydra overrides>``.
+"""``python -m incseg.data {download,prepare,stats,check} <hydra overrides>``.
 
+download: fetch a benchmark's official archives (voc: VOC 2012 + SBD; ade: ADE20K), check their
+         published checksums, unpack them into data.root, then run prepare.
 prepare: check a dataset's layout (and build VOC's train_aug from SBD).
 stats:   per-step image counts of a task, as one JSON object on stdout.
 check:   every image and mask of every split read once; per class, its pixels and the images
@@ -23,9 +25,9 @@ from incseg.config import (
 )
 from incseg.errors import ConfigError
 
-COMMANDS = ("prepare", "stats", "check")
-USAGE = ("usage: python -m incseg.data {prepare,stats,check} dataset=NAME [data.root=DIR] "
-         "[task=NAME] ...")
+COMMANDS = ("download", "prepare", "stats", "check")
+USAGE = ("usage: python -m incseg.data {download,prepare,stats,check} dataset=NAME "
+         "[data.root=DIR] [task=NAME] ...")
 
 
 def stats(cfg) -> dict:
@@ -59,6 +61,13 @@ def prepare(cfg) -> dict:
         sbd = cfg.data.get("sbd_root")
         return prepare_voc(root, Path(sbd) if sbd else None)
     return prepare_ade(root)
+
+
+def download(cfg, table: str | None = None) -> dict:
+    from incseg.data.download import download as fetch_all
+
+    out = fetch_all(str(cfg.dataset.name), cfg.data.root, table)
+    return {**out, "prepare": prepare(cfg)}  # so that the next command trains
 
 
 def check(cfg) -> dict:
@@ -95,9 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
     setup_logging()
-    check_overrides(argv[1:])
-    cfg = compose(argv[1:])
-    out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
+    # download.* names the archive table, not the run: kept out of the composed config
+    table = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("download.table=")]
+    overrides = [a for a in argv[1:] if not a.startswith("download.table=")]
+    if argv[0] != "download" and table:
+        raise ConfigError("download.table=PATH is read by `python -m incseg.data download` only")
+    check_overrides(overrides)
+    cfg = compose(overrides)
+    if argv[0] == "download":
+        out = download(cfg, table[-1] if table else None)
+    else:
+        out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
     print(json.dumps(out))
 
 

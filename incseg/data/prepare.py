@@ -3,7 +3,8 @@
 VOC: the protocol trains on ``train_aug`` (SBD train+val + VOC train, minus VOC val: 10,582
 images) with SBD's masks converted to PNGs in ``SegmentationClassAug``. Given the SBD release
 (``benchmark_RELEASE/dataset/{cls/*.mat,train.txt,val.txt}``) beside ``VOCdevkit`` (or at
-``data.sbd_root``), ``prepare`` writes both, atomically. It never downloads anything.
+``data.sbd_root``), ``prepare`` writes both, atomically. It never downloads anything
+(``incseg.data.download`` does, then calls it).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def prepare_voc(root: Path, sbd_root: Path | None = None, progress: bool = True)
     seg = base / "ImageSets" / "Segmentation"
     for p in (base / "JPEGImages", base / "SegmentationClass", seg / "train.txt", seg / "val.txt"):
         if not p.exists():
-            raise DataError(f"{p} is missing; extract {VOC_TRAINVAL} into {root}")
+            raise DataError(f"{p} is missing; extract {VOC_TRAINVAL} into {root}, or run "
+                            f"`python -m incseg.data download dataset=voc data.root={root}`")
     voc_train, voc_val = _ids(seg / "train.txt"), _ids(seg / "val.txt")
     aug_dir, aug_list = base / "SegmentationClassAug", seg / "train_aug.txt"
     if aug_list.exists() and aug_dir.is_dir():
@@ -92,7 +94,8 @@ def prepare_voc(root: Path, sbd_root: Path | None = None, progress: bool = True)
     if sbd is None:
         raise DataError(
             f"{aug_list} is missing and no SBD release was found; extract {SBD_RELEASE} into "
-            f"{root} (so that {root}/benchmark_RELEASE/dataset/cls exists) and run prepare again"
+            f"{root} (so that {root}/benchmark_RELEASE/dataset/cls exists) and run prepare again, "
+            f"or run `python -m incseg.data download dataset=voc data.root={root}`"
         )
     sbd_ids = []
     for name in ("train.txt", "val.txt"):
@@ -126,6 +129,8 @@ def prepare_ade(root: Path) -> dict:
         for kind in ("images", "annotations"):
             p = base / kind / sub
             if not p.is_dir():
-                raise DataError(f"{p} is missing; extract ADEChallengeData2016.zip into {root}")
+                raise DataError(f"{p} is missing; extract ADEChallengeData2016.zip into {root}, "
+                                f"or run `python -m incseg.data download dataset=ade "
+                                f"data.root={root}`")
         counts[sub] = sum(1 for _ in (base / "images" / sub).glob("*.jpg"))
     return {"dataset": "ade", **counts, "built": False}

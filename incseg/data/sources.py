@@ -36,7 +36,8 @@ HOLDOUT_FRACTION = 0.05
 
 SBD_HINT = (
     "run `python -m incseg.data prepare dataset=voc data.root=DIR` with the SBD release "
-    "(benchmark_RELEASE/dataset/cls/*.mat) under DIR to build it"
+    "(benchmark_RELEASE/dataset/cls/*.mat) under DIR to build it, or `python -m incseg.data "
+    "download dataset=voc data.root=DIR` to fetch VOC 2012 and SBD and build it"
 )
 
 

@@ -7,7 +7,10 @@ loads into it strictly once the classifier keys are dropped.
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
+import urllib.error
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import torchvision.models as tvm
 from torch import Tensor, nn
 
 from incseg.errors import ConfigError
+from incseg.io import is_storage_error, storage_error
 
 __all__ = [
     "RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights",
@@ -101,14 +105,61 @@ def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
+OFFLINE_ENV = "INCSEG_OFFLINE"  # set (not 0): never download, as HF_HUB_OFFLINE does for timm
+DOWNLOAD_TIMEOUT_S = 60.0  # torch.hub's urlopen has none: a firewalled node would wait forever
+
+
+def _download_imagenet(name: str, path: Path) -> None:
+    """Fetch torchvision's ImageNet file of `name` into the torch hub cache, as torchvision's
+    own ``weights=`` does: ``load_state_dict_from_url`` with ``check_hash=True`` (the file name
+    carries the first hex digits of its sha256; a mismatch is deleted, never kept).
+
+    Raises ConfigError (one line) when offline or the server cannot be reached (the file to
+    place by hand, and where), or the download does not match its hash.
+    """
+    url = RESNETS[name].weights.url
+    place = (f"place {path.name} (from {url}) in {path.parent}/, or set model.pretrained=null "
+             "(or none) to train from scratch")
+    why = None
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        why = f"{OFFLINE_ENV}={os.environ[OFFLINE_ENV]}"
+    else:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent),
+                                               map_location="cpu", check_hash=True,
+                                               file_name=path.name, weights_only=True)
+            return
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError) as err:
+            why = str(getattr(err, "reason", None) or err)
+        except RuntimeError as err:
+            if "invalid hash value" not in str(err):
+                raise
+            raise ConfigError(
+                f"model.pretrained=imagenet: the file downloaded from {url} does not match the "
+                f"sha256 prefix in its name ({err}) and was not kept; rerun to download it "
+                f"again, or {place}") from None
+        except OSError as err:
+            if not is_storage_error(err):
+                raise
+            raise storage_error(err, path) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    raise ConfigError(
+        f"model.pretrained=imagenet: the ImageNet weights of {name} are not in the torch hub "
+        f"cache ({path} is missing) and cannot be downloaded ({why}); {place}")
+
+
 def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Path, str] | None:
     """The weights file that ``model.pretrained`` names for backbone `name`, and what it is.
 
     None, "none" or "null": no file (train from scratch). "imagenet": torchvision's file in the
-    torch hub cache. Anything else: a path. Raises ConfigError (one line) when the file is not
-    there — checked by ``incseg.config.validate`` before anything runs. Nothing is downloaded:
-    torchvision would fetch the ImageNet file on a miss, which hangs or fails on an offline
-    cluster node long after the job started.
+    torch hub cache, downloaded there (hash-checked) when missing, unless ``INCSEG_OFFLINE`` is
+    set. Anything else: a path. Raises ConfigError (one line) when the file is not there and
+    cannot be fetched. ``incseg.config.validate`` calls it before anything runs, so a download
+    happens (or fails) before the run directory exists, not at step 0 of a queued job.
     """
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
         return None
@@ -118,13 +169,7 @@ def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Pa
                               f"{', '.join(sorted(RESNETS))}")
         path = imagenet_weights_path(name)
         if not path.is_file():
-            url = RESNETS[name].weights.url
-            raise ConfigError(
-                f"model.pretrained=imagenet: the ImageNet weights of {name} are not in the torch "
-                f"hub cache ({path} is missing) and nothing is downloaded; place {path.name} "
-                f"(from {url}) in {path.parent}/, or set model.pretrained=null (or none) to "
-                "train from scratch"
-            )
+            _download_imagenet(name, path)
         return path, "ImageNet weights"
     path = Path(pretrained).expanduser()
     if not path.is_file():
@@ -136,7 +181,7 @@ def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Pa
 
 
 def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | os.PathLike | None) -> None:
-    """Load ``pretrained`` ("imagenet" or a file path) into `backbone`, strictly, offline.
+    """Load ``pretrained`` ("imagenet" or a file path) into `backbone`, strictly.
 
     None/"none" loads nothing. Accepts a backbone ``state_dict`` or a full torchvision ResNet one
     (``fc.*`` is ignored). Raises ConfigError (one line) for a missing file, an unreadable file,

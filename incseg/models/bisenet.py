@@ -124,8 +124,8 @@ class BiSeNet(nn.Module):
     """BiSeNet V1 with a ResNet context path and three incremental heads (main, aux1, aux2).
 
     ``classes_per_step[0]`` includes background (channel 0). ``pretrained`` applies to the
-    backbone only: None (from scratch), "imagenet" (torchvision file from the torch hub cache,
-    never downloaded) or a path to a ResNet state dict. ``fusion_kernel``, ``global_context``
+    backbone only: None (from scratch), "imagenet" (torchvision file in the torch hub cache,
+    downloaded when missing) or a path to a ResNet state dict. ``fusion_kernel``, ``global_context``
     and ``arm_bias`` choose between this suite's variant and the paper's code (module docstring).
     """
 

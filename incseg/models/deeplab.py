@@ -153,7 +153,7 @@ class DeepLabV3(nn.Module):
     ``classes_per_step[0]`` includes background (channel 0). ``output_stride``: 16 (MiB /
     PLOP) or 8. ``aspp_rates``: None for DeepLabV3's rates at that stride, or three ints.
     ``pretrained`` applies to the body only: None (from scratch), "imagenet" (torchvision's
-    file from the torch hub cache, never downloaded) or a path to a ResNet state dict.
+    file in the torch hub cache, downloaded when missing) or a path to a ResNet state dict.
     """
 
     def __init__(
@@ -199,7 +199,7 @@ class DeepLabV3(nn.Module):
                      aspp_rates=None, **_) -> None:
         """Fail before anything trains on a bad backbone, output stride or ASPP rates (a
         ValueError the config check turns into one line) or on ImageNet weights that are not
-        in the hub cache (ConfigError naming the torchvision file)."""
+        in the hub cache and cannot be downloaded (ConfigError naming the torchvision file)."""
         _check_backbone(backbone)
         aspp_rates_for(output_stride, aspp_rates)
         pretrained_file(backbone, pretrained)
