@@ -1,4 +1,5 @@
-"""``python -m incseg.data {prepare,stats,check} <hydra overrides>``.
+"""``python -m incseg.data COMMAND <hydra overrides>`` (or ``incseg-data``): the dataset
+commands, one JSON object on stdout each; ``--help`` lists them (from :data:`COMMANDS`).
 
 prepare: check a dataset's layout (and build VOC's train_aug from SBD).
 stats:   per-step image counts of a task, as one JSON object on stdout.
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from incseg.cli import report_errors
+from incseg.cli import help_text, report_errors, wants_help
 from incseg.config import (
     cache_dir_from_cfg,
     check_overrides,
@@ -22,10 +23,6 @@ from incseg.config import (
     task_from_cfg,
 )
 from incseg.errors import ConfigError
-
-COMMANDS = ("prepare", "stats", "check")
-USAGE = ("usage: python -m incseg.data {prepare,stats,check} dataset=NAME [data.root=DIR] "
-         "[task=NAME] ...")
 
 
 def stats(cfg) -> dict:
@@ -89,16 +86,53 @@ def check(cfg) -> dict:
     return out
 
 
+#: the subcommands: name -> (function of the composed config, what it does); ``--help`` and the
+#: usage line are built from this table
+COMMANDS = {
+    "prepare": (prepare, "check a dataset's layout and list every split's files; for voc, build "
+                         "train_aug from SBD (data.sbd_root=DIR)"),
+    "stats": (stats, "per-step image counts of a task (which images each step trains on)"),
+    "check": (check, "read every image and mask once: per class, its pixels and the images "
+                     "holding it, per split (a dataset of your own, seen before training)"),
+}
+USAGE = (f"usage: python -m incseg.data {{{','.join(COMMANDS)}}} dataset=NAME [data.root=DIR] "
+         "[task=NAME] ... (--help for more)")
+
+
+def usage_help() -> str:
+    return help_text(
+        f"python -m incseg.data {{{','.join(COMMANDS)}}} [OVERRIDES]   (or: incseg-data ...)",
+        "Dataset commands of the incseg suite. Each prints one JSON object on stdout (logs and "
+        "progress on stderr). The overrides are the same Hydra key=value words as for "
+        "`python -m incseg.run`, so a command sees exactly the data a run would.",
+        [("commands", [(name, what) for name, (_, what) in COMMANDS.items()]),
+         ("overrides (most used)", [
+             ("dataset=NAME", "shapes (built in, generated on first use), voc, ade or folder "
+                              "(your own: images/, masks/, train.txt, test.txt, classes.yaml)"),
+             ("data.root=DIR", "the folder that holds the dataset (not needed for shapes)"),
+             ("data.val=MODE", "validation images: split, holdout or none"),
+             ("task=NAME", "the class split, e.g. 15-5, 15-5s, 10-1, 19-1 (stats)"),
+             ("overlap=BOOL", "MiB's overlapped (true) or disjoint (false) setting (stats)"),
+             ("paths.cache_dir=DIR", "where generated data and scans are cached "
+                                     "(default $INCSEG_CACHE or ~/.cache/incseg)"),
+         ])],
+        ["python -m incseg.data stats task=15-5s",
+         "python -m incseg.data prepare dataset=voc data.root=/data/voc",
+         "python -m incseg.data check dataset=folder data.root=my_dataset"])
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage_help(), flush=True)
+        return
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
     setup_logging()
     check_overrides(argv[1:])
     cfg = compose(argv[1:])
-    out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
-    print(json.dumps(out))
+    print(json.dumps(COMMANDS[argv[0]][0](cfg)))
 
 
 if __name__ == "__main__":
