@@ -1,13 +1,18 @@
-"""Shared command-line behaviour: user errors end with one line on stderr and exit status 2."""
+"""Shared command-line behaviour: user errors end with one line on stderr and exit status 2;
+``-h`` / ``--help`` prints the command's help on stdout and exits 0.
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
+import textwrap
+from collections.abc import Sequence
 
 from incseg.errors import IncsegError, Interrupted, user_message
 
 EXIT_USER_ERROR = 2
+HELP_FLAGS = ("-h", "--help")
 INTERRUPTED = ("interrupted; rerun the same command to resume (finished steps, epochs and "
                "cache entries are kept)")
 
@@ -43,3 +48,28 @@ def report_errors(fn):
         raise SystemExit(code) from None
 
     return wrapper
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    """Whether ``-h`` or ``--help`` is among the arguments (anywhere, as in most tools)."""
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def help_text(usage: str, about: str, sections: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+              examples: Sequence[str], width: int = 100) -> str:
+    """A command's ``--help``: its usage line, what it does, one table per section (a command's
+    subcommands, its arguments: ``(name, what it is)`` rows) and examples. Each entry point
+    builds its rows from the table it dispatches on, so a new subcommand or key shows up in
+    the help without an edit here."""
+    out = [f"usage: {usage}", "", textwrap.fill(about, width), ""]
+    for title, rows in sections:
+        out.append(f"{title}:")
+        pad = max((len(name) for name, _ in rows), default=0) + 4
+        for name, what in rows:
+            lines = textwrap.wrap(what, width - pad) or [""]
+            out.append(f"  {name.ljust(pad - 2)}{lines[0]}")
+            out.extend(" " * pad + line for line in lines[1:])
+        out.append("")
+    out.append("examples:")
+    out.extend(f"  {e}" for e in examples)
+    return "\n".join(out)

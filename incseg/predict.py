@@ -1,4 +1,5 @@
-"""``python -m incseg.predict checkpoint=PATH input=DIR output=DIR [model=NAME] [size=N]``.
+"""``python -m incseg.predict checkpoint=PATH input=DIR output=DIR [model=NAME] [size=N]`` (or
+``incseg-predict``; ``--help`` lists the keys from :data:`KEYS`).
 
 Segments every image (jpg/jpeg/png, sorted by name) in ``input`` with a run's model checkpoint
 (``checkpoints/step<t>.pt``) and writes, per image, ``<stem>_mask.png`` (palette PNG of dataset
@@ -17,15 +18,25 @@ import logging
 import sys
 from pathlib import Path
 
-from incseg.cli import report_errors
+from incseg.cli import help_text, report_errors, wants_help
 from incseg.config import setup_logging
 from incseg.errors import ConfigError, DataError
 
 log = logging.getLogger("incseg.predict")
 
 USAGE = ("usage: python -m incseg.predict checkpoint=PATH input=DIR output=DIR "
-         "[model=bisenet_r18] [size=N]")
-KEYS = ("checkpoint", "input", "output", "model", "size")
+         "[model=bisenet_r18] [size=N] (--help for more)")
+#: the arguments, key -> what it is (``--help`` prints this table)
+KEYS = {
+    "checkpoint": "a run's model file, e.g. RUN_DIR/checkpoints/step1.pt (the classes of that "
+                  "step)",
+    "input": "a folder of .jpg/.jpeg/.png images (sorted by name)",
+    "output": "the folder the masks and overlays are written to (created; not the input)",
+    "model": "optional: the model the checkpoint must hold (a conf/model name); a checkpoint "
+             "of another model is refused (default: whatever model it records)",
+    "size": "the shorter side in pixels before the model, or full (default: full, the "
+            "image's own resolution)",
+}
 REQUIRED = ("checkpoint", "input", "output")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -127,10 +138,28 @@ def predict(args: dict[str, str | None]) -> dict:
             "images": len(images), "output": str(out)}
 
 
+def usage_help() -> str:
+    return help_text(
+        "python -m incseg.predict checkpoint=PATH input=DIR output=DIR [model=NAME] [size=N]"
+        "   (or: incseg-predict ...)",
+        "Segment every image of a folder with a trained incseg model. Writes, per image, "
+        "<name>_mask.png (a palette PNG of dataset class ids, the PASCAL VOC mask format, at the "
+        "image's own size) and <name>_overlay.png (the image blended with the class colours); "
+        "prints one JSON summary line on stdout. Runs on the GPU when there is one.",
+        [("arguments (key=value)", list(KEYS.items()))],
+        ["python -m incseg.predict checkpoint=runs/shapes/15-5/mib/seed0/checkpoints/step1.pt "
+         "input=photos output=masks",
+         "python -m incseg.predict checkpoint=step1.pt input=photos output=masks size=512"])
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage_help(), flush=True)
+        return
     setup_logging()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     print(json.dumps(predict(args)), flush=True)
 
 

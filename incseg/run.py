@@ -26,7 +26,6 @@ from incseg.config import (
     setup_logging,
     source_from_cfg,
     task_from_cfg,
-    validate,
 )
 from incseg.errors import ConfigError
 from incseg.io import ensure_writable_dir
@@ -99,8 +98,10 @@ def sweeper_value(results: dict, tuning: bool) -> float | None:
 
 @report_errors
 def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
+    from incseg.protocol.preflight import check_run
+
     setup_logging()
-    validate(cfg)
+    check_run(cfg)
     sweeper = _job_sweeper()
     check_tuning(cfg, sweeper)
     from incseg.protocol import is_rank_zero, run_protocol
@@ -128,6 +129,8 @@ def precheck(argv: list[str]) -> None:
     directory first."""
     if any(a.startswith("-") for a in argv):
         return  # --multirun, --cfg, --help, ...: Hydra's own modes; _main validates each job
+    from incseg.protocol.preflight import check_run  # torch and Lightning: not for --help
+
     try:
         cfg = compose(argv, return_hydra_config=True)
     except ConfigError as err:
@@ -136,7 +139,7 @@ def precheck(argv: list[str]) -> None:
     # config alone can be invalid where every job is fine (inversion.student_model set in the
     # experiment, inversion.competition=true among the swept values); _main validates each job
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
-    validate(_first_job(argv, cfg) if multirun else cfg)
+    check_run(_first_job(argv, cfg) if multirun else cfg)
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:

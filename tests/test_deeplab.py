@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from incseg.config import compose, validate
+from incseg.config import compose
 from incseg.errors import ConfigError
 from incseg.models import DeepLabV3, IncrementalHead, ResNetBackbone, build_model
 from incseg.models.backbones import imagenet_weights_path
 from incseg.models.deeplab import ASPP, aspp_rates_for
+from incseg.protocol.preflight import check_run
 from tests.test_errors import dirs, run_main
 
 PRESETS = ("voc_15-5", "voc_15-1", "voc_19-1", "voc_10-1", "ade_100-50")
@@ -272,7 +273,7 @@ def test_literature_presets_compose_and_validate(name, hub_weights):
         cfg = compose([f"experiment=literature/{name}", *job], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         dirs_.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
-        validate(cfg)
+        check_run(cfg)
         assert cfg.model.name == "deeplabv3_r101" and cfg.model.output_stride == 16
         assert cfg.model.pretrained == "imagenet" and cfg.overlap is True
         assert (cfg.data.crop, cfg.data.batch_size) == (512, 24)
@@ -293,8 +294,8 @@ def test_literature_presets_compose_and_validate(name, hub_weights):
 def test_the_presets_need_the_imagenet_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(ConfigError, match="resnet101-63fe2227.pth"):
-        validate(compose(["experiment=literature/voc_19-1", "method=ft"]))
-    validate(compose(["experiment=literature/voc_19-1", "method=ft", "model.pretrained=null"]))
+        check_run(compose(["experiment=literature/voc_19-1", "method=ft"]))
+    check_run(compose(["experiment=literature/voc_19-1", "method=ft", "model.pretrained=null"]))
 
 
 # ---- the protocol on DeepLabV3 ----------------------------------------------------------------
@@ -353,7 +354,7 @@ def test_a_literature_preset_runs_at_tiny_scale_on_the_cpu(tmp_path):
                    "logger=none", "data.crop=32", "data.batch_size=4", "data.num_workers=0",
                    "data.test_mode=full", "train.epochs=1", "train.epochs_incremental=1",
                    "trainer.progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}"])
-    validate(cfg)
+    check_run(cfg)
     res = run_protocol(cfg, tmp_path / "run")
     assert [s["step"] for s in res["steps"]] == [0, 1]
     assert res["method"] == "mib" and res["final"]["all"] is not None

@@ -10,8 +10,9 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from incseg.config import CONF_DIR, compose, validate
+from incseg.config import CONF_DIR, compose
 from incseg.config.build import plain as plain_container
+from incseg.protocol.preflight import check_run
 from incseg.replay import InversionSettings
 from incseg.replay.term import ReplaySpec
 
@@ -54,7 +55,7 @@ def test_experiment_sweep_jobs_compose_validate_and_do_not_share_run_dirs(name):
         table = re.sub(r"(_controls|_15-5s|_weight|_newclass|_plain|_competition)+$", "", name)
         assert str(cfg.hydra.sweep.dir) == f"runs/{table}"
         plain = cfg  # validate reads the job's keys, never hydra's
-        validate(plain)
+        check_run(plain)
         if plain.replay.name != "none":
             assert replay_spec(plain).loss in ("mse", "kl", "ukd")
             InversionSettings.from_dict(OmegaConf.to_container(plain.inversion))
@@ -135,7 +136,7 @@ def test_methods_sweeps_compose_and_share_one_runs_dir_without_collisions(name):
         HydraConfig.instance().set_config(cfg)
         assert str(cfg.hydra.sweep.dir) == "runs/cpu/methods"
         dirs.add(str(cfg.hydra.sweep.subdir))
-        validate(cfg)
+        check_run(cfg)
     assert len(dirs) == len(_jobs(name))
 
 

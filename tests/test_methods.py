@@ -636,7 +636,8 @@ def test_the_methods_preset_composes_every_job_in_a_run_dir_of_its_own():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from incseg.config import compose, validate
+    from incseg.config import compose
+    from incseg.protocol.preflight import check_run
 
     name = "experiment=cpu/methods"
     params = OmegaConf.to_container(compose([name], return_hydra_config=True)
@@ -650,7 +651,7 @@ def test_the_methods_preset_composes_every_job_in_a_run_dir_of_its_own():
         cfg = compose([name, f"seed={seed}", f"method={method}", "task=15-5s"],
                       return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-        validate(cfg)
+        check_run(cfg)
         dirs.add(f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}")
         assert cfg.data.void_as_background is (method != "plop")
     assert len(dirs) == 2 * len(methods)

@@ -167,21 +167,21 @@ def test_competition_student_model_defaults_to_the_teacher_with_resnet18():
                  "w_adi=0 turns the competition off", id="competition-without-weight"),
 ])
 def test_competition_config_errors(over, fragment):
-    from incseg.config import validate
     from incseg.errors import ConfigError
+    from incseg.protocol.preflight import check_run
 
     with pytest.raises(ConfigError) as err:
-        validate(compose(["experiment=smoke", "replay=deepinversion", *over]))
+        check_run(compose(["experiment=smoke", "replay=deepinversion", *over]))
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 def test_paper_generator_presets_turn_the_competition_on():
-    from incseg.config import validate
+    from incseg.protocol.preflight import check_run
 
     for preset in ("paper", "paper_10k"):
         c = compose(["model=bisenet_r50_paper", "replay=deepinversion", f"inversion={preset}"])
         assert c.inversion.competition is True and c.inversion.student_model is None
-        validate(c)
+        check_run(c)
     assert compose([]).inversion.competition is False  # the cpu presets leave it off
 
 

@@ -15,8 +15,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from incseg.config.build import plain as _plain
+from incseg.config.inputs import cache_dir_from_cfg, source_from_cfg, task_from_cfg
+from incseg.config.schema import validate
 from incseg.errors import ConfigError
 from incseg.io import stable_hash
+
+__all__ = [
+    "CONF_DIR", "GROUPS", "NAMED_KEYS", "cache_dir_from_cfg", "check_overrides", "compose",
+    "hydra_message", "one_line", "overrides_hash", "register_resolvers", "run_path",
+    "search_path_dirs", "setup_logging", "source_from_cfg", "task_dirname", "task_from_cfg",
+    "validate",
+]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -125,40 +134,6 @@ def hydra_message(msg: str) -> str:
     return "; ".join(lines) if lines else msg
 
 
-def task_from_cfg(cfg: DictConfig):
-    from incseg.tasks import get_task
-
-    steps = _plain(cfg.task.get("steps"))
-    if cfg.task.name == "custom" and steps in (None, "???"):
-        raise ConfigError("task=custom needs task.steps, e.g. task.steps=[[0,1,2,3],[4,5]]")
-    names = None
-    if cfg.dataset.name == "folder":  # its classes (and their names) are in its classes.yaml
-        from incseg.data.sources import make_source
-
-        names = make_source("folder", cfg.data.get("root")).class_names
-    return get_task(cfg.dataset.name, str(cfg.task.name), steps, names)
-
-
-def cache_dir_from_cfg(cfg: DictConfig) -> Path:
-    from incseg.io import cache_dir
-
-    return cache_dir(cfg.paths.cache_dir)
-
-
-def source_from_cfg(cfg: DictConfig, progress: bool = True):
-    """The dataset source under the validation policy ``data.val``; for ``shapes`` without
-    ``data.root`` the cached generated copy."""
-    from incseg.data.sources import make_source
-
-    root = cfg.data.get("root")
-    if cfg.dataset.name == "shapes" and root in (None, "", "null"):
-        from incseg.data.shapes import ShapesParams, ensure_shapes
-
-        params = ShapesParams.from_dict(_plain(cfg.dataset.get("generator")) or {})
-        root = ensure_shapes(params, cache_dir_from_cfg(cfg), progress=progress)
-    return make_source(cfg.dataset.name, root, cfg.data.get("val"))
-
-
 def setup_logging(level: int = logging.INFO) -> None:
     """Log lines go to stderr, so a command's JSON on stdout stays clean."""
     root = logging.getLogger()
@@ -204,10 +179,3 @@ def check_overrides(argv: Sequence[str]) -> None:
         for v in value.split(","):
             if v not in options:
                 raise ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(options)}")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the whole composed config once, before anything trains or is written."""
-    from incseg.config.schema import validate as _validate
-
-    _validate(cfg)

@@ -1,19 +1,18 @@
-"""The one check of a composed config, run once before anything trains or is written.
+"""The check of a composed config's own values, run once before anything trains or is written.
 
-Every user error ends here in one line that names the key and the fix (docs/errors.md); code
-deeper down raises ``ValueError`` for values it cannot take and trusts this check for the rest.
-Objects named by ``_target_`` (the method, the model) are checked by building them, or by the
-model class's own ``check_config``, so a new method's or model's arguments are validated with no
+Every user error ends in one line that names the key and the fix (docs/errors.md); code deeper
+down raises ``ValueError`` for values it cannot take and trusts this check for the rest. This
+layer reads values only: what needs the objects a config names by ``_target_`` (the model, the
+method, the replay term) is checked by building them, in ``incseg.protocol.preflight``, above
+the packages that define them, so a new method's or model's arguments are validated with no
 edit here.
 """
 
 from __future__ import annotations
 
-import re
-
 from omegaconf import DictConfig, OmegaConf
 
-from incseg.config.build import constructor_kwargs, has_target, plain, target_class
+from incseg.config.inputs import task_from_cfg
 from incseg.errors import ConfigError
 
 #: example values in messages
@@ -84,10 +83,7 @@ def _check_devices(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    from incseg.config import task_from_cfg
-
     task_from_cfg(cfg)  # the split (one-line error on a bad one)
-    _check_model(cfg)
     for key, valid in (*CHOICES.items(), *OPTIONAL_CHOICES.items()):
         value = OmegaConf.select(cfg, key)
         if value not in valid and not (key in OPTIONAL_CHOICES and value is None):
@@ -110,8 +106,6 @@ def validate(cfg: DictConfig) -> None:
         if _int(cfg, f"train.{key}") < 1:
             raise ConfigError(f"train.{key} must be at least 1")
     _int(cfg, "seed", example=0)
-    _check_method(cfg)
-    _check_replay(cfg)
     _check_memory(cfg)
 
 
@@ -125,89 +119,6 @@ def _check_val_split(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val=split: {cfg.dataset.name} has no validation split of its "
                           "own (its val images are the test images); use data.val=holdout "
                           "(1 in 20 training images, held out of training) or data.val=none")
-
-
-def _check_model(cfg: DictConfig) -> None:
-    node = cfg.model
-    if not has_target(node):
-        raise ConfigError(f"model {node.get('name')!r} names no _target_ class in conf/model")
-    try:
-        cls = target_class(node)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"model._target_={node._target_!r} cannot be imported ({err})") from None
-    # e.g. "imagenet" is fetched into the torch hub cache now (or fails now), not at step 0
-    check = getattr(cls, "check_config", None)
-    if check is not None:
-        try:
-            check(**constructor_kwargs(node))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model={node.get('name')}: {err}") from None
-
-
-def _check_method(cfg: DictConfig) -> None:
-    from incseg.methods import build_method, is_joint
-
-    if is_joint(cfg.method):
-        return
-    try:
-        build_method(cfg.method)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"method._target_={cfg.method.get('_target_')!r} cannot be imported "
-                          f"({err})") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"method={cfg.method.get('name')}: {err}; check method.* "
-                          "overrides against conf/method") from None
-
-
-def _check_replay(cfg: DictConfig) -> None:
-    """``replay.*`` and the generator settings are otherwise first read at step 1, after step
-    0 has trained."""
-    from incseg.losses import REPLAY_LOSSES
-    from incseg.replay.term import ReplaySpec
-
-    rc = cfg.get("replay")
-    if rc is None or rc.get("name", "none") == "none":
-        return
-    if rc.get("loss") not in REPLAY_LOSSES:
-        raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "
-                          f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
-    try:
-        ReplaySpec.from_config(plain(rc))
-    except ValueError as err:
-        if re.match(r"\w+=", str(err)):  # a value out of range, named by its key
-            raise ConfigError(f"replay.{err}") from None
-        raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
-                          "numbers") from None
-    except (TypeError, KeyError) as err:
-        raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
-                          "numbers") from None
-    from incseg.replay import InversionSettings
-
-    settings = InversionSettings.from_dict(plain(cfg.get("inversion")) or {})
-    if settings.competition and rc.get("name") == "deepinversion":
-        _check_competition_student(cfg)
-
-
-def _check_competition_student(cfg: DictConfig) -> None:
-    """Adaptive DeepInversion's student is built at step 1, after step 0 has trained."""
-    from incseg.protocol.teachers import student_model_config
-
-    node = student_model_config(cfg)
-
-    def arch(n) -> dict:
-        return {k: v for k, v in plain(n).items() if k not in ("name", "label")}
-
-    if arch(node) == arch(cfg.model):
-        raise ConfigError(f"inversion.competition=true: the competition student would be "
-                          f"model={cfg.model.get('name')} itself, at step 1 the teacher (no "
-                          "competition); use a larger teacher (e.g. model=bisenet_r50) or name "
-                          "another student with inversion.student_model=NAME")
-    check = getattr(target_class(node), "check_config", None)
-    if check is not None:
-        try:
-            check(**constructor_kwargs(node))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"inversion.student_model={node.get('name')}: {err}") from None
 
 
 def _check_memory(cfg: DictConfig) -> None:

@@ -1,4 +1,5 @@
-"""``python -m incseg.data {download,prepare,stats,check} <hydra overrides>``.
+"""``python -m incseg.data COMMAND <hydra overrides>`` (or ``incseg-data``): the dataset
+commands, one JSON object on stdout each; ``--help`` lists them (from :data:`COMMANDS`).
 
 download: fetch a benchmark's official archives (voc: VOC 2012 + SBD; ade: ADE20K), check their
          published checksums, unpack them into data.root, then run prepare.
@@ -14,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from incseg.cli import report_errors
+from incseg.cli import help_text, report_errors, wants_help
 from incseg.config import (
     cache_dir_from_cfg,
     check_overrides,
@@ -24,10 +25,6 @@ from incseg.config import (
     task_from_cfg,
 )
 from incseg.errors import ConfigError
-
-COMMANDS = ("download", "prepare", "stats", "check")
-USAGE = ("usage: python -m incseg.data {download,prepare,stats,check} dataset=NAME "
-         "[data.root=DIR] [task=NAME] ...")
 
 
 def stats(cfg) -> dict:
@@ -98,9 +95,51 @@ def check(cfg) -> dict:
     return out
 
 
+#: the subcommands: name -> (function of the composed config, what it does); ``--help`` and the
+#: usage line are built from this table
+COMMANDS = {
+    "download": (download, "fetch a benchmark's official archives (voc: VOC 2012 + SBD; ade: "
+                           "ADE20K), check their published checksums, unpack them into "
+                           "data.root, then run prepare (download.table=PATH: another table)"),
+    "prepare": (prepare, "check a dataset's layout and list every split's files; for voc, build "
+                         "train_aug from SBD (data.sbd_root=DIR)"),
+    "stats": (stats, "per-step image counts of a task (which images each step trains on)"),
+    "check": (check, "read every image and mask once: per class, its pixels and the images "
+                     "holding it, per split (a dataset of your own, seen before training)"),
+}
+USAGE = (f"usage: python -m incseg.data {{{','.join(COMMANDS)}}} dataset=NAME [data.root=DIR] "
+         "[task=NAME] ... (--help for more)")
+
+
+def usage_help() -> str:
+    return help_text(
+        f"python -m incseg.data {{{','.join(COMMANDS)}}} [OVERRIDES]   (or: incseg-data ...)",
+        "Dataset commands of the incseg suite. Each prints one JSON object on stdout (logs and "
+        "progress on stderr). The overrides are the same Hydra key=value words as for "
+        "`python -m incseg.run`, so a command sees exactly the data a run would.",
+        [("commands", [(name, what) for name, (_, what) in COMMANDS.items()]),
+         ("overrides (most used)", [
+             ("dataset=NAME", "shapes (built in, generated on first use), voc, ade or folder "
+                              "(your own: images/, masks/, train.txt, test.txt, classes.yaml)"),
+             ("data.root=DIR", "the folder that holds the dataset (not needed for shapes)"),
+             ("data.val=MODE", "validation images: split, holdout or none"),
+             ("task=NAME", "the class split, e.g. 15-5, 15-5s, 10-1, 19-1 (stats)"),
+             ("overlap=BOOL", "MiB's overlapped (true) or disjoint (false) setting (stats)"),
+             ("paths.cache_dir=DIR", "where generated data and scans are cached "
+                                     "(default $INCSEG_CACHE or ~/.cache/incseg)"),
+         ])],
+        ["python -m incseg.data download dataset=voc data.root=/data/voc",
+         "python -m incseg.data stats task=15-5s",
+         "python -m incseg.data prepare dataset=voc data.root=/data/voc",
+         "python -m incseg.data check dataset=folder data.root=my_dataset"])
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage_help(), flush=True)
+        return
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
     setup_logging()
@@ -111,11 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("download.table=PATH is read by `python -m incseg.data download` only")
     check_overrides(overrides)
     cfg = compose(overrides)
-    if argv[0] == "download":
-        out = download(cfg, table[-1] if table else None)
-    else:
-        out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
-    print(json.dumps(out))
+    fn = COMMANDS[argv[0]][0]
+    print(json.dumps(fn(cfg, table[-1] if table else None) if argv[0] == "download" else fn(cfg)))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from incseg.data.base import Sample, Source
 from incseg.data.dataset import SeededSampler, SegmentationDataset
 from incseg.data.index import scan_labels, select_test, select_train
 from incseg.data.memory import memory_lut, mixed_sampler
-from incseg.data.sources import Sample, Source
 from incseg.data.transforms import eval_transform, train_transform
 from incseg.errors import DataError
 from incseg.tasks import IGNORE, Task

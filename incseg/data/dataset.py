@@ -10,8 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from incseg.data.base import Sample
 from incseg.data.index import read_mask
-from incseg.data.sources import Sample
 from incseg.data.transforms import reseed
 from incseg.errors import DataError
 from incseg.tasks import remap

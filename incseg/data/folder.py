@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from incseg.data.base import Sample, Source
 from incseg.data.prepare import voc_colormap
-from incseg.data.sources import Sample, Source
 from incseg.errors import DataError
 from incseg.io import stable_hash
 from incseg.tasks import IGNORE

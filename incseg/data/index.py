@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from incseg.data.sources import Sample, Source
+from incseg.data.base import Sample, Source
 from incseg.errors import DataError
 from incseg.io import atomic_write_json, content_key, entry_lock
 from incseg.tasks import IGNORE, Task

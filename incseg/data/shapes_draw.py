@@ -25,7 +25,7 @@ from scipy import ndimage
 from incseg.data.prepare import voc_colormap
 
 if TYPE_CHECKING:
-    from incseg.data.shapes import ShapesParams
+    from incseg.data.shapes_params import ShapesParams
 
 SHAPES = ("circle", "square", "triangle", "star", "cross",
           "ring", "hexagon", "diamond", "crescent", "arrow")
@@ -33,12 +33,6 @@ TEXTURES = ("solid", "striped")
 NUM_CLASSES = 21  # background + 20
 VOID = 255
 CLASS_NAMES = ("background",) + tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
-
-# Class-typical hue bands: ``hue_bands`` evenly spaced hues; class (shape s, striped t) has
-# band (s + 2t) mod hue_bands. With 5 bands each is shared by four classes (the solid shapes
-# s, s+5 and the striped shapes s-2, s+3): colour + texture leave two shapes to tell apart.
-# With 10 bands each holds one solid and one striped shape: colour + texture name the class.
-HUE_BANDS = (1, 2, 5, 10)
 
 
 def class_shape(cid: int) -> int:
@@ -50,6 +44,7 @@ def class_striped(cid: int) -> bool:
 
 
 def class_hue_group(cid: int, bands: int = 5) -> int:
+    """The hue band of class ``cid`` among ``bands`` (one of ``shapes_params.HUE_BANDS``)."""
     return (class_shape(cid) + 2 * int(class_striped(cid))) % bands
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from incseg.data.base import Sample
 from incseg.data.index import foreground, scan_labels, select_train
-from incseg.data.sources import Sample
 from incseg.errors import DataError
 from incseg.io import atomic_write_json
 from incseg.protocol.state import is_rank_zero

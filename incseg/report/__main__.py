@@ -1,10 +1,12 @@
-"""``python -m incseg.report DIR [--no-overlays] [--images N] [--order M1,M2,...]``."""
+"""``python -m incseg.report DIR [--no-overlays] [--images N] [--order M1,M2,...]`` (or
+``incseg-report``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,15 @@ from incseg.report.build import make_report
 
 log = logging.getLogger("incseg.report")
 USAGE = "python -m incseg.report DIR [--no-overlays] [--images N] [--order M1,M2,...]"
+ABOUT = ("Tables and plots from incremental-segmentation runs: every results.json below DIR (one "
+         "run, or a sweep of methods, tasks and seeds) is collected, seeds are averaged, and "
+         "DIR/report/ gets table.md, table.csv, table.tex and the plots (mIoU per step, "
+         "forgetting, per-class heatmap, confusion, prediction overlays). table.md is printed on "
+         "stdout; runs that are missing or unfinished are listed, not guessed.")
+EXAMPLES = """examples:
+  python -m incseg.report runs/shapes/15-5s/mib/seed0
+  python -m incseg.report runs/cpu/methods --order ft,lwf,ilt,mib
+  python -m incseg.report runs/cpu/methods --no-overlays     (no checkpoints read: faster)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,12 +43,13 @@ def _method_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = _Parser(prog="python -m incseg.report",
-                description="tables and plots from incremental-segmentation runs")
+    p = _Parser(prog="python -m incseg.report", description=textwrap.fill(ABOUT, 79),
+                epilog=EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", type=Path, help="a run directory or a sweep directory")
     p.add_argument("--no-overlays", action="store_true",
                    help="do not load checkpoints to draw prediction overlays")
-    p.add_argument("--images", type=int, default=4, help="test images in the overlays")
+    p.add_argument("--images", type=int, default=4, help="test images in the overlays (default: 4)")
     p.add_argument("--order", type=_method_list, default=None, metavar="M1,M2,...",
                    help="method names (as in results.json) whose rows come first, in this "
                         "order; default: the order the methods first appear among the runs, "
