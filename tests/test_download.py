@@ -376,11 +376,12 @@ def test_imagenet_weights_are_downloaded_hash_checked_then_read_offline(weights_
                                                                          monkeypatch):
     import torch
 
-    from incseg.config import compose, validate
+    from incseg.config import compose
     from incseg.models import build_model
+    from incseg.protocol.preflight import check_run
 
-    # the config check, before anything runs, fetches the file into the hub cache
-    validate(compose(["model=bisenet_r18", "model.pretrained=imagenet"]))
+    # the run's check, before anything runs, fetches the file into the hub cache
+    check_run(compose(["model=bisenet_r18", "model.pretrained=imagenet"]))
     path = weights_site.hub / weights_site.name
     assert path.is_file() and [r.status for r in weights_site.server.log] == [200]
     assert not [p for p in weights_site.hub.iterdir() if p != path]  # no .partial left
