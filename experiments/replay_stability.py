@@ -103,7 +103,7 @@ def replay_step(run_dir: Path, step: int, iters: int, overrides: list[str],
                    "stability_bound": sgd_stability_bound(r.lr, r.momentum, r.nesterov)}
         it = 0
         while it < iters:
-            for images, labels in real:
+            for images, labels, *_ in real:  # a labelled memory adds `known`
                 if it >= iters:
                     break
                 rep = None

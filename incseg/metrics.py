@@ -13,6 +13,11 @@ Conventions (MiB):
 - mIoU averages the classes that have an IoU.
 - old = background + step-0 classes (the paper's "1-15" is arithmetically 0-15), new = classes
   added after step 0, all = every seen class; the ``_nobg`` variants leave out class 0.
+
+hIoU (the harmonic mean of old and new) has two conventions (``eval.hiou``): ``suite`` takes
+old and new above; ``dkd`` takes DKD's (cvlab-yonsei/DKD ``utils/metric.py``, ``Evaluator.
+Mean_Intersection_over_Union``), in which a class absent from the ground truth scores IoU 0 and
+pulls its group's mean down (:func:`dkd_iou_per_class`, :func:`dkd_old_new`).
 """
 
 from __future__ import annotations
@@ -111,6 +116,30 @@ def iou_per_class(confusion: Any) -> list[float | None]:
     return out
 
 
+def dkd_iou_per_class(confusion: Any) -> list[float]:
+    """DKD's IoU per channel: TP / (GT + P - (TP + 1e-6)), its ``np.diag(cm + 1e-6)`` put
+    where a 1e-6 guard was meant to go. A class absent from the ground truth and never
+    predicted gets 0 / -1e-6, i.e. 0 (its ``nan_to_num`` would have made a 0/0 0 too); one
+    absent but predicted gets 0 / P = 0: DKD's means count such classes as IoU 0."""
+    cm = _as_numpy(confusion).astype(np.float64)
+    tp = np.diag(cm)
+    iou = tp / (cm.sum(axis=1) + cm.sum(axis=0) - (tp + 1e-6))
+    return [float(v) + 0.0 for v in np.nan_to_num(iou)]  # + 0.0: -0.0 -> 0.0
+
+
+def dkd_old_new(confusion: Any, task: Task, step: int) -> tuple[float | None, float | None]:
+    """DKD's old and new mIoU after ``step``: the mean of :func:`dkd_iou_per_class` over the
+    old (background + step-0) and the new seen classes, absent classes included as 0; None for
+    a group with no class (new at step 0, where DKD reports no harmonic mean)."""
+    cm = _as_numpy(confusion)
+    seen = task.classes_seen(step)
+    by_class = dict(zip(seen, dkd_iou_per_class(cm)))
+    old_set, new_set = set(task.old_classes), set(task.new_classes)
+    old = [by_class[c] for c in seen if c in old_set]
+    new = [by_class[c] for c in seen if c in new_set]
+    return (sum(old) / len(old) if old else None, sum(new) / len(new) if new else None)
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -124,7 +153,8 @@ def pixel_accuracy(confusion: Any) -> float | None:
 
 
 def summarize(confusion: Any, task: Task, step: int) -> dict[str, Any]:
-    """Per-class IoU keyed by dataset class id (str) and the old/new/all mIoUs after ``step``.
+    """Per-class IoU keyed by dataset class id (str) and the old/new/all mIoUs after ``step``
+    (and DKD's old / new, ``dkd_miou_old`` / ``dkd_miou_new``, for its hIoU convention).
 
     Joint is scored with the incremental task's split: pass the task itself and its last step
     (its channel order equals ``task.joint()``'s).
@@ -140,6 +170,7 @@ def summarize(confusion: Any, task: Task, step: int) -> dict[str, Any]:
     old_set, new_set = set(task.old_classes), set(task.new_classes)
     old = [c for c in seen if c in old_set]
     new = [c for c in seen if c in new_set]
+    dkd_old, dkd_new = dkd_old_new(cm, task, step)
     return {
         "iou": {str(c): by_class[c] for c in seen},
         "miou_old": _mean(by_class[c] for c in old),
@@ -148,6 +179,9 @@ def summarize(confusion: Any, task: Task, step: int) -> dict[str, Any]:
         "miou_old_nobg": _mean(by_class[c] for c in old if c != 0),
         "miou_all_nobg": _mean(by_class[c] for c in seen if c != 0),
         "pixel_accuracy": pixel_accuracy(cm),
+        # DKD's old / new (absent classes as IoU 0): what ``eval.hiou=dkd`` takes hIoU from
+        "dkd_miou_old": dkd_old,
+        "dkd_miou_new": dkd_new,
     }
 
 

@@ -14,7 +14,11 @@
 ``hiou`` is the harmonic mean of old and new, 2 old new / (old + new), as DKD reports it (Baek
 et al., NeurIPS 2022): high only when both are; null while there is no new class (step 0).
 Results written before it existed lack it; readers compute it from old and new
-(:func:`final_metric`).
+(:func:`final_metric`). ``conventions.hiou`` says which old and new it takes (``eval.hiou``):
+``suite`` (the default; absent when a file predates the choice) the ``miou_old`` / ``miou_new``
+beside it, classes absent from the ground truth left out; ``dkd`` DKD's, in which such a class
+scores IoU 0 (:func:`incseg.metrics.dkd_old_new`), and 0/0 (old = new = 0) is NaN, written
+null.
 
 ``results.csv`` is long and tidy: columns ``step,class,iou``; one row per (step, seen class id)
 and, per step, rows whose class is ``miou_old``, ``miou_new``, ``miou_all``, ``miou_old_nobg``,
@@ -46,7 +50,9 @@ FINAL_KEYS = ("old", "new", "all", "avg")  # required in a results file
 FINAL_METRICS = (*FINAL_KEYS, "hiou")      # what the tables print
 #: ``conventions`` of a run: config keys its numbers depend on beyond the method (README)
 CONVENTION_KEYS = ("data.val", "train.loss_reduction", "data.void_as_background",
-                   "data.unseen_as", "data.ade_class0")
+                   "data.unseen_as", "data.ade_class0", "eval.hiou")
+#: ``eval.hiou``: which old / new the harmonic mean takes (module docstring)
+HIOU_CONVENTIONS = ("suite", "dkd")
 CONVENTION = (
     "old = background + step-0 classes, new = classes added after step 0; mIoU averages "
     "classes present in the ground truth (MiB); IoU in [0,1]"
@@ -56,8 +62,9 @@ CONVENTION = (
 def conventions(cfg: Any) -> dict[str, Any]:
     """The data and loss conventions of a run's config (``results.json`` ``conventions``):
     where its validation images came from (``data.val``: split, holdout or none; never the test
-    split), how CE was averaged, void and unseen classes, and ADE20K's class 0 at test. Keys a
-    config lacks (``ade_class0`` outside ADE20K) are left out."""
+    split), how CE was averaged, void and unseen classes, ADE20K's class 0 at test, and which
+    hIoU the figures are (``hiou``). Keys a config lacks (``ade_class0`` outside ADE20K) are
+    left out."""
     out: dict[str, Any] = {}
     for key in CONVENTION_KEYS:
         group, name = key.split(".")
@@ -66,6 +73,13 @@ def conventions(cfg: Any) -> dict[str, Any]:
         if value is not None:
             out[name] = value if isinstance(value, (bool, int, float)) else str(value)
     return out
+
+
+def hiou_convention(cfg: Any) -> str:
+    """``eval.hiou`` of a run's config; ``suite`` for a config from before the choice."""
+    node = cfg.get("eval") if hasattr(cfg, "get") else None
+    value = node.get("hiou") if node is not None else None
+    return "suite" if value is None else str(value)
 
 
 def _num(x: Any) -> float | None:
@@ -87,6 +101,15 @@ def harmonic_iou(old: float | None, new: float | None) -> float | None:
     return 0.0 if old + new == 0 else 2 * old * new / (old + new)
 
 
+def dkd_harmonic_iou(old: float | None, new: float | None) -> float | None:
+    """DKD's 2 old new / (old + new) with numpy's arithmetic: NaN (None here: JSON has no NaN)
+    when old + new = 0, where :func:`harmonic_iou` says 0; None when either is None."""
+    if old is None or new is None:
+        return None
+    old, new = float(old), float(new)
+    return None if old + new == 0 else 2 * old * new / (old + new)
+
+
 def final_metric(final: Mapping[str, Any], key: str) -> float | None:
     """``final[key]``; ``hiou`` computed from old and new for a file written before it."""
     if key == "hiou" and "hiou" not in final:
@@ -95,8 +118,11 @@ def final_metric(final: Mapping[str, Any], key: str) -> float | None:
 
 
 def step_record(step: int, classes_added: Sequence[int], summary: Mapping[str, Any],
-                **extra: Any) -> dict[str, Any]:
-    """The record of one step: classes added, per-class IoU and mIoUs (+ ``extra`` keys)."""
+                hiou: str = "suite", **extra: Any) -> dict[str, Any]:
+    """The record of one step: classes added, per-class IoU and mIoUs, hIoU by the ``hiou``
+    convention (+ ``extra`` keys)."""
+    if hiou not in HIOU_CONVENTIONS:
+        raise ValueError(f"hiou={hiou!r} is not one of {', '.join(HIOU_CONVENTIONS)}")
     rec: dict[str, Any] = {
         "step": int(step),
         "classes": [int(c) for c in classes_added],
@@ -104,14 +130,18 @@ def step_record(step: int, classes_added: Sequence[int], summary: Mapping[str, A
     }
     for key in MIOU_KEYS:
         rec[key] = _num(summary.get(key))
-    rec["hiou"] = _num(harmonic_iou(rec["miou_old"], rec["miou_new"]))
+    if hiou == "dkd":
+        rec["hiou"] = _num(dkd_harmonic_iou(summary.get("dkd_miou_old"),
+                                            summary.get("dkd_miou_new")))
+    else:
+        rec["hiou"] = _num(harmonic_iou(rec["miou_old"], rec["miou_new"]))
     rec.update(extra)
     return rec
 
 
 def final_block(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """old/new/all of the last step, avg = mean over steps of ``miou_all``, and hiou of the
-    last step's old and new."""
+    """old/new/all of the last step, avg = mean over steps of ``miou_all``, and the last
+    step's hiou (by its convention; from its old and new for a record without one)."""
     if not steps:
         raise ValueError("final_block needs at least one step record")
     last = steps[-1]
@@ -120,7 +150,8 @@ def final_block(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
         "new": _num(last["miou_new"]),
         "all": _num(last["miou_all"]),
         "avg": _num(mean_over_steps(s["miou_all"] for s in steps)),
-        "hiou": _num(harmonic_iou(last["miou_old"], last["miou_new"])),
+        "hiou": _num(last["hiou"] if "hiou" in last
+                     else harmonic_iou(last["miou_old"], last["miou_new"])),
     }
 
 

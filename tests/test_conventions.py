@@ -309,6 +309,8 @@ BAD = [
                  "data.ade_class0='maybe' is not valid; use data.ade_class0=ignore or "
                  "data.ade_class0=score",
                  id="unknown-ade-class0"),
+    pytest.param(["eval.hiou=mean"], "eval.hiou='mean' is not valid; use eval.hiou=suite or "
+                 "eval.hiou=dkd", id="unknown-hiou"),
     pytest.param(["data.val=none", "hydra.sweeper._target_=my.Tuner"],
                  "a tuning sweeper optimises the validation mIoU, and data.val=none validates "
                  "nothing", id="tuning-without-validation"),

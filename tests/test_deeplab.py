@@ -326,9 +326,9 @@ def test_ilt_and_deepinversion_replay_run_on_deeplab(tmp_path):
 
 
 def test_plops_pod_runs_on_deeplab(tmp_path):
-    """PLOP's local POD reads the contract's ``stages`` and ``decoder``: on DeepLabV3 (ResNet-18
-    body) the smoke protocol runs through step 1 (a missing feature would stop it at the first
-    batch, docs/errors.md row 52)."""
+    """PLOP's local POD reads the contract's ``stages_preact``, ``decoder`` and
+    ``logits_small``: on DeepLabV3 (ResNet-18 body) the smoke protocol runs through step 1 (a
+    missing feature would stop it at the first batch, docs/errors.md row 52)."""
     from incseg.protocol import run_protocol
 
     out = run_protocol(compose([*SMOKE, f"paths.cache_dir={tmp_path / 'cache'}",
@@ -337,8 +337,8 @@ def test_plops_pod_runs_on_deeplab(tmp_path):
     assert all(0.0 <= out["final"][k] <= 1.0 for k in ("old", "new", "all"))
     from incseg.methods import build_method
 
-    assert {"stages", "decoder"} <= set(build_method(compose(["method=plop"]).method)
-                                        .needs_features)
+    assert {"stages_preact", "decoder", "logits_small"} <= set(
+        build_method(compose(["method=plop"]).method).needs_features)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ from incseg.methods.lwf_mc import LwFMC
 from incseg.methods.pi import PI
 from incseg.methods.plop import PLOP
 from incseg.methods.rw import RW
-from incseg.models.base import SegOutput
+from incseg.models.base import SegOutput, model_output
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -110,8 +110,11 @@ def test_plop_pod_maps_weights_and_schedule():
     zeros, ones = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
     new_logits = torch.zeros(1, 3, 2, 2)
     new_logits[:, 2] = 1.0  # a new class: its logit joins the background's for POD
-    new = SegOutput(new_logits, features={"stages": [ones], "decoder": zeros})
-    old = SegOutput(torch.zeros(1, 2, 2, 2), features={"stages": [zeros], "decoder": zeros})
+    # the default reads the pre-activation stages and the pre-upsampling logits
+    new = SegOutput(torch.zeros(1, 3, 4, 4), features={
+        "stages_preact": [ones], "decoder": zeros, "logits_small": new_logits})
+    old = SegOutput(torch.zeros(1, 2, 4, 4), features={
+        "stages_preact": [zeros], "decoder": zeros, "logits_small": torch.zeros(1, 2, 2, 2)})
     # stage: sqrt(12); decoder: 0; logits (collapsed [1, 0] vs [0, 0]): sqrt(12); three maps,
     # each factor times sqrt(C / C_new) = sqrt(3)
     expected = math.sqrt(3) * (0.01 + 0.0005) * math.sqrt(12) / 3
@@ -232,9 +235,11 @@ def test_plop_terms_pseudo_labelled_adaptive_ce_on_every_head():
     plop.setup(_ctx(old=LogitsAsImages()))
     old, labels = _plop_batch()
     plop.on_step_start(None, plop.ctx.old_model, [(old, labels)])
-    feats = {"stages": [torch.zeros(1, 1, 2, 2)], "decoder": torch.zeros(1, 1, 2, 2)}
+    feats = {"stages_preact": [torch.zeros(1, 1, 2, 2)], "decoder": torch.zeros(1, 1, 2, 2)}
     out = SegOutput(torch.zeros(1, 3, 2, 3, requires_grad=True),
-                    aux=[torch.zeros(1, 3, 2, 3)], features=feats)
+                    aux=[torch.zeros(1, 3, 2, 3)],
+                    features={**feats, "logits_small": torch.zeros(1, 3, 2, 3)})
+    feats["logits_small"] = old
     terms = plop.terms(Batch(old, labels), out, SegOutput(old, features=feats))
     # labels -> [0 0 0; 255 2 255]; factor 3 / 4 (3 of 4 background pixels kept); CE ln 3 on
     # 4 valid pixels of 6, per head, two heads
@@ -453,7 +458,8 @@ def test_student_loss_holds_plops_pseudo_labelled_ce_and_pod():
     terms = module.training_loss(x, y)
     assert terms["seg"].item() > 0 and terms["pod"].item() >= 0
     assert terms["loss"].item() == pytest.approx(terms["seg"].item() + terms["pod"].item())
-    again = plop.terms(Batch(x, y), new(x), module.old_model(x))
+    again = plop.terms(Batch(x, y), model_output(new, x, plop.needs_features),
+                       model_output(module.old_model, x, plop.needs_features))
     assert terms["seg"].item() == pytest.approx(again["seg"].item(), rel=1e-5)
 
 
@@ -489,6 +495,9 @@ BAD = [
     pytest.param(["method=plop", "method.median=mean"],
                  "method=plop: median='mean' is not valid; use one of histogram, reference",
                  id="plop-choice"),
+    pytest.param(["method=plop", "method.pod_stages=relu"],
+                 "method=plop: pod_stages='relu' is not valid; use one of preact, activated",
+                 id="plop-stages"),
     pytest.param(["method=plop", "method.pod_scales=[0,2]"],
                  "method=plop: pod_scales=[0, 2] must be a non-empty list of whole numbers >= 1, "
                  "e.g. [1, 2, 4]",

@@ -193,3 +193,72 @@ def test_mean_over_steps_and_forgetting():
     assert f["0"] == pytest.approx(0.3)
     assert f["2"] == pytest.approx(0.3)
     assert forgetting([]) == {}
+
+
+# ---- hIoU: the suite's convention and DKD's ----------------------------------------------------
+# old = {0, 1}, new = {2, 3}; class 3 is absent from the ground truth but predicted twice.
+HIOU_CM = [[3, 1, 0, 0],
+           [1, 3, 0, 0],
+           [0, 0, 2, 2],
+           [0, 0, 0, 0]]
+
+
+def test_dkd_iou_scores_an_absent_class_as_zero():
+    from incseg.metrics import dkd_iou_per_class
+
+    # TP / (GT + P - TP - 1e-6): 3 / (4 + 4 - 3), 2 / (4 + 2 - 2), and 0 / (0 + 2 - 0) for the
+    # absent class 3; never predicted either, 0 / -1e-6 is 0 too (not -0.0, not NaN)
+    iou = dkd_iou_per_class(HIOU_CM)
+    assert iou == pytest.approx([3 / 5, 3 / 5, 2 / 4, 0.0], abs=1e-6)
+    assert iou_per_class(HIOU_CM)[3] is None  # the suite leaves it out
+    # a perfect class: 1 / (1 - 1e-6), a hair above 1 (DKD's epsilon is subtracted)
+    unseen = dkd_iou_per_class([[1, 0], [0, 0]])
+    assert unseen == [pytest.approx(1 / (1 - 1e-6), rel=1e-12), 0.0]
+    assert str(unseen[1]) == "0.0"
+
+
+def test_hiou_conventions_on_a_hand_made_confusion():
+    from incseg.results import HIOU_CONVENTIONS, final_block, step_record
+
+    assert HIOU_CONVENTIONS == ("suite", "dkd")
+    task = get_task("voc", "custom", [[0, 1], [2, 3]])
+    summary = summarize(HIOU_CM, task, 1)
+    # suite: old 0.6, new 0.5 (class 3 left out); dkd: new (0.5 + 0) / 2
+    assert (summary["miou_old"], summary["miou_new"]) == pytest.approx((0.6, 0.5))
+    assert (summary["dkd_miou_old"], summary["dkd_miou_new"]) == pytest.approx((0.6, 0.25))
+    suite = step_record(1, [2, 3], summary)
+    dkd = step_record(1, [2, 3], summary, hiou="dkd")
+    assert suite["hiou"] == pytest.approx(2 * 0.6 * 0.5 / 1.1, abs=1e-6)
+    assert dkd["hiou"] == pytest.approx(2 * 0.6 * 0.25 / 0.85, abs=1e-6)
+    assert dkd["miou_new"] == suite["miou_new"]  # only hIoU follows the convention
+    assert final_block([dkd])["hiou"] == dkd["hiou"]
+    assert final_block([suite])["hiou"] == suite["hiou"]
+    with pytest.raises(ValueError, match="hiou='mean' is not one of suite, dkd"):
+        step_record(1, [2, 3], summary, hiou="mean")
+
+
+def test_hiou_of_zero_old_and_new_is_0_for_the_suite_and_nan_for_dkd():
+    from incseg.results import step_record
+
+    task = get_task("voc", "custom", [[0, 1], [2, 3]])
+    wrong = [[0, 2, 0, 0], [2, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    summary = summarize(wrong, task, 1)
+    assert step_record(1, [2, 3], summary)["hiou"] == 0.0
+    assert step_record(1, [2, 3], summary, hiou="dkd")["hiou"] is None  # NaN -> null
+    # step 0: no new class, no hIoU in either convention
+    first = summarize([[3, 1], [1, 3]], task, 0)
+    assert first["dkd_miou_new"] is None
+    assert step_record(0, [0, 1], first, hiou="dkd")["hiou"] is None
+
+
+def test_results_json_says_which_hiou_a_run_uses():
+    from incseg.config import compose
+    from incseg.protocol.state import fingerprint
+    from incseg.results import conventions, hiou_convention
+
+    default = compose([])
+    assert conventions(default)["hiou"] == "suite" == hiou_convention(default)
+    dkd = compose(["eval.hiou=dkd"])
+    assert conventions(dkd)["hiou"] == "dkd" == hiou_convention(dkd)
+    # the default leaves a run's fingerprint (resume, caches) as it was before the choice
+    assert "eval" not in fingerprint(default) and fingerprint(dkd)["eval"] == {"hiou": "dkd"}

@@ -30,6 +30,7 @@ CHOICES = {
 #: keys that only some dataset presets define (checked when present)
 OPTIONAL_CHOICES = {
     "data.ade_class0": ("ignore", "score"),
+    "eval.hiou": ("suite", "dkd"),  # in config.yaml; optional for a config saved before it
 }
 
 

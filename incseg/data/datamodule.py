@@ -94,7 +94,9 @@ class IncrementalDataModule(L.LightningDataModule):
     foreground class, labels by ``task.test_lut``. ``replay_dataset`` (synthetic, noise or
     exemplar images, or None) is batched beside every real batch. ``memory`` (a labelled
     exemplar memory's samples, :mod:`incseg.data.memory`) trains with ``memory_labels`` and is
-    mixed into the batches as ``memory_mix`` says.
+    mixed into the batches as ``memory_mix`` says; with ``seen`` labels the training batches
+    are ``(images, labels, known)``, ``known`` (B bools) marking the memory images, whose
+    labels hold every seen class.
 
     Which images are val is the source's validation policy (``source.val``, ``data.val``);
     ``val``, when given, must agree with it. With no val images there is no val loader, and
@@ -140,6 +142,7 @@ class IncrementalDataModule(L.LightningDataModule):
         self.replay_dataset = replay_dataset
         self.memory = list(memory or [])
         self.memory_lut = memory_lut(task, step, memory_labels, void_as_background)
+        self.memory_labels = memory_labels
         self.memory_mix = memory_mix
         self.start_epoch = 0  # the epoch a resumed fit starts at (load_state_dict)
 
@@ -180,8 +183,11 @@ class IncrementalDataModule(L.LightningDataModule):
         replicas, rank = self._replicas()
         if self.memory:
             mem = SegmentationDataset(self.memory, self.memory_lut, self.train_tf)
+            # with `seen` labels a memory image's labels are its ground truth: the batches
+            # say which images those are (``(images, labels, known)``)
             joined, how = mixed_sampler(ds, mem, self.memory_mix, self.batch_size, self.seed,
-                                        self.step, self.start_epoch, replicas, rank)
+                                        self.step, self.start_epoch, replicas, rank,
+                                        flag_known=self.memory_labels == "seen")
             real = self._loader(joined, **how)
         else:
             sampler = SeededSampler(len(ds), self.seed, self.step, True, replicas, rank)

@@ -90,11 +90,18 @@ def balanced_selection(candidates: Sequence[int], classes_of: Mapping[int, set[i
 class JoinedDataset(Dataset):
     """The step's training images followed by the memory images: index ``i < len(real)`` is
     ``real[i]``, the rest ``memory[i - len(real)]``. Unlike ``ConcatDataset`` it takes the
-    ``(index, seed)`` pairs of :class:`SeededSampler`, on which exact resume rests."""
+    ``(index, seed)`` pairs of :class:`SeededSampler`, on which exact resume rests.
 
-    def __init__(self, real: Dataset, memory: Dataset):
+    ``flag_known``: each item gains a third element, True for a memory image: its labels are
+    the ground truth of every class seen so far (``memory.labels=seen``), where a step image's
+    background hides the old classes. A method that guesses the old classes in the background
+    (PLOP's pseudo-labels) leaves such an image's labels as they are; the others ignore it.
+    """
+
+    def __init__(self, real: Dataset, memory: Dataset, flag_known: bool = False):
         self.real, self.memory = real, memory
         self.offset = len(real)
+        self.flag_known = bool(flag_known)
 
     def __len__(self) -> int:
         return self.offset + len(self.memory)
@@ -103,7 +110,10 @@ class JoinedDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         ds, index = (self.real, index) if index < self.offset else \
             (self.memory, index - self.offset)
-        return ds[index] if seed is None else ds[(index, seed)]
+        out = ds[index] if seed is None else ds[(index, seed)]
+        if not self.flag_known:
+            return out
+        return (*out, ds is self.memory)
 
 
 class HalfBatchSampler(Sampler):
@@ -150,14 +160,15 @@ class HalfBatchSampler(Sampler):
 
 
 def mixed_sampler(real: Dataset, memory: Dataset, mix: str, batch_size: int, seed: int,
-                  step: int, epoch: int, replicas: int = 1, rank: int = 0
-                  ) -> tuple[JoinedDataset, dict]:
-    """The joined dataset and the DataLoader arguments (``sampler`` + ``batch_size`` +
-    ``drop_last``, or ``batch_sampler``) of a step trained with its memory, starting at
-    ``epoch`` (the memory stream's seed is the step's seed + 2; replay uses + 1)."""
+                  step: int, epoch: int, replicas: int = 1, rank: int = 0,
+                  flag_known: bool = False) -> tuple[JoinedDataset, dict]:
+    """The joined dataset (``flag_known``: see :class:`JoinedDataset`) and the DataLoader
+    arguments (``sampler`` + ``batch_size`` + ``drop_last``, or ``batch_sampler``) of a step
+    trained with its memory, starting at ``epoch`` (the memory stream's seed is the step's
+    seed + 2; replay uses + 1)."""
     if mix not in MEMORY_MIX:
         raise ValueError(f"mix={mix!r} is not one of {', '.join(MEMORY_MIX)}")
-    joined = JoinedDataset(real, memory)
+    joined = JoinedDataset(real, memory, flag_known)
     if mix == "concat":
         sampler = SeededSampler(len(joined), seed, step, True, replicas, rank)
         sampler.set_epoch(epoch)

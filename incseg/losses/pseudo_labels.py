@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["adaptive_factor", "entropy_histogram", "histogram_median",
+__all__ = ["adaptive_factor", "entropy_histogram", "guessed_background", "histogram_median",
            "normalized_entropy", "pseudo_label", "reference_entropy",
            "reference_histogram_median", "uncertainty_thresholds", "weighted_cross_entropy"]
 
@@ -98,23 +98,35 @@ def uncertainty_thresholds(median: Tensor, floor: float = 0.001) -> Tensor:
     return torch.maximum(median, torch.full_like(median, float(floor)))
 
 
-def pseudo_label(labels: Tensor, old_logits: Tensor, thresholds: Tensor, uncertainty: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+def guessed_background(labels: Tensor, num_old: int, known: Tensor | None = None) -> Tensor:
+    """The pixels whose label hides the old classes: label < C_o (background, or an old class
+    that the step's labels turned into background), outside the ``known`` images (B bools: a
+    labelled memory's, whose labels are ground truth). ``labels`` ``B x H x W`` -> bools."""
+    background = labels < num_old
+    if known is not None:
+        background &= ~known.to(device=labels.device, dtype=torch.bool).view(-1, 1, 1)
+    return background
+
+
+def pseudo_label(labels: Tensor, old_logits: Tensor, thresholds: Tensor, uncertainty: Tensor,
+                 known: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Background pixels (label < C_o) take the old model's class ŷ = argmax where their
     uncertainty is below τ[ŷ] (ŷ may be 0: confident background stays background); the other
-    background pixels are ignored (255). New-class and void pixels keep their labels.
+    background pixels are ignored (255). New-class and void pixels keep their labels, and so
+    does every pixel of a ``known`` image (its labels are ground truth, not hidden classes).
 
     Args:
         labels: ``B x H x W`` long (not modified).
         old_logits: ``B x C_o x H x W`` of the previous model.
         thresholds: ``C_o`` floats τ.
         uncertainty: ``B x H x W`` the uncertainty of the old prediction, on τ's scale.
+        known: ``B`` bools or None (no such image).
 
     Returns:
         (new labels ``B x H x W``, kept mask ``B x H x W``: background pixels pseudo-labelled).
     """
     num_old = old_logits.shape[1]
-    background = labels < num_old
+    background = guessed_background(labels, num_old, known)
     predicted = old_logits.argmax(dim=1)
     kept = background & (uncertainty < thresholds.to(uncertainty.device)[predicted])
     out = labels.clone()
@@ -123,12 +135,18 @@ def pseudo_label(labels: Tensor, old_logits: Tensor, thresholds: Tensor, uncerta
     return out, kept
 
 
-def adaptive_factor(labels: Tensor, kept: Tensor, num_old: int) -> Tensor:
+def adaptive_factor(labels: Tensor, kept: Tensor, num_old: int, known: Tensor | None = None
+                    ) -> Tensor:
     """Per image a = #(background pixels kept) / (#background pixels + 1e-6): the share of the
     image's background that the old model labels confidently (0 for an image without
-    background, as in the reference). ``labels``, ``kept``: ``B x H x W`` -> ``B``."""
+    background, as in the reference); 1 for a ``known`` image, all of whose labels are kept.
+    ``labels``, ``kept``: ``B x H x W``; ``known``: ``B`` bools or None -> ``B``."""
     background = (labels < num_old).flatten(1).sum(dim=1).float()
-    return kept.flatten(1).sum(dim=1).float() / (background + 1e-6)
+    factor = kept.flatten(1).sum(dim=1).float() / (background + 1e-6)
+    if known is not None:
+        factor = torch.where(known.to(device=factor.device, dtype=torch.bool),
+                             torch.ones_like(factor), factor)
+    return factor
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None

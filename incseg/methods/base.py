@@ -36,10 +36,14 @@ CLASSIFICATION = ("ce", "unbiased_ce")
 
 @dataclass
 class Batch:
-    """One training batch of the current step: images B x 3 x H x W, labels B x H x W."""
+    """One training batch of the current step: images B x 3 x H x W, labels B x H x W, and
+    ``known`` (B bools, or None): the images whose labels are the ground truth of every class
+    seen so far (a labelled memory's, :class:`incseg.data.memory.JoinedDataset`), where a step
+    image's background hides the old classes."""
 
     images: Tensor
     labels: Tensor
+    known: Tensor | None = None
 
 
 @dataclass
@@ -66,7 +70,9 @@ class Method:
                          head (BiSeNet's main and auxiliary ones, paper Eq. 3)
       init_balanced      new heads start as MiB's background-balanced initialisation
       uses_old_outputs   the student runs the frozen previous model on each batch for ``terms``
-      needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``) it reads
+      needs_features     contract feature keys (``encoder``, ``stages``, ``decoder``; the
+                         optional ``stages_preact``, ``logits_small``, which the model then
+                         computes for it) it reads
       trains_step0       step 0 trains with this method (its segmentation loss, parameter
                          groups and hooks; no ``terms``) instead of the plain-CE teacher shared
                          by the others

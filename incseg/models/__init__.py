@@ -11,16 +11,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from incseg.models.backbones import ResNetBackbone
-from incseg.models.base import FEATURE_KEYS, SegmentationModel, SegOutput
+from incseg.models.base import (
+    FEATURE_KEYS,
+    OPTIONAL_FEATURE_KEYS,
+    SegmentationModel,
+    SegOutput,
+    model_output,
+)
 from incseg.models.bisenet import BiSeNet
 from incseg.models.deeplab import DeepLabV3
 from incseg.models.heads import IncrementalHead
 from incseg.models.pooling import LSELBAPool, lse_lba_pool
 
 __all__ = [
-    "FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead", "LSELBAPool", "ResNetBackbone",
-    "SegOutput", "SegmentationModel", "build_model", "lse_lba_pool", "model_config",
-    "model_names",
+    "FEATURE_KEYS", "OPTIONAL_FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead",
+    "LSELBAPool", "ResNetBackbone", "SegOutput", "SegmentationModel", "build_model",
+    "lse_lba_pool", "model_config", "model_names", "model_output",
 ]
 
 

@@ -19,13 +19,14 @@ from urllib.parse import urlparse
 import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from incseg.errors import ConfigError
 from incseg.io import is_storage_error, storage_error
 
 __all__ = [
     "RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights",
-    "pretrained_file",
+    "pretrained_file", "residual_sum",
 ]
 
 
@@ -90,6 +91,44 @@ class ResNetBackbone(nn.Module):
             x = layer(x)
             stages.append(x)
         return stages
+
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """B x 3 x H x W -> (the four stages' outputs, the same before their final ReLU).
+
+        A stage's pre-activation is its last residual block's sum (residual branch + shortcut)
+        before the ReLU, negatives kept: what PLOP's local POD distils (arthurdouillard/
+        CVPR2021_PLOP ``modules/residual.py``: the last block of each module returns ``act, x``
+        and ``models/resnet.py`` collects the ``x`` as ``attentions``). The same modules run in
+        the same order, so the outputs equal :meth:`forward`'s; the ReLU of the last block is
+        not in place (the pre-activation must survive it), which costs one stage-sized tensor
+        per stage: only a caller that reads them pays it.
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages, preacts = [], []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            *blocks, last = layer
+            for block in blocks:
+                x = block(x)
+            pre = residual_sum(last, x)
+            x = torch.relu(pre)
+            stages.append(x)
+            preacts.append(pre)
+        return stages, preacts
+
+
+def residual_sum(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision ``BasicBlock`` / ``Bottleneck`` up to its final ReLU: residual branch +
+    shortcut, the very operations of its ``forward`` in its order (torchvision
+    ``models/resnet.py``), so ``relu(residual_sum(block, x))`` equals ``block(x)``."""
+    if not isinstance(block, (BasicBlock, Bottleneck)):
+        raise TypeError(f"residual_sum takes a torchvision BasicBlock or Bottleneck, not "
+                        f"{type(block).__name__}")
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.bn2(block.conv2(out))
+    if isinstance(block, Bottleneck):
+        out = block.bn3(block.conv3(block.relu(out)))
+    identity = x if block.downsample is None else block.downsample(x)
+    return out + identity
 
 
 def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:

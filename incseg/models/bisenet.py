@@ -12,7 +12,9 @@ Layout at input size H x W (C3, C4 = layer3/layer4 channels of the ResNet):
     heads         main(ffm), aux1(cx1), aux2(cx2), each upsampled to H x W.
 
 Contract features: ``encoder`` = body (layer4), ``stages`` = the ResNet's four stages,
-``decoder`` = ffm; BiSeNet's own ``spatial``, ``cx1``, ``cx2`` beside them.
+``decoder`` = ffm; BiSeNet's own ``spatial``, ``cx1``, ``cx2`` beside them. When asked
+(``forward(x, extra=...)``): ``stages_preact`` = the four stages before their last ReLU and
+``logits_small`` = the main head's logits at 1/8, before upsampling.
 
 Two variants (``conf/model/bisenet_*`` and ``bisenet_*_paper``). The default follows the BiSeNet
 paper and the public implementations it cites: a 1x1 fusion conv, the global context *added* to
@@ -25,7 +27,7 @@ from it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,11 +190,15 @@ class BiSeNet(nn.Module):
                               "model.arm_bias=true or false")
         pretrained_file(backbone, pretrained)
 
-    def forward_features(self, x: Tensor) -> dict:
+    def forward_features(self, x: Tensor, preact: bool = False) -> dict:
         """B x 3 x H x W -> the named features (spatial, cx1, cx2, decoder at 1/8; encoder at
-        1/32; stages at 1/4 .. 1/32)."""
+        1/32; stages at 1/4 .. 1/32; with ``preact`` also stages_preact)."""
         spatial = self.spatial_path(x)
-        stages = self.backbone(x)
+        extra = {}
+        if preact:
+            stages, extra["stages_preact"] = self.backbone.forward_preact(x)
+        else:
+            stages = self.backbone(x)
         f16, body = stages[2], stages[3]
         size = spatial.shape[-2:]
         # Global context (BiSeNet paper Sec. 3.2): the pooled 1/32 feature, broadcast over the
@@ -205,13 +211,17 @@ class BiSeNet(nn.Module):
         cx1 = _resize(self.arm16(f16), size)
         ffm = self.ffm((spatial, cx1, cx2))
         return {"encoder": body, "stages": stages, "decoder": ffm,
-                "spatial": spatial, "cx1": cx1, "cx2": cx2}
+                "spatial": spatial, "cx1": cx1, "cx2": cx2, **extra}
 
-    def forward(self, x: Tensor) -> SegOutput:
-        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W)."""
-        feats = self.forward_features(x)
+    def forward(self, x: Tensor, extra: Collection[str] = ()) -> SegOutput:
+        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W); ``extra`` names the
+        optional contract features to add (``stages_preact``, ``logits_small``)."""
+        feats = self.forward_features(x, preact="stages_preact" in extra)
         size = x.shape[-2:]
-        logits = _resize(self.head(feats["decoder"]), size)
+        small = self.head(feats["decoder"])
+        if "logits_small" in extra:
+            feats["logits_small"] = small
+        logits = _resize(small, size)
         aux = []
         if self.training:
             aux = [_resize(self.aux1(feats["cx1"]), size), _resize(self.aux2(feats["cx2"]), size)]

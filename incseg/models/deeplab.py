@@ -11,7 +11,10 @@ Layout at input size H x W, output stride s (16 as in MiB / PLOP, or 8):
 
 Contract features: ``encoder`` = layer4 output (MiB's ``body``, what ILT distils),
 ``stages`` = the four ResNet stages, ``decoder`` = the ASPP output the classifier reads
-(MiB's ``pre_logits``). No auxiliary heads: ``aux`` is always empty.
+(MiB's ``pre_logits``). When asked (``forward(x, extra=...)``): ``stages_preact`` = the four
+stages before their last ReLU (PLOP's ``attentions``) and ``logits_small`` = the head's logits
+at 1/s before upsampling (PLOP's ``sem_logits_small``). No auxiliary heads: ``aux`` is always
+empty.
 
 Norm: the references use InPlace-ABN-sync (BatchNorm + leaky ReLU 0.01, one fused op); here
 BatchNorm + ReLU, which Lightning turns into SyncBatchNorm under DDP on GPUs
@@ -22,7 +25,7 @@ BatchNorm + ReLU, which Lightning turns into SyncBatchNorm under DDP on GPUs
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,17 +207,24 @@ class DeepLabV3(nn.Module):
         aspp_rates_for(output_stride, aspp_rates)
         pretrained_file(backbone, pretrained)
 
-    def forward_features(self, x: Tensor) -> dict:
+    def forward_features(self, x: Tensor, preact: bool = False) -> dict:
         """B x 3 x H x W -> ``encoder`` (C4 x H/s), ``stages`` (1/4 .. 1/s), ``decoder``
-        (256 x H/s)."""
-        stages = self.backbone(x)
+        (256 x H/s); with ``preact`` also ``stages_preact``."""
+        extra = {}
+        if preact:
+            stages, extra["stages_preact"] = self.backbone.forward_preact(x)
+        else:
+            stages = self.backbone(x)
         body = stages[-1]
-        return {"encoder": body, "stages": stages, "decoder": self.aspp(body)}
+        return {"encoder": body, "stages": stages, "decoder": self.aspp(body), **extra}
 
-    def forward(self, x: Tensor) -> SegOutput:
-        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W, no aux)."""
-        feats = self.forward_features(x)
+    def forward(self, x: Tensor, extra: Collection[str] = ()) -> SegOutput:
+        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W, no aux); ``extra`` names
+        the optional contract features to add (``stages_preact``, ``logits_small``)."""
+        feats = self.forward_features(x, preact="stages_preact" in extra)
+        small = self.head(feats["decoder"])
+        if "logits_small" in extra:
+            feats["logits_small"] = small
         # align_corners=False: MiB's IncrementalSegmentationModule
-        logits = F.interpolate(self.head(feats["decoder"]), size=x.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return SegOutput(logits=logits, aux=[], features=feats)

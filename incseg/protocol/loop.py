@@ -44,7 +44,13 @@ from incseg.protocol.trainer import (
     quiet_lightning,
     recipe,
 )
-from incseg.results import conventions, final_block, step_record, write_results
+from incseg.results import (
+    conventions,
+    final_block,
+    hiou_convention,
+    step_record,
+    write_results,
+)
 from incseg.systems import StudentModule
 from incseg.tasks import Task
 
@@ -199,8 +205,8 @@ def run_protocol(cfg: DictConfig, run_dir: Path) -> dict:
         classes = task.classes_seen(task.num_steps - 1) if joint else task.classes_added(t)
         step0_cache = out.cache[1] if (t == 0 and out.cache and out.cache[0] == "step-0") \
             else None
-        record = step_record(t, classes, out.summary, wall_time_s=walls[t],
-                             step0_cache=step0_cache, **extra)
+        record = step_record(t, classes, out.summary, hiou=hiou_convention(cfg),
+                             wall_time_s=walls[t], step0_cache=step0_cache, **extra)
         state.finish_step(t, record)
         if is_rank_zero():
             for stage in (f"step{t}", "joint"):

@@ -87,6 +87,9 @@ def fingerprint(cfg: DictConfig) -> dict:
         # no labelled memory (or Joint, which ignores it): the run is the one it was before
         # the memory block existed, under the same hash and caches
         plain.pop("memory")
+    if (plain.get("eval") or {}).get("hiou", "suite") == "suite":
+        # the default hIoU: the run is the one it was before the choice existed
+        plain.pop("eval", None)
     if "trainer" in plain and "train" in plain and "data" in plain:
         # what the numbers depend on is the resolved format, not the word "auto": a run or a
         # cache entry made with an explicit 32-true is the same as one that auto resolved so

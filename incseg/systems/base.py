@@ -15,7 +15,7 @@ from incseg.errors import ConfigError, IncsegError, TrainingError
 from incseg.losses import bisenet_loss, cross_entropy
 from incseg.methods.base import Method
 from incseg.metrics import SegMetric, summarize
-from incseg.models.base import SegmentationModel, SegOutput, missing_features
+from incseg.models.base import SegmentationModel, SegOutput, missing_features, model_output
 from incseg.prediction import prediction_scores
 from incseg.tasks import Task
 
@@ -77,10 +77,11 @@ class SegmentationSystem(L.LightningModule):
         return self
 
     def method_forward(self, images: Tensor) -> SegOutput:
-        """The model's output for the method's loss; the first one is checked for the features
-        the method reads (one line instead of a KeyError deep in the method)."""
-        out = self.model(images)
+        """The model's output for the method's loss, with the optional features the method
+        reads; the first one is checked for them all (one line instead of a KeyError deep in
+        the method)."""
         m = self.method
+        out = model_output(self.model, images, m.needs_features if m is not None else ())
         if m is not None and not self._features_checked:
             missing = missing_features(out, m.needs_features)
             if missing:
@@ -92,9 +93,10 @@ class SegmentationSystem(L.LightningModule):
         return out
 
     # ---- the loss: subclasses (the student) add their method's terms ------------------------
-    def training_loss(self, images: Tensor, labels: Tensor,
-                      replay: Tensor | None = None) -> dict[str, Tensor]:
-        """Paper Eq. 3: L_B = CE(main) + CE(aux1) + CE(aux2), over every class of the step."""
+    def training_loss(self, images: Tensor, labels: Tensor, replay: Tensor | None = None,
+                      known: Tensor | None = None) -> dict[str, Tensor]:
+        """Paper Eq. 3: L_B = CE(main) + CE(aux1) + CE(aux2), over every class of the step.
+        ``known``: the images whose labels hold every seen class (:class:`Batch`)."""
         out = self.model(images)
         ce = partial(cross_entropy, reduction=self.recipe.loss_reduction)
         return {"loss": bisenet_loss(out.logits, out.aux, labels, ce)}
@@ -126,10 +128,12 @@ class SegmentationSystem(L.LightningModule):
         if isinstance(batch, dict):
             replay = batch.get("replay")
             batch = batch["real"]
-        images, labels = batch
+        # a labelled memory with complete labels adds a third element (incseg.data.memory)
+        images, labels, *rest = batch
+        known = rest[0] if rest else None
         if replay is not None:
             replay = self._prepare(replay)
-        terms = self.training_loss(self._prepare(images), labels, replay)
+        terms = self.training_loss(self._prepare(images), labels, replay, known)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from incseg.errors import CheckpointError, ConfigError
 from incseg.methods.base import Batch, Method, StepContext
-from incseg.models.base import SegmentationModel
+from incseg.models.base import SegmentationModel, model_output
 from incseg.models.norm import freeze
 from incseg.replay.term import ReplayTerm
 from incseg.stability import sgd_stability_bound
@@ -51,17 +51,17 @@ class StudentModule(SegmentationSystem):
         self.old_model.eval()  # Lightning puts every submodule in train mode: not this one
         return self
 
-    def training_loss(self, images: Tensor, labels: Tensor,
-                      replay: Tensor | None = None) -> dict[str, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor, replay: Tensor | None = None,
+                      known: Tensor | None = None) -> dict[str, Tensor]:
         """L = L_B + the method's terms (+ w D_replay on the synthetic batch)."""
         m = self.method
         out = self.method_forward(images)
         old = None
         if m.uses_old_outputs:
             with torch.no_grad():
-                old = self.old_model(images)
+                old = model_output(self.old_model, images, m.needs_features)
         terms = {"seg": m.segmentation_loss(out, labels)}
-        terms.update(m.terms(Batch(images, labels), out, old))
+        terms.update(m.terms(Batch(images, labels, known), out, old))
         if replay is not None and self.replay is not None:
             if self.replay.spec.decay != "none":
                 self.replay.progress = self._progress()

@@ -34,10 +34,10 @@ class TeacherModule(SegmentationSystem):
                                      model=self.model))
             method.on_train_mode(self.model)
 
-    def training_loss(self, images: Tensor, labels: Tensor,
-                      replay: Tensor | None = None) -> dict[str, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor, replay: Tensor | None = None,
+                      known: Tensor | None = None) -> dict[str, Tensor]:
         if self.method is None:
-            return super().training_loss(images, labels, replay)
+            return super().training_loss(images, labels, replay, known)
         return {"loss": self.method.segmentation_loss(self.method_forward(images), labels)}
 
     def param_groups(self) -> list[dict]:
