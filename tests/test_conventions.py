@@ -230,7 +230,7 @@ def test_tuning_sweepers_are_told_apart_from_the_basic_one():
 def test_conventions_recorded_in_results(tmp_path):
     conv = conventions(compose(["dataset=ade"]))
     assert conv == {"val": "none", "loss_reduction": "valid", "void_as_background": True,
-                    "unseen_as": "ignore", "ade_class0": "ignore"}
+                    "unseen_as": "ignore", "ade_class0": "ignore", "hiou": "suite"}
     assert "ade_class0" not in conventions(compose([]))
     header = {"dataset": "shapes", "task": "15-5", "method": "mib", "overlap": True, "seed": 0,
               "conventions": conventions(compose(["data.val=holdout"]))}
