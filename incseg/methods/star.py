@@ -37,7 +37,7 @@ class's prototype; (c) the replayed norm is drawn per element of a feature, not 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -68,6 +68,24 @@ STATISTICS = ("prototypes", "noise", "norm_mean", "norm_std")
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _first_epoch(train_loader: Iterable) -> Iterator:
+    """The step's batches with the crops of its first epoch, whatever epoch the Trainer's
+    sampler is at (after the fit it is at the last one, or at another after a resume): the
+    end-of-step pass then sees the same data in a run and in its resumed twin."""
+    loader = fresh_loader(train_loader)
+    samplers = [s for s in (getattr(loader, "sampler", None),
+                            getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+                if s is not None and hasattr(s, "set_epoch") and hasattr(s, "epoch")]
+    epochs = [s.epoch for s in samplers]
+    try:
+        for s in samplers:
+            s.set_epoch(0)
+        yield from loader
+    finally:
+        for s, e in zip(samplers, epochs):
+            s.set_epoch(e)
 
 
 def replay_plan(previous_numbers: Tensor, predicted: Tensor, iterations: int, n_new: int,
@@ -187,7 +205,7 @@ class STAR(DKD):
         device = next(old_model.parameters()).device
         predicted = torch.zeros(num_old, dtype=torch.float64, device=device)
         iterations = 0
-        for batch in fresh_loader(train_loader):
+        for batch in _first_epoch(train_loader):
             images, labels = batch[0].to(device), batch[1].to(device)
             out = old_model(images)
             pred = old_sigmoid_prediction(out.logits, self.threshold_logit)
@@ -303,7 +321,7 @@ class STAR(DKD):
         device = next(model.parameters()).device
         classes = torch.arange(self.first_new, self.ctx.num_classes, device=device)
         sums, background = ClassSums(), torch.zeros((), dtype=torch.float64, device=device)
-        for batch in fresh_loader(train_loader):
+        for batch in _first_epoch(train_loader):
             images, labels = batch[0].to(device), batch[1].to(device)
             f = model(images).features["decoder"]
             small = subsample_labels(labels, f.shape[-2:])
