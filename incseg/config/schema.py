@@ -171,8 +171,14 @@ def _check_replay(cfg: DictConfig) -> None:
     if rc.get("loss") not in REPLAY_LOSSES:
         raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "
                           f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
+    from incseg.methods import method_prediction
+
     try:
-        ReplaySpec.from_config(plain(rc))
+        prediction = method_prediction(cfg.method)
+    except (ImportError, AttributeError):
+        prediction = "argmax"  # the method check names the missing class
+    try:
+        ReplaySpec.from_config(plain(rc), prediction)
     except ValueError as err:
         if re.match(r"\w+=", str(err)):  # a value out of range, named by its key
             raise ConfigError(f"replay.{err}") from None
