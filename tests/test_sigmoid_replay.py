@@ -1,7 +1,7 @@
 """Replay for methods of one sigmoid per class (DKD, STAR): the generator's per-class BCE
 objective and the replay distances on the old sigmoids against hand-computed values, the
 replay set's key, the refused softmax-only options in one line, the curvature warning's wording,
-and DKD / STAR with DeepInversion on the smoke protocol."""
+and DKD / STAR (and PLOP, a softmax method) with DeepInversion on the smoke protocol."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ TINY = ["experiment=smoke", "logger=none", "dataset.generator.n_train=64",
         "inversion.n_per_class=1", "inversion.iterations_low=4", "inversion.iterations_full=4"]
 
 
-@pytest.mark.parametrize("method", ["dkd", "star"])
+@pytest.mark.parametrize("method", ["dkd", "star", "plop"])
 def test_sigmoid_methods_run_with_deepinversion_on_the_smoke_protocol(tmp_path, caplog, method):
     from incseg.config import compose
     from incseg.protocol import run_protocol
@@ -198,5 +198,6 @@ def test_sigmoid_methods_run_with_deepinversion_on_the_smoke_protocol(tmp_path, 
     assert len(manifests) == 1
     import json
 
-    assert json.loads(manifests[0].read_text())["settings"]["objective"] == "sigmoid"
+    settings = json.loads(manifests[0].read_text())["settings"]
+    assert settings.get("objective") == (None if method == "plop" else "sigmoid")
     assert "step 1 replay: 15 deepinversion images" in caplog.text
