@@ -502,3 +502,21 @@ def test_star_m_runs_with_the_labelled_memory(tmp_path):
     assert res["method"] == "star_m" and res["method_label"] == "STAR-M"
     assert res["steps"][1]["memory"]["images"] == 10
     assert _state(tmp_path / "run" / "checkpoints" / "step1.pt")["prototypes"].shape == (20, 256)
+
+
+def test_star_runs_on_deeplab(tmp_path, caplog):
+    """DeepLabV3's decoder feature is its ASPP output at stride 16 (the reference's ``x_pl``):
+    2 x 2 cells on 32 px crops, where a small class can miss every cell centre."""
+    from incseg.config import compose
+    from incseg.protocol import run_protocol
+
+    with caplog.at_level("WARNING"):
+        out = run_protocol(compose([*TINY, "model=deeplabv3_r50", "model.backbone=resnet18",
+                                    f"paths.cache_dir={tmp_path / 'cache'}", "method=star"]),
+                           tmp_path / "run")
+    assert out["method"] == "star" and len(out["steps"]) == 2
+    assert all(0.0 <= out["final"][k] <= 1.0 for k in ("old", "new", "all"))
+    state = _state(tmp_path / "run" / "checkpoints" / "step1.pt")
+    missing = state["numbers"][16:] == 0   # new classes without a pixel: zeros, and a warning
+    assert torch.all(state["prototypes"][15:][missing] == 0)
+    assert not missing.any() or "have no pixel at the decoder's resolution" in caplog.text
