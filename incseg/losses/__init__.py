@@ -11,6 +11,8 @@ from incseg.losses.distillation import (
     replay_kl,
     replay_loss,
     replay_mse,
+    replay_sigmoid_kl,
+    replay_sigmoid_mse,
     unbiased_knowledge_distillation,
 )
 from incseg.losses.inversion import (
@@ -19,6 +21,7 @@ from incseg.losses.inversion import (
     bn_statistics_loss,
     competition_loss,
     image_priors,
+    sigmoid_class_objective,
 )
 from incseg.losses.segmentation import (
     REDUCTIONS,
@@ -38,11 +41,14 @@ __all__ = [
     "cross_entropy",
     "feature_distillation",
     "image_priors",
+    "sigmoid_class_objective",
     "knowledge_distillation",
     "old_view",
     "replay_kl",
     "replay_loss",
     "replay_mse",
+    "replay_sigmoid_kl",
+    "replay_sigmoid_mse",
     "unbiased_cross_entropy",
     "unbiased_knowledge_distillation",
 ]

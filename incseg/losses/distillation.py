@@ -20,6 +20,8 @@ __all__ = [
     "replay_kl",
     "replay_loss",
     "replay_mse",
+    "replay_sigmoid_kl",
+    "replay_sigmoid_mse",
     "unbiased_knowledge_distillation",
 ]
 
@@ -165,17 +167,53 @@ def replay_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
     return temperature**2 * kl.mean()
 
 
+def replay_sigmoid_mse(logits: Tensor, old_logits: Tensor) -> Tensor:
+    """Replay distance ``mse`` for a model of one sigmoid per class (DKD, STAR): the squared
+    difference of the student's and the teacher's sigmoids of the old classes 1..C_o-1 (channel 0
+    is no class score), mean over ``B * (C_o - 1) * H * W``. A sigmoid student predicts what its
+    sigmoids say, so the distance is on them rather than on logits that a softmax would
+    renormalise."""
+    num_old = _check_old(logits, old_logits)
+    return F.mse_loss(torch.sigmoid(logits[:, 1:num_old]),
+                      torch.sigmoid(old_logits[:, 1:].detach()))
+
+
+def replay_sigmoid_kl(logits: Tensor, old_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Replay distance ``kl`` for a model of one sigmoid per class: per pixel the sum over the
+    old classes 1..C_o-1 of KL(Bernoulli(q_c) || Bernoulli(p_c)), q = σ(z_old / T) and
+    p = σ(z / T), times T², mean over the ``B * H * W`` pixels; 0 when the sigmoids agree. Its
+    gradient is DKD's KD (a BCE against the teacher's sigmoids) on the replayed images."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_old = _check_old(logits, old_logits)
+    z, t = logits[:, 1:num_old] / temperature, old_logits[:, 1:].detach() / temperature
+    q = torch.sigmoid(t)
+    # KL = q (log q - log p) + (1 - q) (log(1 - q) - log(1 - p)), with log σ(x) = -softplus(-x)
+    # and log(1 - σ(x)) = -softplus(x)
+    kl = q * (F.softplus(-z) - F.softplus(-t)) + (1 - q) * (F.softplus(z) - F.softplus(t))
+    return temperature**2 * kl.sum(dim=1).mean()
+
+
 def replay_loss(kind: str, logits: Tensor, old_logits: Tensor, temperature: float = 1.0,
-                background: str = "unbiased") -> Tensor:
+                background: str = "unbiased", prediction: str = "argmax") -> Tensor:
     """Dispatch ``replay.loss``: ``mse`` | ``kl`` | ``ukd``.
 
     ``ukd`` reuses :func:`unbiased_knowledge_distillation` on the student's full logits
     (alpha 1; unbiased by construction); ``temperature`` only affects ``kl``; ``background``
-    only ``mse`` and ``kl``.
+    only ``mse`` and ``kl``. ``prediction="sigmoid"`` (DKD, STAR): the sigmoid forms
+    :func:`replay_sigmoid_mse` / :func:`replay_sigmoid_kl`, no background channel; ``ukd``
+    (MiB's softmax over old and new classes) has none.
 
     Raises:
         ValueError: unknown ``kind`` (one line listing the valid kinds).
     """
+    if prediction == "sigmoid":
+        if kind == "mse":
+            return replay_sigmoid_mse(logits, old_logits)
+        if kind == "kl":
+            return replay_sigmoid_kl(logits, old_logits, temperature)
+        raise ValueError(f"replay.loss={kind!r} has no form for a model of one sigmoid per "
+                         "class; use replay.loss=mse or replay.loss=kl")
     if kind == "mse":
         return replay_mse(logits, old_logits, background)
     if kind == "kl":

@@ -204,3 +204,22 @@ def competition_loss(
     kl_mq = (m * (log_m - q.log())).sum(dim=1)
     js = (0.5 * (kl_mp + kl_mq)).mean()
     return 1.0 - js.clamp(0.0, 1.0)
+
+
+def sigmoid_class_objective(pooled: Tensor, targets: Tensor) -> Tensor:
+    """The generator's class objective for a model of one sigmoid per class (DKD, STAR), the
+    counterpart of the cross-entropy on the pooled logits of a softmax model: one
+    BCE-with-logits per class on the image-level logits of classes 1..C_o-1 (channel 0 is no
+    class score: DKD's auxiliary classifier, STAR's unused channel), the target class a
+    positive and every other class a negative, averaged over the batch per class and summed
+    over classes (DKD's convention for its losses). A target 0 (background, with
+    ``inversion.include_background``) is a negative of every class.
+
+    Args:
+        pooled: ``B x C_o`` image-level logits (e.g. LSE-LBA pooled).
+        targets: ``B`` target channels in ``0..C_o-1``.
+    """
+    channels = torch.arange(1, pooled.shape[1], device=pooled.device)
+    onehot = (targets.view(-1, 1) == channels.view(1, -1)).to(pooled.dtype)
+    bce = F.binary_cross_entropy_with_logits(pooled[:, 1:], onehot, reduction="none")
+    return bce.mean(dim=0).sum()

@@ -11,7 +11,7 @@ from typing import Any
 
 from incseg.methods.base import Batch, Method, StepContext
 
-__all__ = ["Batch", "Method", "StepContext", "build_method", "is_joint"]
+__all__ = ["Batch", "Method", "StepContext", "build_method", "is_joint", "method_prediction"]
 
 
 def is_joint(method_cfg: Mapping[str, Any]) -> bool:
@@ -30,3 +30,14 @@ def build_method(method_cfg: Mapping[str, Any]) -> Method:
     if not isinstance(method, Method):
         raise TypeError(f"{method_cfg['_target_']} is not an incseg.methods.Method")
     return method
+
+
+def method_prediction(method_cfg: Mapping[str, Any]) -> str:
+    """The prediction rule of the method ``conf/method/<name>.yaml`` names (its class's
+    ``prediction``, read without building it): what the replay's generator objective and
+    distance follow. ``argmax`` for Joint and a config without a class."""
+    from incseg.config.build import has_target, target_class
+
+    if is_joint(method_cfg) or not has_target(method_cfg):
+        return "argmax"
+    return str(getattr(target_class(method_cfg), "prediction", "argmax"))

@@ -20,11 +20,12 @@ protocol stores it in the step's model file and hands it to the next step's meth
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from incseg.losses import REDUCTIONS, bisenet_loss, cross_entropy, unbiased_cross_entropy
 from incseg.models.base import SegOutput
@@ -148,6 +149,12 @@ class Method:
     def on_step_end(self, model: nn.Module, old_model: nn.Module) -> None:
         """After the last iteration of a step."""
 
+    def on_fit_end(self, model: nn.Module, train_loader: Iterable) -> None:
+        """After the step's fit, also one resumed with nothing left to train (where
+        :meth:`on_step_end` is not called again): a pass of the trained model over the step's
+        data whose result the next step starts from (STAR's class prototypes). Read the data
+        through :func:`fresh_loader`."""
+
     def penalty_curvature(self) -> float | None:
         """The largest curvature of the method's quadratic weight penalty (EWC / PI / RW), which
         SGD at the step's lr must be able to follow; None for a method without one."""
@@ -175,6 +182,23 @@ class Method:
     def load_previous_step(self, state: dict[str, Any]) -> None:
         """Called before :meth:`setup` with the previous step's :meth:`next_step_state` (empty
         when it had none)."""
+
+
+def fresh_loader(loader) -> Iterable:
+    """The step's training batches, read again without touching the Trainer's own iterator
+    (with persistent workers a second ``iter`` of the same DataLoader would reset it). The
+    sampler yields (index, seed) pairs, so the pass sees the very crops of the first epoch
+    and draws no random number."""
+    if isinstance(loader, Mapping):  # with replay: {"real": ..., "replay": ...}
+        loader = loader["real"]
+    if not isinstance(loader, DataLoader):
+        return loader
+    how = ({"batch_sampler": loader.batch_sampler} if loader.batch_size is None else
+           {"batch_size": loader.batch_size, "sampler": loader.sampler,
+            "drop_last": loader.drop_last})
+    return DataLoader(loader.dataset, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
+                      persistent_workers=False, **how)
 
 
 def check_weight(name: str, value: float) -> float:

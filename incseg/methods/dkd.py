@@ -85,6 +85,11 @@ class DKD(Method):
     needs_features = ("decoder",)
     trains_step0 = True
     prediction = "sigmoid"
+    #: from step 1: lr of the new classifiers / ``lr`` (STAR: 10, its ``lr * 100`` group)
+    new_lr_factor = 1.0
+    #: from step 1: the recipe's weight decay on every group (STAR), not on the new
+    #: classifiers only (DKD's ``weight_decay: 0`` groups)
+    decay_all_incremental = False
 
     def __init__(self, bce_weight: float = 1.0, kd_weight: float = 5.0,
                  dkd_pos_weight: float = 5.0, dkd_neg_weight: float = 5.0,
@@ -145,11 +150,11 @@ class DKD(Method):
                 for p in m.parameters()} if self.frozen_bn else set()
         new = {id(p) for h in classifier_heads(model) for p in h.convs[-1].parameters()} \
             if incremental else set()
-        decay = {"weight_decay": 0.0} if incremental else {}
+        decay = {"weight_decay": 0.0} if incremental and not self.decay_all_incremental else {}
         groups: dict[str, dict[str, Any]] = {
             "backbone": {"params": [], "lr": lr / self.head_lr_factor, **decay},
             "head": {"params": [], "lr": lr, **decay},
-            "new": {"params": [], "lr": lr},
+            "new": {"params": [], "lr": lr * self.new_lr_factor},
         }
         for p in model.parameters():
             if not p.requires_grad or id(p) in skip:

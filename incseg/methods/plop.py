@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from incseg.losses.pod import SCALES, collapse_new_logits, local_pod_loss
 from incseg.losses.pseudo_labels import (
@@ -59,7 +58,7 @@ from incseg.losses.pseudo_labels import (
     uncertainty_thresholds,
     weighted_cross_entropy,
 )
-from incseg.methods.base import Batch, Method, check_weight
+from incseg.methods.base import Batch, Method, check_weight, fresh_loader
 from incseg.methods.regularizer import check_flag
 from incseg.models.base import SegOutput
 
@@ -89,23 +88,6 @@ def _scales(value) -> tuple[int, ...]:
         raise ValueError(f"pod_scales={list(value) if isinstance(value, Iterable) else value!r}"
                          " must be a non-empty list of whole numbers >= 1, e.g. [1, 2, 4]")
     return scales
-
-
-def _fresh_loader(loader) -> Iterable:
-    """The step's training batches, read again without touching the Trainer's own iterator
-    (with persistent workers a second ``iter`` of the same DataLoader would reset it). The
-    sampler yields (index, seed) pairs, so the pass sees the very crops of the first epoch
-    and draws no random number."""
-    if isinstance(loader, Mapping):  # with replay: {"real": ..., "replay": ...}
-        loader = loader["real"]
-    if not isinstance(loader, DataLoader):
-        return loader
-    how = ({"batch_sampler": loader.batch_sampler} if loader.batch_size is None else
-           {"batch_size": loader.batch_size, "sampler": loader.sampler,
-            "drop_last": loader.drop_last})
-    return DataLoader(loader.dataset, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
-                      persistent_workers=False, **how)
 
 
 class PLOP(Method):
@@ -177,7 +159,7 @@ class PLOP(Method):
         num_old = self.ctx.num_old
         device = next(old_model.parameters()).device
         hist = torch.zeros(num_old, self.bins, dtype=torch.long, device=device)
-        for batch in _fresh_loader(train_loader):
+        for batch in fresh_loader(train_loader):
             images, labels = batch[0].to(device), batch[1].to(device)
             known = batch[2] if len(batch) > 2 else None
             probs = torch.softmax(old_model(images).logits.float(), dim=1)

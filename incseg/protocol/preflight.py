@@ -19,7 +19,7 @@ from incseg.config import validate
 from incseg.config.build import constructor_kwargs, has_target, plain, target_class
 from incseg.errors import ConfigError
 from incseg.losses import REPLAY_LOSSES
-from incseg.methods import build_method, is_joint
+from incseg.methods import build_method, is_joint, method_prediction
 from incseg.protocol.teachers import student_model_config
 from incseg.replay.settings import InversionSettings
 from incseg.replay.term import ReplaySpec
@@ -73,7 +73,11 @@ def _check_replay(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown replay.loss {rc.get('loss')!r}; choose one of: "
                           f"{', '.join(REPLAY_LOSSES)} (e.g. replay.loss=mse)")
     try:
-        ReplaySpec.from_config(plain(rc))
+        prediction = method_prediction(cfg.method)
+    except (ImportError, AttributeError):
+        prediction = "argmax"  # the method check names the missing class
+    try:
+        ReplaySpec.from_config(plain(rc), prediction)
     except ValueError as err:
         if re.match(r"\w+=", str(err)):  # a value out of range, named by its key
             raise ConfigError(f"replay.{err}") from None

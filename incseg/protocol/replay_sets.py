@@ -3,6 +3,7 @@ foreground class, or a control: noise, real exemplars) and the student's replay 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from incseg.methods import method_prediction
 from incseg.protocol.state import derive_seed, is_rank_zero
 from incseg.protocol.teachers import (
     competition_student,
@@ -91,12 +93,17 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
     """The replay of ``step``, or None with ``replay=none``."""
     from incseg.replay import InversionSettings, ReplayDataset, class_grid, ensure_replay_set
 
-    spec = ReplaySpec.from_config(OmegaConf.to_container(cfg.replay, resolve=True))
+    prediction = method_prediction(cfg.method)
+    spec = ReplaySpec.from_config(OmegaConf.to_container(cfg.replay, resolve=True), prediction)
     if spec is None:
         return None
     class_ids = task.classes_before(step)
     targets = list(range(1, len(class_ids)))  # old foreground channels; background is no target
     settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
+    # the class objective follows the method's prediction rule (a CE for a softmax, one BCE per
+    # class for DKD's and STAR's sigmoids); part of the replay set's key when not the CE
+    settings = dataclasses.replace(settings, objective="sigmoid" if prediction == "sigmoid"
+                                   else "softmax")
     if spec.kind == "exemplars":
         from incseg.replay import exemplar_dataset
 

@@ -10,7 +10,10 @@ reference code's multi-resolution setting), fed to the frozen teacher, and the l
     + w_l2 L2 (+ w_adi R_compete with a frozen competition student)
 
 LSE-LBA pooling turns the teacher's pixel logits into image-level scores, so the classification
-CE of the paper applies to a segmentation model. The one implementation of that loss is
+CE of the paper applies to a segmentation model. For a model of one sigmoid per class (DKD,
+STAR: ``InversionSettings.objective = "sigmoid"``, set from the method's prediction rule) the CE
+becomes one BCE per class on the same pooled logits
+(:func:`~incseg.losses.inversion.sigmoid_class_objective`). The one implementation of that loss is
 :meth:`InversionModule.compute_loss`; :meth:`InversionModule.optimisation_step` is the step
 around it. Per batch the best iterate is returned (:class:`BestIterate`). The module is a
 LightningModule with manual optimisation, the image batch its parameter;
@@ -29,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from incseg.losses.inversion import BNStatisticsHook, competition_loss, image_priors
+from incseg.losses.inversion import (
+    BNStatisticsHook,
+    competition_loss,
+    image_priors,
+    sigmoid_class_objective,
+)
 from incseg.models.pooling import lse_lba_pool
 from incseg.replay.schedule import BestIterate, cosine_warmup_lr
 from incseg.replay.settings import InversionSettings, clamp_normalised
@@ -204,7 +212,10 @@ class InversionModule(L.LightningModule):
             t_logits = model_logits(self.teacher, x)
         bn = self._hook.loss.to(x.device)  # read right after the teacher's pass
         pooled = lse_lba_pool(t_logits.float(), r)  # all C_o channels, background included
-        ce = F.cross_entropy(pooled, self.targets)
+        if st.objective == "sigmoid":  # one sigmoid per class (DKD, STAR)
+            ce = sigmoid_class_objective(pooled, self.targets)
+        else:
+            ce = F.cross_entropy(pooled, self.targets)
         tv_l2, tv_l1, l2 = image_priors(x)
         total = st.w_ce * ce + st.w_bn * bn + st.w_tv_l2 * tv_l2 + st.w_tv_l1 * tv_l1
         total = total + st.w_l2 * l2

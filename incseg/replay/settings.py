@@ -33,6 +33,8 @@ __all__ = [
     "quantise",
 ]
 
+#: the generator's class objectives (:attr:`InversionSettings.objective`)
+OBJECTIVES = ("softmax", "sigmoid")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 # Aliases Lightning users type; stored as the short form.
 _PRECISION_ALIASES = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16", "32": "32",
@@ -78,6 +80,9 @@ class InversionSettings:
     lse_r0: float = 5.0
     lse_beta: float = 0.0
     include_background: bool = False
+    #: the class objective on the pooled logits, set by the protocol from the method's
+    #: prediction rule: ``softmax`` (CE over the old classes) or ``sigmoid`` (one BCE per class)
+    objective: str = "softmax"
     precision: str = "32"
     seed: int = 0
     competition: bool = False
@@ -122,6 +127,8 @@ class InversionSettings:
         if self.competition and self.w_adi is not None and not float(self.w_adi) > 0:
             raise bad(f"w_adi={self.w_adi} turns the competition off; use competition=false, or "
                       "w_adi > 0 (null: 0.2)")
+        if self.objective not in OBJECTIVES:
+            raise bad(f"objective must be one of {'|'.join(OBJECTIVES)}, got {self.objective!r}")
         if self.precision not in _PRECISION_ALIASES:
             raise bad(f"precision must be one of 32|bf16|16, got {self.precision!r}")
         self.precision = _PRECISION_ALIASES[self.precision]
@@ -169,6 +176,8 @@ class InversionSettings:
         out["jitter"] = self.effective_jitter
         out["w_adi"] = self.effective_w_adi(has_student)
         out.pop("competition")
+        if out["objective"] == "softmax":  # the keys of every set made before there was a choice
+            out.pop("objective")
         student_model = out.pop("student_model")
         if has_student:
             out.update(competition=True, student_model=student_model)

@@ -3,8 +3,11 @@ of synthetic images of the old classes, with no labels needed.
 
 ``D``: ``mse`` (on the first C_o channels, the paper's best), ``kl`` (T^2 KL(teacher||student)),
 ``ukd`` (MiB's unbiased KD on the student's full logits). The three differ in scale, so the
-weight is per distance. Before a step trains, a curvature test (:mod:`incseg.stability`) checks
-that SGD at the step's learning rate can follow the weighted term at all.
+weight is per distance. A method of one sigmoid per class (DKD, STAR; ``prediction``) gets the
+sigmoid forms: ``mse`` on the old classes' sigmoids, ``kl`` a sum of per-class Bernoulli KLs;
+``ukd`` and the teacher-label CE (softmax losses) are refused. Before a step trains, a curvature
+test (:mod:`incseg.stability`) checks that SGD at the step's learning rate can follow the
+weighted term at all.
 
 Two options aim at the new-class cost of replay (new classes lose a little mIoU with every
 distance): ``label_weight`` adds a cross-entropy on the synthetic batch with the teacher's pixel
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from incseg.losses import REPLAY_LOSSES, cross_entropy, old_view, replay_loss
 from incseg.models.norm import running_statistics, teacher_statistics
+from incseg.prediction import check_prediction
 from incseg.stability import sgd_stability_bound, top_hessian_eigenvalue
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ class ReplaySpec:
     check: int = 20
     label_weight: float = 0.0
     decay: str = "none"
+    prediction: str = "argmax"
 
     def __post_init__(self):
         for key, valid in (("kind", REPLAY_KINDS), ("loss", REPLAY_LOSSES), ("bn", REPLAY_BN),
@@ -84,11 +89,26 @@ class ReplaySpec:
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature:g} must be > 0")
         self.check = int(self.check)
+        check_prediction(self.prediction)
+        if self.prediction == "sigmoid":
+            # the method's rule: one sigmoid per class, background where none exceeds 0.5
+            if self.loss == "ukd":
+                raise ValueError(
+                    "loss=ukd is MiB's unbiased distillation over one softmax, and the method "
+                    "predicts with one sigmoid per class (DKD, STAR); use replay.loss=mse or "
+                    "replay.loss=kl, which compare the old classes' sigmoids")
+            if self.label_weight:
+                raise ValueError(
+                    f"label_weight={self.label_weight:g}: the teacher-label cross-entropy is a "
+                    "softmax loss, and the method predicts with one sigmoid per class (DKD, "
+                    "STAR); use replay.label_weight=0")
 
     @classmethod
-    def from_config(cls, rc: Mapping[str, Any] | None) -> ReplaySpec | None:
+    def from_config(cls, rc: Mapping[str, Any] | None, prediction: str = "argmax"
+                    ) -> ReplaySpec | None:
         """The spec of a ``replay`` config group (None for ``replay=none``); ``weight: null``
-        takes the per-distance default of ``weights``."""
+        takes the per-distance default of ``weights``. ``prediction``: the method's rule
+        (:attr:`incseg.methods.Method.prediction`), which the distance follows."""
         if rc is None or rc.get("name", "none") == "none":
             return None
         loss = rc.get("loss")
@@ -99,7 +119,7 @@ class ReplaySpec:
                    temperature=rc.get("temperature", 1.0), bn=str(rc.get("bn", "running")),
                    background=str(rc.get("background", "unbiased")),
                    check=rc.get("check", 20), label_weight=rc.get("label_weight", 0.0),
-                   decay=str(rc.get("decay", "none")))
+                   decay=str(rc.get("decay", "none")), prediction=prediction)
 
 
 def _sane(t: Tensor) -> Tensor:
@@ -150,7 +170,8 @@ class ReplayTerm:
             z, z_old = z[usable], z_old[usable]
         if z.shape[0] == 0:  # nothing to distil
             return z.sum() * 0.0
-        loss = s.weight * replay_loss(s.loss, z, z_old, s.temperature, s.background)
+        loss = s.weight * replay_loss(s.loss, z, z_old, s.temperature, s.background,
+                                      s.prediction)
         if s.label_weight:
             # the teacher's argmax over its C_o classes as labels; the student's background is
             # logsumexp(background, new classes) whatever ``background`` says for the distance
@@ -180,6 +201,8 @@ class ReplayTerm:
             # bound / lam brings it to the bound (the label CE is not scaled by replay.weight)
             fit = bound / lam
             term = f"{s.weight:g} * {s.loss}"
+            if s.prediction == "sigmoid":
+                term += " of the old classes' sigmoids"
             if s.label_weight:
                 term += f" + {s.label_weight:g} * teacher-label CE"
                 fix = (f"scale replay.weight and replay.label_weight by {fit:.2g} "

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg.models.pooling import lse_lba_pool
+from incseg.prediction import prediction_scores
 from incseg.replay.settings import InversionSettings
 
 __all__ = [
@@ -82,14 +83,22 @@ def teacher_verdicts(
 
     The prediction is the argmax over the foreground channels (all channels with
     ``include_background``): the targets are foreground channels, so the verdict asks which
-    of them the teacher sees. The confidence is a softmax over all channels."""
+    of them the teacher sees. The confidence is a softmax over all channels; for a teacher of
+    one sigmoid per class (``settings.objective``: DKD, STAR) the target's sigmoid, and the pixel
+    map follows that rule (background where no class's sigmoid exceeds 0.5)."""
     logits, pooled = image_level_logits(teacher, images, settings.lse_r)
-    conf = pooled.softmax(dim=1).gather(1, targets.view(-1, 1).to(pooled.device)).squeeze(1)
+    index = targets.view(-1, 1).to(pooled.device)
+    if settings.objective == "sigmoid":
+        conf = torch.sigmoid(pooled.gather(1, index)).squeeze(1)
+        pixels = prediction_scores(logits, "sigmoid").argmax(dim=1)
+    else:
+        conf = pooled.softmax(dim=1).gather(1, index).squeeze(1)
+        pixels = logits.argmax(dim=1)
     if settings.include_background or pooled.shape[1] == 1:
         pred = pooled.argmax(dim=1)
     else:
         pred = pooled[:, 1:].argmax(dim=1) + 1
-    return pred.cpu(), conf.cpu(), logits.argmax(dim=1).cpu()
+    return pred.cpu(), conf.cpu(), pixels.cpu()
 
 
 def verifier_predictions(verifier: nn.Module, images: Tensor, r: float,

@@ -92,6 +92,19 @@ class SegmentationSystem(L.LightningModule):
             self._features_checked = True
         return out
 
+    def _method_fit_end(self) -> None:
+        """The method's pass over the step's data after the fit (:meth:`Method.on_fit_end`),
+        on the device that trained: Lightning has moved the model back to the CPU by then."""
+        if type(self.method).on_fit_end is Method.on_fit_end:
+            return  # nothing to run: no round trip of the model to the device
+        device = self.trainer.strategy.root_device
+        where = next(self.model.parameters()).device
+        self.model.to(device)
+        try:
+            self.method.on_fit_end(self.model, self.trainer.train_dataloader)
+        finally:
+            self.model.to(where)
+
     # ---- the loss: subclasses (the student) add their method's terms ------------------------
     def training_loss(self, images: Tensor, labels: Tensor, replay: Tensor | None = None,
                       known: Tensor | None = None) -> dict[str, Tensor]:

@@ -118,6 +118,9 @@ class StudentModule(SegmentationSystem):
     def on_train_end(self) -> None:
         self.method.on_step_end(self.model, self.old_model)
 
+    def on_fit_end(self) -> None:
+        self._method_fit_end()
+
     def on_train_epoch_end(self) -> None:
         if self.replay is not None and self.replay.left_out:
             log.warning(

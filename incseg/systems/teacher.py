@@ -53,6 +53,10 @@ class TeacherModule(SegmentationSystem):
         if self.method is not None:
             self.method.on_step_end(self.model, None)
 
+    def on_fit_end(self) -> None:
+        if self.method is not None:
+            self._method_fit_end()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.method is not None:
