@@ -35,6 +35,11 @@ class TrainingError(IncsegError):
     """Training cannot go on (a non-finite loss or weights); the last good checkpoint is kept."""
 
 
+class PeerLost(IncsegError):
+    """Another process of the job, whose file this one waited for, is gone (killed, out of
+    memory, a lost node): finished steps and replay batches are on disk, a rerun resumes."""
+
+
 class Interrupted(IncsegError):
     """The user pressed Ctrl-C: finished epochs are on disk, a rerun resumes from them. Exit
     status 130, the shell's convention for a process ended by SIGINT."""

@@ -79,6 +79,7 @@ def fingerprint(cfg: DictConfig) -> dict:
         plain.pop(key, None)
     plain.get("data", {}).pop("num_workers", None)
     plain.get("trainer", {}).pop("progress_bar", None)
+    plain.get("trainer", {}).pop("timeout_s", None)  # how long a dead rank is waited for
     for group in ("method", "model"):
         plain.get(group, {}).pop("label", None)  # a display name
     mem = plain.get("memory")

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import warnings
 from contextlib import contextmanager
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from incseg.tasks import Task
 log = logging.getLogger("incseg.protocol")
 
 #: keys of ``conf/trainer`` that are incseg's, not the Trainer's
-TRAINER_OWN_KEYS = ("progress_bar", "sync_batchnorm", "strategy", "precision")
+TRAINER_OWN_KEYS = ("progress_bar", "sync_batchnorm", "strategy", "precision", "timeout_s")
 
 
 class Stage:
@@ -129,8 +130,12 @@ def make_trainer(cfg: DictConfig, stage: Stage, epochs: int):
 
         cuda = str(tc.accelerator) in ("gpu", "cuda") or (
             str(tc.accelerator) == "auto" and torch.cuda.is_available())
-        # NCCL and SyncBatchNorm on GPUs; gloo and plain BN on CPUs (no SyncBatchNorm there)
-        strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
+        # NCCL and SyncBatchNorm on GPUs; gloo and plain BN on CPUs (no SyncBatchNorm there).
+        # The timeout bounds every collective (a barrier, a gradient all-reduce) whose peer is
+        # gone: torch's own default is 10 min for NCCL and 30 min for gloo, Lightning's 30 min
+        # for both; docs/distributed.md
+        strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo",
+                               timeout=timedelta(seconds=float(tc.get("timeout_s", 1800))))
         sync_bn = cuda and bool(tc.get("sync_batchnorm", True))
     own = {k: v for k, v in OmegaConf.to_container(tc, resolve=True).items()
            if k not in TRAINER_OWN_KEYS}
