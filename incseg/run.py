@@ -53,6 +53,15 @@ def check_data(cfg: DictConfig) -> None:
                           memory_size(cfg))
 
 
+def check_pretrained(model_cfg: DictConfig) -> None:
+    """Load ``model.pretrained`` once before anything starts (no dataset generated, no run
+    folder made): a file that is not a state dict of the backbone is refused with one line
+    saying what the file is. The config check proves only that the file exists."""
+    from incseg.models import check_pretrained as check
+
+    check(model_cfg)
+
+
 def tunes(sweeper_target: str | None) -> bool:
     """Whether a sweeper optimises what the jobs return: any but Hydra's basic one, which only
     launches them (Optuna, Nevergrad, Ax do)."""
@@ -101,6 +110,7 @@ def sweeper_value(results: dict, tuning: bool) -> float | None:
 def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     setup_logging()
     validate(cfg)
+    check_pretrained(cfg.model)  # a sweep's job (one run was checked in precheck: remembered)
     sweeper = _job_sweeper()
     check_tuning(cfg, sweeper)
     from incseg.protocol import is_rank_zero, run_protocol
@@ -137,6 +147,8 @@ def precheck(argv: list[str]) -> None:
     # experiment, inversion.competition=true among the swept values); _main validates each job
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
     validate(_first_job(argv, cfg) if multirun else cfg)
+    if not multirun:  # a sweep's jobs may set other weights: each job checks its own
+        check_pretrained(cfg.model)
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
