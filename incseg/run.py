@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from incseg.cli import report_errors
+from incseg.cli import quote_overrides, report_errors
 from incseg.config import (
     CONF_DIR,
     cache_dir_from_cfg,
@@ -185,7 +185,8 @@ def _missing_plugin(err: ConfigError) -> ConfigError:
 
 @report_errors
 def main() -> None:
-    argv = sys.argv[1:]
+    # Hydra's own parse (and Lightning's relaunch of the other DDP ranks) reads sys.argv
+    argv = sys.argv[1:] = quote_overrides(sys.argv[1:])
     check_overrides(argv)
     precheck(argv)
     _hydra_main()

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from incseg.cli import report_errors
+from incseg.cli import quote_overrides, report_errors
 from incseg.config import (
     cache_dir_from_cfg,
     check_overrides,
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
     setup_logging()
-    check_overrides(argv[1:])
-    cfg = compose(argv[1:])
+    overrides = quote_overrides(argv[1:])
+    check_overrides(overrides)
+    cfg = compose(overrides)
     out = {"stats": stats, "prepare": prepare, "check": check}[argv[0]](cfg)
     print(json.dumps(out))
 
