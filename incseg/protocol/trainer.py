@@ -65,13 +65,18 @@ def wandb_logger(stage: Stage, project: str = "incseg", entity: str | None = Non
     from lightning.pytorch.loggers import WandbLogger
 
     cfg = stage.cfg
-    return WandbLogger(
+    logger = WandbLogger(
         project=str(project), entity=entity, group=str(stage.run_dir), job_type=stage.job_type,
         name=stage.name, save_dir=str(stage.run_dir), offline=bool(offline),
         reinit="finish_previous",
         config={"task": str(cfg.task.name), "method": str(cfg.method.name), "step": stage.step,
                 "seed": int(cfg.seed), "dataset": str(cfg.dataset.name),
                 "config": fingerprint(cfg)})
+    # Lightning hands wandb.init an `anonymous` argument always (None unless asked for); W&B
+    # removed anonymous mode (wandb/wandb#10909) and warns on every run for any value it is
+    # given. Not passing it is what W&B asks for; Lightning offers no switch to leave it out.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def make_loggers(stage: Stage) -> list:
