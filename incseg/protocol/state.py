@@ -112,7 +112,8 @@ def usable_model(path: Path) -> bool:
     try:
         read_model_file(path)
     except CheckpointError as err:
-        log.warning("%s; retraining that step", err)
+        log.warning("model checkpoint %s is unusable (%s); training that step again now",
+                    path, err.reason)
         return False
     return True
 

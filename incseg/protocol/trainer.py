@@ -168,7 +168,8 @@ def fit(trainer, module, dm, run_dir: Path, stage: str) -> None:
             resume_from = str(ckpt)
             log.info("%s: resuming from the epoch checkpoint %s", stage, ckpt)
         except CheckpointError as err:
-            log.warning("%s; training %s from its start", err, stage)
+            log.warning("epoch checkpoint %s is unusable (%s); training %s from its first "
+                        "epoch now", ckpt, err.reason, stage)
             ckpt.unlink()
     with interruptible(trainer, module):
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
