@@ -29,6 +29,7 @@ from incseg.config import (
     validate,
 )
 from incseg.errors import ConfigError
+from incseg.heartbeat import heartbeat_interval, wait_grace
 from incseg.io import ensure_writable_dir
 
 RUN_DIR_FIX = "hydra.run.dir=DIR (or paths.runs_dir=DIR) with a writable DIR"
@@ -149,6 +150,8 @@ def precheck(argv: list[str]) -> None:
     validate(_first_job(argv, cfg) if multirun else cfg)
     if not multirun:  # a sweep's jobs may set other weights: each job checks its own
         check_pretrained(cfg.model)
+    wait_grace()  # the DDP ranks read these when they first wait, hours in: refused now
+    heartbeat_interval()
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:

@@ -303,3 +303,14 @@ def test_trainer_timeout_s_reaches_the_ddp_strategy_and_is_checked(tmp_path):
         with pytest.raises(ConfigError) as err:
             validate(compose([*ddp, f"trainer.timeout_s={bad}"]))
         assert str(err.value) == msg
+
+
+def test_cli_refuses_bad_wait_settings_before_anything_starts(tmp_path):
+    run = tmp_path / "runs" / "x"
+    r = cli(tmp_path, "experiment=smoke", "logger=none", f"hydra.run.dir={run}",
+            INCSEG_WAIT_GRACE_S="5min")
+    assert r.returncode == 2, r.stderr
+    assert error_line(r.stderr) == ("error: INCSEG_WAIT_GRACE_S='5min' is not a positive number "
+                                    "of seconds; unset it (default 300) or pass e.g. "
+                                    "INCSEG_WAIT_GRACE_S=300")
+    assert not run.exists()

@@ -68,6 +68,7 @@ __all__ = ["ensure_replay_set", "shard_batches"]
 #: seconds between two looks at files another rank is writing
 POLL_S = 2.0
 
+
 def shard_batches(n_batches: int, rank: int, world_size: int) -> list[int]:
     """The batches of a set of ``n_batches`` that ``rank`` of ``world_size`` makes: every
     ``world_size``-th from ``rank`` (round robin, so the ranks' shares differ by one batch at
