@@ -110,7 +110,7 @@ def test_rank1_waiting_for_a_killed_rank0_exits_with_its_line_and_the_rerun_resu
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     out = log.read_text()
-    print(f"rank 1 said it {line_s} s and exited {exit_s:.1f} s after rank 0 was killed "
+    print(f"rank 1 said it {line_s:.1f} s and exited {exit_s:.1f} s after rank 0 was killed "
           f"(grace {GRACE_S} s, heartbeat every {BEAT_S} s)")
     assert os.waitstatus_to_exitcode(status) == 2, out[-3000:]
     assert GRACE_S <= exit_s <= GRACE_S + MARGIN_S, out[-3000:]
