@@ -32,14 +32,16 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict:
     """``torch.load(weights_only=True)`` with a one-line error for a truncated/foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist", reason="it does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle of foreign objects, ...
+        reason = f"unreadable or truncated: {type(err).__name__}"
         raise CheckpointError(f"{what} {path} is unreadable or truncated ({type(err).__name__}); "
-                              "delete it and rerun to rebuild it") from None
+                              "delete it and rerun to rebuild it", reason=reason) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} {path} is not an incseg checkpoint")
+        raise CheckpointError(f"{what} {path} is not an incseg checkpoint",
+                              reason=f"it holds a {type(obj).__name__}, not a checkpoint")
     return obj
 
 
@@ -65,7 +67,9 @@ def read_model_file(path: str | Path) -> dict:
     if ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an incseg model checkpoint (format "
                               f"{ckpt.get('format')!r}); pass a checkpoints/step<t>.pt of a run, "
-                              "or delete it and rerun")
+                              "or delete it and rerun",
+                              reason=f"not an incseg model checkpoint: format "
+                                     f"{ckpt.get('format')!r}")
     return ckpt
 
 
@@ -77,8 +81,9 @@ def model_from_checkpoint(ckpt: dict, path: str | Path):
         model = build_model(spec, [int(n) for n in ckpt["classes_per_step"]])
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit a {ckpt.get('model')}: "
-                              f"{str(err).splitlines()[0]}") from None
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit a {ckpt.get('model')}: {detail}",
+                              reason=f"does not fit a {ckpt.get('model')}: {detail}") from None
     return model
 
 
@@ -91,12 +96,13 @@ def load_model(path: str | Path, model_cfg, task_steps, step: int, ckpt: dict | 
     if have != want:
         raise CheckpointError(
             f"checkpoint {path} was trained on classes {have} but step {step} of this task needs "
-            f"{want}; use the checkpoint of the same task or resume=never to retrain"
-        )
+            f"{want}; use the checkpoint of the same task or resume=never to retrain",
+            reason=f"trained on classes {have}, not {want}")
     name = model_config(model_cfg).get("name")
     if ckpt.get("model") != name:
         raise CheckpointError(f"checkpoint {path} holds a {ckpt.get('model')} but the config "
-                              f"asks for {name}; set model={ckpt.get('model')}")
+                              f"asks for {name}; set model={ckpt.get('model')}",
+                              reason=f"it holds a {ckpt.get('model')}, not a {name}")
     return model_from_checkpoint(ckpt, path)
 
 

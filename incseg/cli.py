@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import textwrap
+import unicodedata
 from collections.abc import Sequence
 
-from incseg.errors import IncsegError, Interrupted, user_message
+from incseg.errors import ConfigError, IncsegError, Interrupted, user_message
 
 EXIT_USER_ERROR = 2
 HELP_FLAGS = ("-h", "--help")
@@ -73,3 +75,66 @@ def help_text(usage: str, about: str, sections: Sequence[tuple[str, Sequence[tup
     out.append("examples:")
     out.extend(f"  {e}" for e in examples)
     return "\n".join(out)
+# Hydra's override grammar (hydra/grammar/OverrideLexer.g4) takes only ASCII letters in an
+# unquoted value, so `data.root=/home/jürgen/voc` fails to parse, while the quoted form
+# `data.root="/home/jürgen/voc"` is the same string. A value is quoted for the user only when
+# that cannot change its meaning: a plain `key=value` whose value holds nothing but characters
+# the grammar takes unquoted ([A-Za-z0-9_/.+%*@?|:-] and inner spaces) and non-ASCII letters,
+# digits and marks. `$` (an interpolation), `\` (an escape), quotes, and `,()[]{}=` (sweeps,
+# lists, functions) keep the value as typed; if it has a non-ASCII character outside quotes
+# then, the user gets the quoted form to type instead of Hydra's lexer error.
+_KEY = re.compile(r"^([+~]{0,2}[A-Za-z_$][\w$.\-/@:]*)=(.*)$", re.ASCII)
+_UNQUOTED_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                         "_/.+-%*@?|: ")
+
+
+def _plain_non_ascii(ch: str) -> bool:
+    return ord(ch) > 127 and unicodedata.category(ch)[0] in "LMN"
+
+
+def _outside_quotes(value: str) -> str | None:
+    """The first non-ASCII character of ``value`` outside '...' or "..." (None: none)."""
+    quote, escaped = None, False
+    for ch in value:
+        if escaped and (quote or ord(ch) < 128):  # Hydra escapes only ASCII characters
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ord(ch) > 127:
+            return ch
+    return None
+
+
+def quote_override(arg: str) -> str:
+    """``arg`` with its value in double quotes when only that makes Hydra accept it (a non-ASCII
+    letter in a plain value), else ``arg`` unchanged; raises ConfigError (one line: the key and
+    the quoted form to type) for a value with a non-ASCII character that cannot safely be
+    quoted here."""
+    found = _KEY.match(arg)
+    if not found or not any(ord(ch) > 127 for ch in arg):
+        return arg
+    key, value = found.groups()
+    ch = _outside_quotes(value)
+    if ch is None:
+        return arg  # quoted already
+    if (value == value.strip() and value
+            and all(c in _UNQUOTED_OK or _plain_non_ascii(c) for c in value)):
+        return f'{key}="{value}"'
+    if not re.search(r"""["'\\$()\[\]{}=]""", value):
+        # a sweep over plain values: each one quoted
+        quoted = ",".join(f'"{v.strip()}"' for v in value.split(","))
+        hint = f"""quote it: '{key}={quoted}'"""
+    else:
+        hint = ("put each value that has such a character in double quotes (Hydra's override "
+                "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    raise ConfigError(f"the override {arg} has a non-ASCII character ({ch!r}) outside quotes, "
+                      f"which Hydra's override grammar does not accept; {hint}")
+
+
+def quote_overrides(argv: Sequence[str]) -> list[str]:
+    """:func:`quote_override` of every command-line override (``--flags`` untouched)."""
+    return [a if a.startswith("-") else quote_override(a) for a in argv]

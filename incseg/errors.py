@@ -24,7 +24,15 @@ class DataError(IncsegError):
 
 
 class CheckpointError(IncsegError):
-    """A checkpoint or cache entry that is missing, truncated, foreign or incompatible."""
+    """A checkpoint or cache entry that is missing, truncated, foreign or incompatible.
+
+    ``reason`` says what is wrong with the file without the fix: where the suite repairs the
+    file itself (a cache entry retrained), the user is told the reason and what happens now,
+    not the advice to delete it and rerun that the error line gives."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class StorageError(IncsegError):
@@ -33,6 +41,11 @@ class StorageError(IncsegError):
 
 class TrainingError(IncsegError):
     """Training cannot go on (a non-finite loss or weights); the last good checkpoint is kept."""
+
+
+class PeerLost(IncsegError):
+    """Another process of the job, whose file this one waited for, is gone (killed, out of
+    memory, a lost node): finished steps and replay batches are on disk, a rerun resumes."""
 
 
 class Interrupted(IncsegError):

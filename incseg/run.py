@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from incseg.cli import report_errors
+from incseg.cli import quote_overrides, report_errors
 from incseg.config import (
     CONF_DIR,
     cache_dir_from_cfg,
@@ -28,6 +28,7 @@ from incseg.config import (
     task_from_cfg,
 )
 from incseg.errors import ConfigError
+from incseg.heartbeat import heartbeat_interval, wait_grace
 from incseg.io import ensure_writable_dir
 
 RUN_DIR_FIX = "hydra.run.dir=DIR (or paths.runs_dir=DIR) with a writable DIR"
@@ -50,6 +51,15 @@ def check_data(cfg: DictConfig) -> None:
     if memory_active(cfg):
         check_memory_size(source, task, bool(cfg.overlap), cache_dir_from_cfg(cfg),
                           memory_size(cfg))
+
+
+def check_pretrained(model_cfg: DictConfig) -> None:
+    """Load ``model.pretrained`` once before anything starts (no dataset generated, no run
+    folder made): a file that is not a state dict of the backbone is refused with one line
+    saying what the file is. The config check proves only that the file exists."""
+    from incseg.models import check_pretrained as check
+
+    check(model_cfg)
 
 
 def tunes(sweeper_target: str | None) -> bool:
@@ -102,6 +112,7 @@ def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
 
     setup_logging()
     check_run(cfg)
+    check_pretrained(cfg.model)  # a sweep's job (one run was checked in precheck: remembered)
     sweeper = _job_sweeper()
     check_tuning(cfg, sweeper)
     from incseg.protocol import is_rank_zero, run_protocol
@@ -140,6 +151,10 @@ def precheck(argv: list[str]) -> None:
     # experiment, inversion.competition=true among the swept values); _main validates each job
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
     check_run(_first_job(argv, cfg) if multirun else cfg)
+    if not multirun:  # a sweep's jobs may set other weights: each job checks its own
+        check_pretrained(cfg.model)
+    wait_grace()  # the DDP ranks read these when they first wait, hours in: refused now
+    heartbeat_interval()
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))
     ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
     try:
@@ -176,7 +191,8 @@ def _missing_plugin(err: ConfigError) -> ConfigError:
 
 @report_errors
 def main() -> None:
-    argv = sys.argv[1:]
+    # Hydra's own parse (and Lightning's relaunch of the other DDP ranks) reads sys.argv
+    argv = sys.argv[1:] = quote_overrides(sys.argv[1:])
     check_overrides(argv)
     precheck(argv)
     _hydra_main()

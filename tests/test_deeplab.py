@@ -230,7 +230,7 @@ def test_a_weights_file_of_another_network_is_one_line(tmp_path, capsys):
     # ResNet-101: 104 convs (stem, 33 x 3 in the blocks, 4 downsamples), each followed by a BN
     # of 4 entries (num_batches_tracked is not required): 104 * 5 = 520 keys, conv1.weight given
     assert line.startswith(f"error: model.pretrained file {path} does not fit a resnet101 "
-                           "backbone: 519 missing keys")
+                           "backbone (weights of another network?): 519 missing keys")
     assert "1 unexpected keys ['encoder.foo']" in line and "\n" not in line
 
 

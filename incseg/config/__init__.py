@@ -46,7 +46,7 @@ def task_dirname(name: str, steps) -> str:
 #: not change the numbers (where things are written, logging, resuming, loader processes)
 NAMED_KEYS = ("dataset", "task", "task.name", "task.steps", "method", "method.name", "replay",
               "replay.name", "replay.loss", "seed", "experiment", "resume", "logger",
-              "trainer.progress_bar", "data.num_workers")
+              "trainer.progress_bar", "trainer.timeout_s", "data.num_workers")
 UNNAMED_PREFIXES = ("paths.", "hydra.", "hydra/", "logger.", "+paths.", "+hydra.")
 
 

@@ -18,7 +18,8 @@ from incseg.errors import ConfigError
 #: example values in messages
 DEFAULTS = OmegaConf.create({"train": {"lr": 0.01, "lr_incremental": 0.001, "momentum": 0.9,
                                        "weight_decay": 1e-4, "poly_power": 0.9},
-                             "data": {"augment": {"rotation": 0, "color_jitter": 0}}})
+                             "data": {"augment": {"rotation": 0, "color_jitter": 0}},
+                             "trainer": {"timeout_s": 1800}})
 
 CHOICES = {
     "resume": ("auto", "never"),
@@ -81,6 +82,8 @@ def _check_devices(cfg: DictConfig) -> None:
                           "(e.g. trainer.devices=2), a list of ids or auto")
     if "num_nodes" in tc and _int(cfg, "trainer.num_nodes", example=1) < 1:
         raise ConfigError(f"trainer.num_nodes={tc.num_nodes} must be at least 1")
+    if "timeout_s" in tc:  # the DDP process group's timeout (docs/distributed.md)
+        _check_number(cfg, "trainer.timeout_s", 0.0, False, None)
 
 
 def validate(cfg: DictConfig) -> None:

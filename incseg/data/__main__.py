@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from incseg.cli import help_text, report_errors, wants_help
+from incseg.cli import help_text, quote_overrides, report_errors, wants_help
 from incseg.config import (
     cache_dir_from_cfg,
     check_overrides,
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(USAGE)
     setup_logging()
     # download.* names the archive table, not the run: kept out of the composed config
-    table = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("download.table=")]
-    overrides = [a for a in argv[1:] if not a.startswith("download.table=")]
+    args = quote_overrides(argv[1:])
+    table = [a.split("=", 1)[1] for a in args if a.startswith("download.table=")]
+    overrides = [a for a in args if not a.startswith("download.table=")]
     if argv[0] != "download" and table:
         raise ConfigError("download.table=PATH is read by `python -m incseg.data download` only")
     check_overrides(overrides)

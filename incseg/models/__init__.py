@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from incseg.models import backbones
 from incseg.models.backbones import ResNetBackbone
 from incseg.models.base import (
     FEATURE_KEYS,
@@ -26,7 +27,7 @@ from incseg.models.pooling import LSELBAPool, lse_lba_pool
 __all__ = [
     "FEATURE_KEYS", "OPTIONAL_FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead",
     "LSELBAPool", "ResNetBackbone", "SegOutput", "SegmentationModel", "build_model",
-    "lse_lba_pool", "model_config", "model_names", "model_output",
+    "check_pretrained", "lse_lba_pool", "model_config", "model_names", "model_output",
 ]
 
 
@@ -63,3 +64,13 @@ def build_model(spec: str | Mapping[str, Any], classes_per_step: Sequence[int],
     if "pretrained" in node or pretrained is not None:
         node["pretrained"] = pretrained
     return instantiate(node, classes_per_step=[int(c) for c in classes_per_step])
+
+
+def check_pretrained(spec: str | Mapping[str, Any]) -> None:
+    """Refuse now, with one line, a ``model.pretrained`` file that the model's ResNet
+    ``backbone`` cannot load (not a torch file, a pickled model, another network's weights):
+    the entry point calls this before the dataset is prepared or a run folder made. A model
+    without a ResNet ``backbone`` key checks its own weights when it is built."""
+    node = model_config(spec)
+    if node.get("pretrained") is not None and node.get("backbone") in backbones.RESNETS:
+        backbones.check_pretrained(node["backbone"], node["pretrained"])

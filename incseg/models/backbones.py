@@ -8,9 +8,12 @@ loads into it strictly once the classifier keys are dropped.
 from __future__ import annotations
 
 import http.client
+import logging
 import os
+import re
 import socket
 import urllib.error
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +28,11 @@ from incseg.errors import ConfigError
 from incseg.io import is_storage_error, storage_error
 
 __all__ = [
-    "RESNETS", "ResNetBackbone", "imagenet_weights_path", "load_backbone_weights",
-    "pretrained_file", "residual_sum",
+    "RESNETS", "ResNetBackbone", "check_pretrained", "describe_unreadable",
+    "imagenet_weights_path", "load_backbone_weights", "pretrained_file", "residual_sum",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,16 +136,76 @@ def residual_sum(block: nn.Module, x: Tensor) -> Tensor:
     return out + identity
 
 
+#: how to make a file this suite reads, for the messages
+STATE_DICT_FIX = ("pass a ResNet state dict (torch.save(model.state_dict(), path)), "
+                  "model.pretrained=imagenet, or model.pretrained=null to train from scratch")
+
+
+def _unpickled_global(err: Exception) -> str | None:
+    """The class that ``weights_only=True`` refused to rebuild, when its message names one."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def _is_lightning_zip(path: Path) -> bool:
+    """A torch zip archive whose pickle names Lightning's version key: a Lightning checkpoint
+    (read without unpickling anything)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl")]
+            return bool(pkl) and b"pytorch-lightning_version" in zf.read(pkl[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def describe_unreadable(path: Path, err: Exception) -> str:
+    """What a file that ``torch.load(weights_only=True)`` refused is, and what to pass instead:
+    the part of a one-line message after the file's name. torch's own messages ("KeyError: 101",
+    "Unsupported operand 149") describe its unpickler, not the file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__}); check its permissions"
+    cls = _unpickled_global(err)
+    if not head:
+        return f"is empty; {STATE_DICT_FIX}"
+    if head.startswith(b"PK\x03\x04") and _is_lightning_zip(path):
+        held = f" ({cls})" if cls else ""
+        return (f"is a Lightning checkpoint holding Python objects{held} beyond its weights, "
+                "which weights_only=True does not load; save its weights alone, where you trust "
+                "the file: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+                "'weights.pth'), and pass that")
+    if cls and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return (f"holds a pickled Python object ({cls}), e.g. a whole model saved with "
+                "torch.save(model), which weights_only=True does not load (it would run code "
+                "from the file); save its weights, where you trust the file: "
+                "torch.save(model.state_dict(), 'weights.pth'), and pass that")
+    if head.startswith(b"PK\x03\x04"):
+        return (f"is a zip archive that torch.load cannot read (truncated, or not written by "
+                f"torch.save: {type(err).__name__}); {STATE_DICT_FIX}")
+    if head[:1] == b"\x80":
+        return f"is a plain pickle, not a file torch.save wrote; {STATE_DICT_FIX}"
+    if head.startswith(b"\x93NUMPY"):
+        return f"is a NumPy array (.npy), not a torch file; {STATE_DICT_FIX}"
+    if head.startswith(b"\x89HDF"):
+        return f"is an HDF5 file (Keras/TensorFlow weights?), not a torch file; {STATE_DICT_FIX}"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return ("is a safetensors file, not a torch file; convert it: torch.save(safetensors."
+                "torch.load_file(path), 'weights.pth'), and pass that")
+    return f"is not a torch file at all; {STATE_DICT_FIX}"
+
+
 def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean "not a weights file"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read {what} {path} as a torch state dict: {msg}") from e
+        raise ConfigError(f"{what} {path} {describe_unreadable(path, e)}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # tolerate the common {"state_dict": ...} wrapper
+        obj = obj["state_dict"]  # a Lightning or incseg checkpoint: {"state_dict": ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConfigError(f"{what} {path} is not a state dict (a mapping of names to tensors)")
+        raise ConfigError(f"{what} {path} holds a {type(obj).__name__}, not a state dict (a "
+                          f"mapping of names to tensors); {STATE_DICT_FIX}")
     return dict(obj)
 
 
@@ -189,6 +254,30 @@ def _download_imagenet(name: str, path: Path) -> None:
     raise ConfigError(
         f"model.pretrained=imagenet: the ImageNet weights of {name} are not in the torch hub "
         f"cache ({path} is missing) and cannot be downloaded ({why}); {place}")
+def _backbone_under(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str | None:
+    """The key prefix under which ``state`` holds every tensor of ``own`` ("" for a plain
+    backbone or torchvision ResNet state dict; "model.backbone." in a Lightning checkpoint of
+    incseg, "backbone." in a step checkpoint, "module." from DDP). None when there is none;
+    several candidates (a checkpoint with two ResNets) are refused by the caller."""
+    anchor = "conv1.weight"
+    needed = {k for k in own if not k.endswith("num_batches_tracked")}
+    found = []
+    for key in state:
+        if key == anchor or key.endswith("." + anchor):
+            prefix = key[: len(key) - len(anchor)]
+            if needed <= {k[len(prefix):] for k in state if k.startswith(prefix)}:
+                found.append(prefix)
+    return found[0] if len(found) == 1 else ("" if "" in found else None)
+
+
+def _which_resnet(state: Mapping[str, Tensor]) -> str | None:
+    """The torchvision ResNet whose keys and shapes ``state`` has (without ``fc``), if any."""
+    for name, spec in RESNETS.items():
+        ref = {k: v.shape for k, v in spec.factory(weights=None).state_dict().items()
+               if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+        if all(k in state and state[k].shape == shape for k, shape in ref.items()):
+            return name
+    return None
 
 
 def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Path, str] | None:
@@ -222,31 +311,62 @@ def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Pa
 def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | os.PathLike | None) -> None:
     """Load ``pretrained`` ("imagenet" or a file path) into `backbone`, strictly.
 
-    None/"none" loads nothing. Accepts a backbone ``state_dict`` or a full torchvision ResNet one
-    (``fc.*`` is ignored). Raises ConfigError (one line) for a missing file, an unreadable file,
-    or mismatched keys or shapes.
+    None/"none" loads nothing. Accepts a backbone ``state_dict``, a full torchvision ResNet one
+    (``fc.*`` is ignored), or a checkpoint that holds one under a key prefix (a Lightning or
+    incseg checkpoint: ``model.backbone.``, ``backbone.``; DDP's ``module.``). Raises
+    ConfigError (one line: what the file is, what to pass) for a missing or unreadable file, a
+    pickled model, or the weights of another network.
     """
     found = pretrained_file(backbone.name, pretrained)
     if found is None:
         return
     path, what = found
-    state = {k: v for k, v in _read_state_dict(path, what).items() if not k.startswith("fc.")}
+    raw = _read_state_dict(path, what)
     own = backbone.state_dict()
+    prefix = _backbone_under(raw, own)
+    if prefix:
+        log.info("%s %s: the %s weights under '%s'", what, path, backbone.name, prefix)
+        raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    state = {k: v for k, v in raw.items() if not k.startswith("fc.")}
     # torchvision's older ImageNet files predate BN's num_batches_tracked buffer; BatchNorm's
     # loader fills it in, so its absence is not a mismatch.
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ConfigError(
-            f"{what} {path} does not fit a {backbone.name} backbone: "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:3]}"
-        )
-    bad = [k for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
+    bad = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
+    if missing or unexpected or bad:
+        other = _which_resnet(state)
+        if other is not None and other != backbone.name:
+            raise ConfigError(
+                f"{what} {path} holds {other} weights, not {backbone.name} ones; choose a model "
+                f"with a {other} backbone (model.backbone={other}, e.g. model=bisenet_r"
+                f"{other[len('resnet'):]}) or pass {backbone.name} weights")
+        if missing or unexpected:
+            raise ConfigError(
+                f"{what} {path} does not fit a {backbone.name} backbone (weights of another "
+                f"network?): {len(missing)} missing keys {missing[:3]}, {len(unexpected)} "
+                f"unexpected keys {unexpected[:3]}; pass a {backbone.name} state dict, "
+                "model.pretrained=imagenet, or null")
         k = bad[0]
         raise ConfigError(
             f"{what} {path} does not fit a {backbone.name} backbone: {len(bad)} shape "
-            f"mismatches, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        )
+            f"mismatches, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}; pass a "
+            f"{backbone.name} state dict, model.pretrained=imagenet, or null")
     backbone.load_state_dict(state, strict=True)
+
+
+#: (backbone, file, size, mtime) of weights already proven to load in this process
+_CHECKED: set[tuple] = set()
+
+
+def check_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> None:
+    """Load ``pretrained`` into a ``backbone`` once, to refuse a file that is not usable (one
+    line: what the file is and what to pass) before a dataset is generated or a run folder is
+    made, rather than when step 0 builds its model. Remembered per file in this process."""
+    found = pretrained_file(backbone, pretrained)
+    if found is None:
+        return
+    st = found[0].stat()
+    key = (backbone, str(found[0].resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        ResNetBackbone(backbone, pretrained)
+        _CHECKED.add(key)

@@ -57,6 +57,16 @@ def generation_ranks() -> tuple[int, int, bool]:
     return 0, 1, is_rank_zero()
 
 
+def process_name(rank: int, world: int, fill: bool) -> str:
+    """This process in the lines of a wait. A rank waiting before the process group is up
+    knows only its local rank (Lightning's LOCAL_RANK / NODE_RANK)."""
+    if fill or world > 1:
+        return f"rank {rank} of {world}" if world > 1 else f"rank {rank}"
+    node = os.environ.get("NODE_RANK", "0")
+    return (f"local rank {os.environ.get('LOCAL_RANK', '0')}"
+            + (f" of node {node}" if node != "0" else ""))
+
+
 def generation_device(cfg: DictConfig) -> torch.device:
     """Where this process optimises images: its GPU when the stages train on GPUs (under DDP
     the one of its local rank), else the CPU."""
@@ -124,7 +134,7 @@ def build_replay(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task
                            verifier_channel_of=verifier_channel_of,
                            progress=bool(cfg.trainer.progress_bar), device=device,
                            trainer=inversion_trainers(cfg, run_dir, step, device), fill=fill,
-                           rank=rank, world_size=world)
+                           rank=rank, world_size=world, name=process_name(rank, world, fill))
     if is_rank_zero():
         class_grid(rs, run_dir / "replay" / f"step{step}_classes.png")
     ds = ReplayDataset(rs, hflip=True)

@@ -79,6 +79,7 @@ def fingerprint(cfg: DictConfig) -> dict:
         plain.pop(key, None)
     plain.get("data", {}).pop("num_workers", None)
     plain.get("trainer", {}).pop("progress_bar", None)
+    plain.get("trainer", {}).pop("timeout_s", None)  # how long a dead rank is waited for
     for group in ("method", "model"):
         plain.get(group, {}).pop("label", None)  # a display name
     mem = plain.get("memory")
@@ -114,7 +115,8 @@ def usable_model(path: Path) -> bool:
     try:
         read_model_file(path)
     except CheckpointError as err:
-        log.warning("%s; retraining that step", err)
+        log.warning("model checkpoint %s is unusable (%s); training that step again now",
+                    path, err.reason)
         return False
     return True
 

@@ -103,7 +103,8 @@ def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: Tea
             try:
                 payload = safe_load(entry, "cache entry")
                 if method is not None and "method_state" not in payload:
-                    raise CheckpointError(f"cache entry {entry} holds no method state")
+                    raise CheckpointError(f"cache entry {entry} holds no method state",
+                                          reason="it holds no method state")
                 cached = load_model(entry, cfg.model, task.steps, 0, ckpt=payload)
                 module.model.load_state_dict(cached.state_dict())
                 # the record of a cache hit equals the one of the run that trained the entry
@@ -111,7 +112,8 @@ def fit_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, module: Tea
                 log.info("%s cache hit: %s (not retrained)", kind, entry)
                 return TeacherFit(module, trainer, "hit", key, payload.get("method_state"))
             except CheckpointError as err:
-                log.warning("%s cache entry unusable (%s); retraining", kind, err)
+                log.warning("%s cache entry %s is unusable (%s); training it again now, the "
+                            "entry is replaced when done", kind, entry, err.reason)
                 if is_rank_zero():
                     entry.unlink(missing_ok=True)
         log.info("%s cache miss: training (entry %s)", kind, entry.name)

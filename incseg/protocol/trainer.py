@@ -13,6 +13,7 @@ import signal
 import subprocess
 import warnings
 from contextlib import contextmanager
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from incseg.tasks import Task
 log = logging.getLogger("incseg.protocol")
 
 #: keys of ``conf/trainer`` that are incseg's, not the Trainer's
-TRAINER_OWN_KEYS = ("progress_bar", "sync_batchnorm", "strategy", "precision")
+TRAINER_OWN_KEYS = ("progress_bar", "sync_batchnorm", "strategy", "precision", "timeout_s")
 
 
 class Stage:
@@ -64,13 +65,18 @@ def wandb_logger(stage: Stage, project: str = "incseg", entity: str | None = Non
     from lightning.pytorch.loggers import WandbLogger
 
     cfg = stage.cfg
-    return WandbLogger(
+    logger = WandbLogger(
         project=str(project), entity=entity, group=str(stage.run_dir), job_type=stage.job_type,
         name=stage.name, save_dir=str(stage.run_dir), offline=bool(offline),
         reinit="finish_previous",
         config={"task": str(cfg.task.name), "method": str(cfg.method.name), "step": stage.step,
                 "seed": int(cfg.seed), "dataset": str(cfg.dataset.name),
                 "config": fingerprint(cfg)})
+    # Lightning hands wandb.init an `anonymous` argument always (None unless asked for); W&B
+    # removed anonymous mode (wandb/wandb#10909) and warns on every run for any value it is
+    # given. Not passing it is what W&B asks for; Lightning offers no switch to leave it out.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def make_loggers(stage: Stage) -> list:
@@ -129,8 +135,12 @@ def make_trainer(cfg: DictConfig, stage: Stage, epochs: int):
 
         cuda = str(tc.accelerator) in ("gpu", "cuda") or (
             str(tc.accelerator) == "auto" and torch.cuda.is_available())
-        # NCCL and SyncBatchNorm on GPUs; gloo and plain BN on CPUs (no SyncBatchNorm there)
-        strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
+        # NCCL and SyncBatchNorm on GPUs; gloo and plain BN on CPUs (no SyncBatchNorm there).
+        # The timeout bounds every collective (a barrier, a gradient all-reduce) whose peer is
+        # gone: torch's own default is 10 min for NCCL and 30 min for gloo, Lightning's 30 min
+        # for both; docs/distributed.md
+        strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo",
+                               timeout=timedelta(seconds=float(tc.get("timeout_s", 1800))))
         sync_bn = cuda and bool(tc.get("sync_batchnorm", True))
     own = {k: v for k, v in OmegaConf.to_container(tc, resolve=True).items()
            if k not in TRAINER_OWN_KEYS}
@@ -158,7 +168,8 @@ def fit(trainer, module, dm, run_dir: Path, stage: str) -> None:
             resume_from = str(ckpt)
             log.info("%s: resuming from the epoch checkpoint %s", stage, ckpt)
         except CheckpointError as err:
-            log.warning("%s; training %s from its start", err, stage)
+            log.warning("epoch checkpoint %s is unusable (%s); training %s from its first "
+                        "epoch now", ckpt, err.reason, stage)
             ckpt.unlink()
     with interruptible(trainer, module):
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)

@@ -12,8 +12,11 @@ Under DDP the ranks share the work (:func:`shard_batches`: rank r makes the batc
 k % world_size == r) and write them into the same partial folder; rank 0 holds the lock, waits
 until every batch has a valid marker and writes the manifest. The waits poll the files rather
 than meet at a collective barrier: a rank with one batch more than the others can take hours at
-the paper's scale, longer than a process group's timeout. Batches are seeded by their index,
-never by the rank, so the set does not depend on the number of processes.
+the paper's scale, longer than a process group's timeout. So that such a wait still ends when
+the rank it waits for has died, every rank refreshes a heartbeat (``.<key>.rank<r>.heartbeat``
+beside the entry) while it makes its share, and a waiter gives up once the heartbeat has gone
+silent (:mod:`incseg.heartbeat`). Batches are seeded by their index, never by the rank, so the
+set does not depend on the number of processes.
 
 Teacher figures are measured on the stored (uint8-quantised) images, which is what the student
 replays; the verifier (an independent model that knows all old classes, evaluation only) likewise.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from incseg.data.prepare import save_palette_png
 from incseg.errors import CheckpointError
+from incseg.heartbeat import Heartbeat, wait_for
 from incseg.io import atomic_write_json, entry_lock, file_sha256
 from incseg.replay.controls import generator_settings
 from incseg.replay.settings import InversionSettings, batch_plan, from_uint8, quantise
@@ -92,6 +95,7 @@ def ensure_replay_set(
     fill: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    name: str | None = None,
 ) -> ReplaySet:
     """The replay set of ``teacher`` for ``targets``, generated once and cached.
 
@@ -115,6 +119,7 @@ def ensure_replay_set(
         fill: generate a missing entry (false: wait until another process has written it).
         rank, world_size: this process's share of the generation (:func:`shard_batches`); rank 0
             finishes the entry, the others wait for it.
+        name: this process in the lines of a wait (default "rank r of N").
     """
     shard_batches(0, rank, world_size)  # a valid share
     check_kind(kind)
@@ -139,21 +144,30 @@ def ensure_replay_set(
         device = device_of(teacher)
 
     job = _Job(work, key, kind, teacher, targets, plan, settings, class_of, student, verifier,
-               progress and rank == 0, device, trainer)
+               progress and rank == 0, device, trainer, world_size,
+               name or (f"rank {rank} of {world_size}" if world_size > 1 else f"rank {rank}"))
     manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
     if manifest is None and fill and rank > 0:
-        _make_batches(job, shard_batches(len(plan), rank, world_size), final,
-                      _on_rank(rank, world_size))
+        with Heartbeat(job.heartbeat(rank)):
+            _make_batches(job, shard_batches(len(plan), rank, world_size), final,
+                          _on_rank(rank, world_size))
     if manifest is None and (not fill or rank > 0):
-        # rank 0 finishes the entry; polled, not a collective (no barrier timeout)
+        # rank 0 finishes the entry; polled, not a collective (no barrier timeout), and given
+        # up when rank 0's heartbeat goes silent
         log.info("replay set %s: waiting for rank 0 to write it%s", key,
                  _on_rank(rank, world_size))
-        while manifest is None:
-            time.sleep(POLL_S)
-            if (final / "manifest.json").is_file():
-                manifest = verify_entry(final, key, settings_dict, n_total, warn=False)
+
+        def written() -> dict[str, Any] | None:
+            if not (final / "manifest.json").is_file():
+                return None
+            return verify_entry(final, key, settings_dict, n_total, warn=False)
+
+        manifest = wait_for(written, waiter=job.name, target=final / "manifest.json",
+                            writers=lambda: {"rank 0": job.heartbeat(0)}, poll=POLL_S)
     if manifest is None:
-        with entry_lock(final):
+        # the heartbeat beats while this process waits for the lock too: a waiting rank then
+        # sees either this process or the lock's holder (another job, also a rank 0) alive
+        with Heartbeat(job.heartbeat(0)), entry_lock(final):
             manifest = verify_entry(final, key, settings_dict, n_total)
             if manifest is None:
                 discard(final)
@@ -243,10 +257,17 @@ class _Job(NamedTuple):
     progress: bool
     device: Any
     trainer: Callable[[int], Any] | None
+    world_size: int
+    name: str  # this process, in the lines of a wait
 
     def first(self, k: int) -> int:
         """Number of the first image of batch ``k``."""
         return sum(len(b) for b in self.plan[:k])
+
+    def heartbeat(self, rank: int) -> Path:
+        """The file ``rank`` refreshes while it makes its share of this set: beside the entry,
+        not in the partial folder, which is renamed into the entry when it is complete."""
+        return self.work.parent / f".{self.key}.rank{rank}.heartbeat"
 
 
 def _on_rank(rank: int, world_size: int) -> str:
@@ -286,21 +307,30 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path,
 
 
 def _collect(job: _Job, pending: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """Wait for the other ranks' batches: their valid markers by index."""
+    """Wait for the other ranks' batches: their valid markers by index. Batch k comes from
+    rank k % world_size (:func:`shard_batches`); the wait ends with :class:`PeerLost` when the
+    heartbeat of a rank whose batches are still missing goes silent."""
     markers: dict[int, dict[str, Any]] = {}
     pending = list(pending)
-    if pending:
-        log.info("replay set %s: waiting for batches %s from the other ranks", job.key, pending)
-    while pending:
+    if not pending:
+        return markers
+    log.info("replay set %s: waiting for batches %s from the other ranks", job.key, pending)
+
+    def all_there() -> dict[int, dict[str, Any]] | None:
         for k in list(pending):
             marker = _read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size,
                                   warn=False)
             if marker is not None:
                 markers[k] = marker
                 pending.remove(k)
-        if pending:
-            time.sleep(POLL_S)
-    return markers
+        return None if pending else markers
+
+    def writers() -> dict[str, Path]:
+        ranks = sorted({k % job.world_size for k in pending})
+        return {f"rank {r}": job.heartbeat(r) for r in ranks}
+
+    return wait_for(all_there, waiter=job.name, writers=writers, poll=POLL_S,
+                    target=f"{job.work / 'batch_<k>.json'} for k in {pending}")
 
 
 def _common_verifier(markers: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
