@@ -28,7 +28,13 @@ from incseg.replay import (
     replay_key,
     synthesise,
 )
-from incseg.replay.adaptive import AdaptiveInversion, ImageJob, auto_batch_size, image_seed
+from incseg.replay.adaptive import (
+    AdaptiveInversion,
+    ImageJob,
+    auto_batch_size,
+    batch_from_peaks,
+    image_seed,
+)
 from incseg.replay.settings import AUTO_BATCH_CPU, StopRule, clamp_normalised
 from incseg.replay.verdicts import frozen
 from tests.test_inversion import Toy
@@ -279,6 +285,15 @@ def test_auto_batch_on_a_cpu_is_a_fixed_number_capped_by_the_set():
     images, info = synthesise(teacher, [1, 2], adaptive(batch_size="auto", iterations_full=3,
                                                         stop=NEVER), progress=False)
     assert info["batches"][0]["slots"] == 4 and images.shape[0] == 4
+
+
+def test_auto_batch_extrapolates_the_probes_peak_memory_by_hand():
+    mib = 2 ** 20
+    # 2 images peak at 300 MiB, 4 at 500: 100 MiB per image, 100 MiB fixed; 10 GiB free less
+    # 15 % = 8704 MiB usable: (8704 - 100) // 100 = 86 images
+    assert batch_from_peaks((2, 4), (300 * mib, 500 * mib), 10240 * mib) == 86
+    assert batch_from_peaks((2, 4), (300 * mib, 500 * mib), 10240 * mib, margin=0.0) == 101
+    assert batch_from_peaks((2, 4), (300 * mib, 500 * mib), 150 * mib) == 1  # never below 1
 
 
 @pytest.mark.parametrize("settings, fragment", [

@@ -49,7 +49,14 @@ from incseg.replay.settings import (
 )
 from incseg.replay.verdicts import frozen, model_logits, teacher_verdicts
 
-__all__ = ["AdaptiveInversion", "ImageJob", "auto_batch_size", "image_seed", "synthesise_stream"]
+__all__ = [
+    "AdaptiveInversion",
+    "ImageJob",
+    "auto_batch_size",
+    "batch_from_peaks",
+    "image_seed",
+    "synthesise_stream",
+]
 
 log = logging.getLogger("incseg.replay")
 
@@ -415,14 +422,22 @@ def auto_batch_size(teacher: nn.Module, settings: InversionSettings, device,
             peaks.append(torch.cuda.max_memory_allocated(device) - before)
             del probe
         torch.cuda.empty_cache()
-        (b1, b2), (p1, p2) = AUTO_PROBES, peaks
-        per_image = max((p2 - p1) / (b2 - b1), 1.0)
-        fixed = max(p1 - b1 * per_image, 0.0)
-        free = torch.cuda.mem_get_info(device)[0] * (1.0 - AUTO_MARGIN)
-        n = max(int((free - fixed) // per_image), 1)
-        log.info("inversion batch_size=auto: %.0f MiB per image, %.0f MiB fixed, %.0f MiB "
-                 "usable: %d images", per_image / 2**20, fixed / 2**20, free / 2**20, n)
+        n = batch_from_peaks(AUTO_PROBES, peaks, torch.cuda.mem_get_info(device)[0])
     return max(1, min(n, cap)) if cap else n
+
+
+def batch_from_peaks(probes: Sequence[int], peaks: Sequence[float], free: float,
+                     margin: float = AUTO_MARGIN) -> int:
+    """The largest batch whose memory, extrapolated linearly from the peak bytes ``peaks`` of
+    the batches ``probes`` (two of them), fits in ``(1 - margin) * free`` bytes; at least 1."""
+    (b1, b2), (p1, p2) = probes, peaks
+    per_image = max((p2 - p1) / (b2 - b1), 1.0)
+    fixed = max(p1 - b1 * per_image, 0.0)
+    usable = free * (1.0 - margin)
+    n = max(int((usable - fixed) // per_image), 1)
+    log.info("inversion batch_size=auto: %.0f MiB per image, %.0f MiB fixed, %.0f MiB usable: "
+             "%d images", per_image / 2**20, fixed / 2**20, usable / 2**20, n)
+    return n
 
 
 # --------------------------------------------------------------------------------------------
