@@ -94,6 +94,29 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--stage-fractions", "2,0"], "--stage-fractions 2,0: give two numbers in (0, 1], the mean "
+                                   "iterations per image over each stage's maximum, e.g. "
+                                   "--stage-fractions 0.2,0.3"),
+    (["--from-bench", "missing.json"], "--from-bench missing.json: no adaptive benchmark of the "
+                                       "cpu preset there (FileNotFoundError); run "
+                                       "experiments/bench/run.py --only adaptive first and pass "
+                                       "its bench.json"),
+    (["--parts", "inversion,speed"], "--parts inversion,speed: unknown part(s) speed; choose "
+                                     "from inversion, adaptive, mib, train"),
+], ids=["stage-fractions", "from-bench", "parts"])
+def test_bad_adaptive_arguments_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    sys.path.insert(0, str(BENCH))
+    try:
+        gpu = importlib.import_module("gpu")
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.chdir(tmp_path)  # missing.json is looked for here
+    assert gpu.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_paper_workload_hours_by_hand():
     """15 classes x 32 images in batches of 32 = 15 batches; 10k iterations at 2 it/s and 10k at
     1 it/s: 15 x 15,000 s = 62.5 h; the paper's loop, 20k at 1 it/s: 83.3 h."""

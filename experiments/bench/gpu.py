@@ -613,6 +613,34 @@ def run(sizes: Sizes, out: Path, parts=PARTS, fractions: tuple[float, float] | N
     return doc
 
 
+def check_args(args) -> tuple[tuple[str, ...], tuple[float, float] | None, str | None]:
+    """``(parts, stage fractions, where they come from)``; ValueError with the one line to
+    show for a bad ``--parts``, ``--stage-fractions`` or ``--from-bench``."""
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"--parts {args.parts}: unknown part(s) {', '.join(unknown)}; choose "
+                         f"from {', '.join(PARTS)}")
+    if args.stage_fractions:
+        try:
+            fractions = tuple(float(f) for f in args.stage_fractions.split(","))
+        except ValueError:
+            fractions = ()
+        if len(fractions) != 2 or not all(0 < f <= 1 for f in fractions):
+            raise ValueError(f"--stage-fractions {args.stage_fractions}: give two numbers in "
+                             "(0, 1], the mean iterations per image over each stage's maximum, "
+                             "e.g. --stage-fractions 0.2,0.3")
+        return parts, fractions, "--stage-fractions"
+    if args.from_bench:
+        try:
+            return parts, fractions_from_bench(args.from_bench), str(args.from_bench)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--from-bench {args.from_bench}: no adaptive benchmark of the cpu "
+                             f"preset there ({type(err).__name__}); run experiments/bench/run.py "
+                             "--only adaptive first and pass its bench.json") from None
+    return parts, None, None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true",
@@ -628,28 +656,11 @@ def main(argv=None) -> int:
                       help="a run.py bench.json with the adaptive benchmark: its cpu preset's "
                            "mean iterations per image over the maximum, for both stages")
     args = ap.parse_args(argv)
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    fractions, source = None, None
-    if args.stage_fractions:
-        try:
-            fractions = tuple(float(f) for f in args.stage_fractions.split(","))
-        except ValueError:
-            fractions = ()
-        if len(fractions) != 2 or not all(0 < f <= 1 for f in fractions):
-            ap.error(f"--stage-fractions {args.stage_fractions}: give two numbers in (0, 1], "
-                     "e.g. --stage-fractions 0.2,0.3")
-        source = "--stage-fractions"
-    elif args.from_bench:
-        try:
-            fractions = fractions_from_bench(args.from_bench)
-        except (OSError, ValueError, KeyError) as err:
-            ap.error(f"--from-bench {args.from_bench}: no adaptive benchmark of the cpu preset "
-                     f"there ({type(err).__name__}: {err}); run experiments/bench/run.py "
-                     "--only adaptive first")
-        source = str(args.from_bench)
+    try:
+        parts, fractions, source = check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.tiny and not torch.cuda.is_available():
         print("error: experiments/bench/gpu.py measures a GPU and torch sees none "
               "(torch.cuda.is_available() is False); run it on a GPU machine, or with --tiny to "
