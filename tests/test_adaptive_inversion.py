@@ -28,13 +28,8 @@ from incseg.replay import (
     replay_key,
     synthesise,
 )
-from incseg.replay.adaptive import (
-    AdaptiveInversion,
-    ImageJob,
-    auto_batch_size,
-    batch_from_peaks,
-    image_seed,
-)
+from incseg.replay.adaptive import AdaptiveInversion, ImageJob, image_seed
+from incseg.replay.batching import auto_batch_size, batch_from_peaks
 from incseg.replay.settings import AUTO_BATCH_CPU, StopRule, clamp_normalised
 from incseg.replay.verdicts import frozen
 from tests.test_inversion import Toy

@@ -464,7 +464,7 @@ def fractions_from_bench(path: Path, preset: str = "cpu") -> tuple[float, float]
 def bench_adaptive(sizes: Sizes, fractions: tuple[float, float] | None,
                    fractions_from: str | None) -> dict:
     from incseg.replay import InversionSettings
-    from incseg.replay.adaptive import auto_batch_size
+    from incseg.replay.batching import auto_batch_size
 
     cfg = compose(["inversion=paper", *sizes.inv_overrides, "inversion.budget=adaptive",
                    # never met: the rates are measured with every slot busy for the whole run

@@ -294,7 +294,7 @@ def _make_adaptive(job: _Job, settings: InversionSettings, batches: Sequence[int
                    where: str = "") -> dict[int, dict[str, Any]]:
     """:func:`_make_batches` with the adaptive budget: the missing batches' images share the
     optimisation slots, and each batch is committed as soon as its last image is done."""
-    from incseg.replay.adaptive import synthesise_stream
+    from incseg.replay.batching import synthesise_stream
 
     markers: dict[int, dict[str, Any]] = {}
     missing = []

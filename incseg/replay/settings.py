@@ -123,7 +123,7 @@ class InversionSettings:
     each image when ``stop`` (:class:`StopRule`) is met; finished images leave the optimisation
     batch and waiting ones take their slots, so an image is the same whatever batch it ran in
     and ``batch_size`` (``auto``: as many as the device holds, see
-    :func:`incseg.replay.adaptive.auto_batch_size`) is not part of the set's key. ``compile``
+    :func:`incseg.replay.batching.auto_batch_size`) is not part of the set's key. ``compile``
     wraps the adaptive step's loss in ``torch.compile`` (``reduce-overhead``: with CUDA graphs).
     With the fixed budget ``stop`` and ``compile`` act on nothing and are not keyed.
 

@@ -91,7 +91,7 @@ def synthesise(
     iterations each image took.
     """
     if settings.adaptive and settings.iterations_low + settings.iterations_full > 0:
-        from incseg.replay.adaptive import synthesise_adaptive
+        from incseg.replay.batching import synthesise_adaptive
 
         return synthesise_adaptive(teacher, targets, settings, student, progress, device,
                                    batches)
