@@ -325,3 +325,39 @@ def test_manifest_of_a_fixed_set_records_the_budget_per_image(tmp_path):
     assert [r["iterations"] for r in rs.records] == [3] * 4
     assert json.loads((rs.path / "manifest.json").read_text())["batches"][0]["iterations"] == 3
     assert file_sha256(rs.image_files[0])  # written and listed
+
+
+def test_ranks_share_an_adaptive_set_and_make_the_one_process_set(tmp_path, monkeypatch):
+    """Two DDP ranks (threads here, each with its own teacher copy) make the plan batches
+    k % 2 == r, each through its own slots; the set is the one-process set (iterations
+    exactly, pixels to one uint8 level: slots hold other images than in one process)."""
+    import threading
+
+    import numpy as np
+
+    from incseg.replay.store import read_png
+
+    monkeypatch.setattr(fill, "POLL_S", 0.05)
+    st = adaptive(n_per_class=3)
+    one = ensure_replay_set(tmp_path / "one", Toy(), [1, 2], st, progress=False)
+    teachers, results, errors = [Toy(), Toy()], [None, None], []
+
+    def rank(r: int) -> None:
+        try:
+            results[r] = ensure_replay_set(tmp_path / "two", teachers[r], [1, 2], st,
+                                           progress=False, rank=r, world_size=2)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    two = results[0]
+    assert two.key == one.key and results[1].key == one.key
+    assert [r["iterations"] for r in two.records] == [r["iterations"] for r in one.records]
+    for a, b in zip(one.image_files, two.image_files, strict=True):
+        diff = np.abs(read_png(a).astype(int) - read_png(b).astype(int))
+        assert diff.max() <= 1
