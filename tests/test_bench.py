@@ -21,7 +21,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "experiments" / "bench"
 RATIOS = ("lightning_vs_bare", "loader_vs_train", "lut_vs_naive", "inversion_vs_reference",
-          "precision_speedup_128", "step0_cache_sweep_speedup")
+          "precision_speedup_128", "step0_cache_sweep_speedup", "adaptive_vs_fixed_cpu",
+          "adaptive_vs_fixed_cpu_small")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,12 @@ def test_tiny_run_writes_every_ratio_and_the_machine_block(tmp_path):
     assert res["precision"]["default"]["variant"] in res["precision"]["images_per_s"]
     assert len(res["inversion"]["ours"]) == 2 and res["inversion"]["reference"]["seconds"] > 0
     assert res["sweep"]["without_cache_s"] > 0 and res["sweep"]["with_cache_s"] > 0
+    for preset, a in res["adaptive"]["presets"].items():
+        assert doc["ratios"][f"adaptive_vs_fixed_{preset}"] == pytest.approx(
+            a["fixed"]["seconds"] / a["adaptive"]["seconds"])
+        # tiny: 2 + 2 iterations, fewer than the rule's two windows, so every image runs both
+        assert a["adaptive"]["iterations"]["max"] == a["fixed"]["iterations"]["max"] == 4
+        assert a["adaptive"]["images"] == a["fixed"]["images"] == 2 * 2  # classes x per class
     # the paper estimate: our preset does half the iterations at a quarter of the pixels
     est = res["inversion"]["paper_estimate"]
     f = est["flops_per_image_iteration"]

@@ -73,6 +73,14 @@ def test_tiny_gpu_check_runs_on_the_cpu_and_writes_every_figure(tmp_path):
         assert r["ours_gpu_hours"] == pytest.approx(120 * (10000 / low + 10000 / full) / 3600)
         assert r["paper_loop_gpu_hours"] == pytest.approx(120 * 20000 / full / 3600)
     assert "DeepInversion (teacher_student)" in proc.stdout
+    ad = res["adaptive"]
+    for label in ("teacher", "teacher_student"):
+        r = ad[label]
+        assert r["batch"] == 3 and finite(r["image_iterations_per_s_full"])
+        assert r["gpu_hours_at_max"] == pytest.approx(480 * (
+            10000 / r["image_iterations_per_s_low"]
+            + 10000 / r["image_iterations_per_s_full"]) / 3600)
+    assert "adaptive budget (teacher_student)" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -83,6 +91,29 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
         "error: experiments/bench/gpu.py measures a GPU and torch sees none "
         "(torch.cuda.is_available() is False); run it on a GPU machine, or with --tiny to "
         "check the script on the CPU")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage-fractions", "2,0"], "--stage-fractions 2,0: give two numbers in (0, 1], the mean "
+                                   "iterations per image over each stage's maximum, e.g. "
+                                   "--stage-fractions 0.2,0.3"),
+    (["--from-bench", "missing.json"], "--from-bench missing.json: no adaptive benchmark of the "
+                                       "cpu preset there (FileNotFoundError); run "
+                                       "experiments/bench/run.py --only adaptive first and pass "
+                                       "its bench.json"),
+    (["--parts", "inversion,speed"], "--parts inversion,speed: unknown part(s) speed; choose "
+                                     "from inversion, adaptive, mib, train"),
+], ids=["stage-fractions", "from-bench", "parts"])
+def test_bad_adaptive_arguments_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    sys.path.insert(0, str(BENCH))
+    try:
+        gpu = importlib.import_module("gpu")
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.chdir(tmp_path)  # missing.json is looked for here
+    assert gpu.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
     assert not (tmp_path / "out").exists()
 
 
@@ -101,6 +132,27 @@ def test_paper_workload_hours_by_hand():
     hours = gpu.workload_hours(st, low_its=2.0, full_its=1.0)
     assert hours == {"batches": 15, "ours_gpu_hours": pytest.approx(62.5),
                      "paper_loop_gpu_hours": pytest.approx(250 / 3)}
+
+
+def test_adaptive_workload_hours_by_hand(tmp_path):
+    """480 images; at fractions 0.5 / 0.25 of 10k + 10k iterations, 2 and 1 image-it/s:
+    480 x (2500 + 2500) s = 666.7 h; at the maximum 480 x (5000 + 10000) s = 2000 h. The
+    fractions from a bench.json: mean 75 of 300 iterations = 0.25 for both stages."""
+    from incseg.replay import InversionSettings
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        gpu = importlib.import_module("gpu")
+    finally:
+        sys.path.remove(str(BENCH))
+    st = InversionSettings.from_dict({"n_per_class": 32, "batch_size": 32, "image_size": 512,
+                                      "iterations_low": 10000, "iterations_full": 10000})
+    assert gpu.adaptive_hours(st, 2.0, 1.0, (0.5, 0.25)) == pytest.approx(2000 / 3)
+    assert gpu.adaptive_hours(st, 2.0, 1.0) == pytest.approx(2000)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"results": {"adaptive": {"presets": {"cpu": {
+        "max_iterations": [200, 100], "adaptive": {"iterations": {"mean": 75.0}}}}}}}))
+    assert gpu.fractions_from_bench(bench) == (0.25, 0.25)
 
 
 @pytest.mark.slow  # whole-script runs of minutes on 2 cores: `make slow`

@@ -2,6 +2,7 @@
 
     python experiments/bench/gpu.py --out DIR        # about 2 minutes on an H200
     python experiments/bench/gpu.py --tiny --out DIR # seconds on the CPU: the script itself
+    python experiments/bench/gpu.py --parts adaptive --from-bench bench.json --out DIR
 
 What it measures, each in one process, medians over repeats:
 
@@ -18,6 +19,17 @@ What it measures, each in one process, medians over repeats:
    batch 32, 256 px then 512 px, fp16) with the BiSeNet-R50 teacher, alone (the suite's replay)
    and with a BiSeNet-R18 competition student (the paper), and from them the GPU-hours of the
    paper's workload (15 classes x 32 images x 20k iterations).
+6. ``adaptive``: the same preset with ``inversion.budget=adaptive inversion.batch_size=auto``:
+   the batch ``auto`` picks on this device, image-iterations/s at half and full resolution
+   with every slot busy (``incseg.replay.adaptive``), the generator's TFLOP/s (FLOPs counted
+   with ``FlopCounterMode``) as a fraction of the measured fp16 matmul peak, and the paper
+   workload's GPU-hours: at the maximum (no image stops early: the auto batch alone) and at
+   the mean iterations per image as fractions of each stage's maximum, from ``--stage-fractions
+   LOW,FULL`` or the ``cpu`` preset's adaptive figures in a ``run.py`` ``bench.json``
+   (``--from-bench``). Random weights never satisfy the stopping rule, so where the images
+   stop cannot be measured here; the fractions carry that figure over from a trained teacher,
+   an assumption the JSON names (``fractions_from``). Continuous batching keeps every slot
+   busy but the last ``batch`` images, which the hours neglect.
 
 Progress lines go to stderr, a table to stdout, every figure to ``DIR/gpu_bench.json``
 (``{"machine", "results"}``, written atomically after each part, the generator's first, so a
@@ -87,6 +99,11 @@ class Sizes:
     inv_warmup: int = 3
     inv_steps: int = 15
     inv_overrides: tuple[str, ...] = ()  # on top of inversion=paper
+    adapt_batch: int | str = "auto"
+    adapt_warmup: int = 2
+    adapt_steps: int = 5
+    peak_n: int = 8192                   # the matmul whose rate is the peak (fp16 on CUDA)
+    flops_at: int = 128                  # generator FLOPs counted at this size, scaled up
 
 
 GPU = Sizes("gpu", "cuda")
@@ -94,7 +111,9 @@ TINY = Sizes("tiny", "cpu", models=("bisenet_r18", "deeplabv3_r50"),
              precisions=("fp32", "bf16-mixed"), crop=32, batch=2, warmup=1,
              steps=1, repeats=1, eval_steps=1, mib_warmup=1, mib_steps=1, inv_warmup=1,
              inv_steps=1, inv_overrides=("inversion.image_size=32", "inversion.batch_size=4",
-                                         "inversion.precision=32"))
+                                         "inversion.precision=32"),
+             adapt_batch=3, adapt_warmup=1, adapt_steps=1, peak_n=256, flops_at=32)
+PARTS = ("inversion", "adaptive", "mib", "train")
 
 
 def sync(device: str) -> None:
@@ -369,6 +388,138 @@ def bench_inversion(sizes: Sizes) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# 6. The adaptive budget with the auto batch: the paper workload's GPU-hours
+
+
+def matmul_peak(sizes: Sizes, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` n x n matmuls, fp16 on CUDA (fp32 on the CPU): the
+    attainable peak the generator's rate is a fraction of."""
+    dtype = torch.float16 if sizes.device == "cuda" else torch.float32
+    n = sizes.peak_n
+    a = torch.randn(n, n, device=sizes.device, dtype=dtype)
+    b = torch.randn(n, n, device=sizes.device, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        sync(sizes.device)
+        t = time.perf_counter()
+        a @ b
+        sync(sizes.device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def adaptive_rates(teacher, student, settings, slots: int, sizes: Sizes) -> tuple[float, float]:
+    """Image-iterations/s of ``slots`` busy slots at half and at full resolution."""
+    from incseg.replay.adaptive import AdaptiveInversion, ImageJob
+    from incseg.replay.verdicts import frozen
+
+    rates = []
+    with frozen(teacher, student):
+        for stage in (0, 1):
+            engine = AdaptiveInversion(teacher, settings, slots, sizes.device, student=student)
+            for slot in range(slots):
+                engine.place(slot, ImageJob(slot, 1 + slot % PAPER_WORKLOAD["classes"], 0),
+                             stage=stage)
+            try:
+                for _ in range(sizes.adapt_warmup):
+                    engine.step()
+                sync(sizes.device)
+                t = time.perf_counter()
+                for _ in range(sizes.adapt_steps):
+                    engine.step()
+                sync(sizes.device)
+                rates.append(sizes.adapt_steps * slots / (time.perf_counter() - t))
+            finally:
+                engine.close()
+            del engine
+            gc.collect()
+            if sizes.device == "cuda":
+                torch.cuda.empty_cache()
+    return rates[0], rates[1]
+
+
+def adaptive_hours(settings, low_rate: float, full_rate: float,
+                   fractions: tuple[float, float] = (1.0, 1.0)) -> float:
+    """GPU-hours of 15 classes x 32 images when each image takes ``fractions`` of each stage's
+    maximum, at ``low_rate`` / ``full_rate`` image-iterations/s."""
+    w = PAPER_WORKLOAD
+    images = w["classes"] * w["images_per_class"]
+    seconds = images * (fractions[0] * settings.iterations_low / low_rate
+                        + fractions[1] * settings.iterations_full / full_rate)
+    return seconds / 3600
+
+
+def fractions_from_bench(path: Path, preset: str = "cpu") -> tuple[float, float]:
+    """Mean iterations per image over each stage's maximum, from the adaptive benchmark of a
+    ``run.py`` ``bench.json`` (its ``stage_iterations`` are not stored per stage there, so the
+    mean of all iterations over their maximum stands for both stages)."""
+    import json
+
+    a = json.loads(Path(path).read_text())["results"]["adaptive"]["presets"][preset]
+    frac = a["adaptive"]["iterations"]["mean"] / sum(a["max_iterations"])
+    return frac, frac
+
+
+def bench_adaptive(sizes: Sizes, fractions: tuple[float, float] | None,
+                   fractions_from: str | None) -> dict:
+    from incseg.replay import InversionSettings
+    from incseg.replay.batching import auto_batch_size
+
+    cfg = compose(["inversion=paper", *sizes.inv_overrides, "inversion.budget=adaptive",
+                   # never met: the rates are measured with every slot busy for the whole run
+                   "inversion.stop.min_prob=1.0"])
+    settings = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
+    settings = dataclasses.replace(settings, batch_size=sizes.adapt_batch)
+    torch.manual_seed(0)
+    n_out = PAPER_WORKLOAD["classes"] + 1
+    teacher = build_model(PAPER_WORKLOAD["teacher"], [n_out], None).to(sizes.device)
+    student = build_model(PAPER_WORKLOAD["student"], [n_out], None).to(sizes.device)
+    images = PAPER_WORKLOAD["classes"] * PAPER_WORKLOAD["images_per_class"]
+    size = settings.image_size
+    peak = matmul_peak(sizes)
+    out = {"what": "adaptive budget, paper preset: image-iterations/s with every slot busy",
+           "settings": {"batch_size": settings.batch_size, "image_size": size,
+                        "iterations_low": settings.iterations_low,
+                        "iterations_full": settings.iterations_full,
+                        "precision": settings.precision},
+           "matmul_peak_flops_per_s": peak, "fractions": fractions,
+           "fractions_from": fractions_from, "workload": PAPER_WORKLOAD}
+    for label, s in (("teacher", None), ("teacher_student", student)):
+        from incseg.replay.verdicts import frozen
+
+        with frozen(teacher, s):
+            slots = (auto_batch_size(teacher, settings, sizes.device, s, images)
+                     if settings.batch_size == "auto" else int(settings.batch_size))
+        low, full = adaptive_rates(teacher, s, settings, slots, sizes)
+        models = [teacher] + ([s] if s is not None else [])
+        flops_low = sum(bench.inversion_iteration_flops(m.cpu(), size // 2, sizes.flops_at // 2)
+                        for m in models)
+        flops_full = sum(bench.inversion_iteration_flops(m.cpu(), size, sizes.flops_at)
+                         for m in models)
+        for m in models:
+            m.to(sizes.device)
+        row = {"batch": slots, "image_iterations_per_s_low": low,
+               "image_iterations_per_s_full": full,
+               "flops_per_image_iteration": {"low": flops_low, "full": flops_full},
+               "tflops_per_s": {"low": flops_low * low / 1e12, "full": flops_full * full / 1e12},
+               "fraction_of_peak": {"low": flops_low * low / peak,
+                                    "full": flops_full * full / peak},
+               "gpu_hours_at_max": adaptive_hours(settings, low, full)}
+        if fractions is not None:
+            row["gpu_hours"] = adaptive_hours(settings, low, full, fractions)
+        out[label] = row
+        say(f"adaptive ({label}): batch {slots}, {low:.1f} / {full:.1f} image-it/s (half / full "
+            f"size), {row['fraction_of_peak']['full']:.1%} of the matmul peak at full size; "
+            f"workload {row['gpu_hours_at_max']:.2f} h at the maximum"
+            + ("" if fractions is None else f", {row['gpu_hours']:.2f} h at the fractions"))
+        gc.collect()
+        if sizes.device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The machine, the table, the file
 
 
@@ -384,35 +535,51 @@ def machine(sizes: Sizes) -> dict:
 
 
 def table(results: dict) -> str:
+    """The measured parts (a run of ``--parts`` has only those)."""
     lines = []
-    tr = results["train"]
-    lines.append(f"training / eval images/s at {tr['crop']} px, batch {tr['batch']} "
-                 f"(peak MiB); auto = {tr['auto']['variant']}")
-    for name, m in tr["models"].items():
-        lines.append(f"  {name} ({m['parameters'] / 1e6:.1f} M parameters): fastest "
-                     f"{m['fastest']}, auto at "
-                     + ("-" if m["auto_vs_fastest"] is None else f"{m['auto_vs_fastest']:.2f}")
-                     + " of it")
-        for var, row in m["variants"].items():
-            mem = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
-            lines.append(f"    {var:<26} train {row['images_per_s']:8.1f}   eval "
-                         f"{row['eval_images_per_s']:8.1f}   peak {mem}")
-    mib = results["mib"]
-    lines.append(f"MiB step ({mib['precision']}, channels_last {mib['channels_last']}): "
-                 f"Lightning {mib['lightning_images_per_s']:.1f} img/s, bare "
-                 f"{mib['bare_images_per_s']:.1f} img/s, ratio {mib['lightning_vs_bare']:.2f}")
-    inv = results["inversion"]
-    for label in ("teacher", "teacher_student"):
+    if "train" in results:
+        tr = results["train"]
+        lines.append(f"training / eval images/s at {tr['crop']} px, batch {tr['batch']} "
+                     f"(peak MiB); auto = {tr['auto']['variant']}")
+        for name, m in tr["models"].items():
+            lines.append(f"  {name} ({m['parameters'] / 1e6:.1f} M parameters): fastest "
+                         f"{m['fastest']}, auto at "
+                         + ("-" if m["auto_vs_fastest"] is None
+                            else f"{m['auto_vs_fastest']:.2f}") + " of it")
+            for var, row in m["variants"].items():
+                mem = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
+                lines.append(f"    {var:<26} train {row['images_per_s']:8.1f}   eval "
+                             f"{row['eval_images_per_s']:8.1f}   peak {mem}")
+    if "mib" in results:
+        mib = results["mib"]
+        lines.append(f"MiB step ({mib['precision']}, channels_last {mib['channels_last']}): "
+                     f"Lightning {mib['lightning_images_per_s']:.1f} img/s, bare "
+                     f"{mib['bare_images_per_s']:.1f} img/s, ratio "
+                     f"{mib['lightning_vs_bare']:.2f}")
+    inv = results.get("inversion", {})
+    for label in ("teacher", "teacher_student") if inv else ():
         r = inv[label]
         lines.append(f"DeepInversion ({label}): {r['iterations_per_s_low']:.2f} / "
                      f"{r['iterations_per_s_full']:.2f} it/s (half / full size); paper workload "
                      f"{r['ours_gpu_hours']:.1f} device-hours with the preset, "
                      f"{r['paper_loop_gpu_hours']:.1f} with every iteration at full size "
                      f"(the paper: {PAPER_WORKLOAD['t4_hours']:g} T4-hours)")
+    ad = results.get("adaptive", {})
+    for label in ("teacher", "teacher_student") if ad else ():
+        r = ad[label]
+        lines.append(
+            f"adaptive budget ({label}): auto batch {r['batch']}, "
+            f"{r['image_iterations_per_s_low']:.1f} / {r['image_iterations_per_s_full']:.1f} "
+            f"image-it/s (half / full size), {r['tflops_per_s']['full']:.1f} TFLOP/s = "
+            f"{100 * r['fraction_of_peak']['full']:.1f}% of the matmul peak; paper workload "
+            f"{r['gpu_hours_at_max']:.2f} device-hours at the maximum"
+            + ("" if "gpu_hours" not in r else
+               f", {r['gpu_hours']:.2f} at stage fractions {ad['fractions']}"))
     return "\n".join(lines)
 
 
-def run(sizes: Sizes, out: Path) -> dict:
+def run(sizes: Sizes, out: Path, parts=PARTS, fractions: tuple[float, float] | None = None,
+        fractions_from: str | None = None) -> dict:
     quiet_lightning()
     warnings.filterwarnings("ignore", message=".*validation_step.*but have no.*")
     out.mkdir(parents=True, exist_ok=True)
@@ -432,13 +599,46 @@ def run(sizes: Sizes, out: Path) -> dict:
         atomic_write_json(out / "gpu_bench.json", doc)
 
     # the generator's cost first: the figure the paper's GPU-hours are compared with
-    part("inversion", lambda: bench_inversion(sizes))
-    with tempfile.TemporaryDirectory(prefix="incseg-gpu-bench-") as work:
-        part("mib", lambda: bench_mib(sizes, Path(work)))
-    part("train", lambda: bench_models(sizes))
+    if "inversion" in parts:
+        part("inversion", lambda: bench_inversion(sizes))
+    if "adaptive" in parts:
+        part("adaptive", lambda: bench_adaptive(sizes, fractions, fractions_from))
+    if "mib" in parts:
+        with tempfile.TemporaryDirectory(prefix="incseg-gpu-bench-") as work:
+            part("mib", lambda: bench_mib(sizes, Path(work)))
+    if "train" in parts:
+        part("train", lambda: bench_models(sizes))
     print(table(results))
     say(f"done in {results['run']['wall_s']:.0f} s: {out / 'gpu_bench.json'}")
     return doc
+
+
+def check_args(args) -> tuple[tuple[str, ...], tuple[float, float] | None, str | None]:
+    """``(parts, stage fractions, where they come from)``; ValueError with the one line to
+    show for a bad ``--parts``, ``--stage-fractions`` or ``--from-bench``."""
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"--parts {args.parts}: unknown part(s) {', '.join(unknown)}; choose "
+                         f"from {', '.join(PARTS)}")
+    if args.stage_fractions:
+        try:
+            fractions = tuple(float(f) for f in args.stage_fractions.split(","))
+        except ValueError:
+            fractions = ()
+        if len(fractions) != 2 or not all(0 < f <= 1 for f in fractions):
+            raise ValueError(f"--stage-fractions {args.stage_fractions}: give two numbers in "
+                             "(0, 1], the mean iterations per image over each stage's maximum, "
+                             "e.g. --stage-fractions 0.2,0.3")
+        return parts, fractions, "--stage-fractions"
+    if args.from_bench:
+        try:
+            return parts, fractions_from_bench(args.from_bench), str(args.from_bench)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--from-bench {args.from_bench}: no adaptive benchmark of the cpu "
+                             f"preset there ({type(err).__name__}); run experiments/bench/run.py "
+                             "--only adaptive first and pass its bench.json") from None
+    return parts, None, None
 
 
 def main(argv=None) -> int:
@@ -446,13 +646,27 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true",
                     help="seconds on the CPU at tiny sizes: checks the script only")
     ap.add_argument("--out", required=True, type=Path, help="folder for gpu_bench.json")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)}")
+    frac = ap.add_mutually_exclusive_group()
+    frac.add_argument("--stage-fractions", default=None,
+                      help="LOW,FULL: mean iterations per image of the adaptive budget as "
+                           "fractions of each stage's maximum (e.g. 0.2,0.3)")
+    frac.add_argument("--from-bench", type=Path, default=None,
+                      help="a run.py bench.json with the adaptive benchmark: its cpu preset's "
+                           "mean iterations per image over the maximum, for both stages")
     args = ap.parse_args(argv)
+    try:
+        parts, fractions, source = check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.tiny and not torch.cuda.is_available():
         print("error: experiments/bench/gpu.py measures a GPU and torch sees none "
               "(torch.cuda.is_available() is False); run it on a GPU machine, or with --tiny to "
               "check the script on the CPU", file=sys.stderr)
         return 2
-    run(TINY if args.tiny else GPU, args.out)
+    run(TINY if args.tiny else GPU, args.out, parts, fractions, source)
     return 0
 
 

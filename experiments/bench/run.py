@@ -3,6 +3,7 @@
     python experiments/bench/run.py --quick --out DIR     # < 10 min on a 2-core CPU
     python experiments/bench/run.py --out DIR             # more repeats, a bigger sweep
     python experiments/bench/run.py --tiny --out DIR      # seconds: the harness itself (tests)
+    python experiments/bench/run.py --quick --only adaptive --out DIR  # one benchmark
 
 Each benchmark puts the suite's way of doing something beside a plain alternative, on the same
 machine, in the same process, alternating the two, and reports medians over repeats. Progress
@@ -65,8 +66,12 @@ TARGETS = {
     "inversion_vs_reference": 2.0,
     "precision_speedup_128": 1.4,
     "step0_cache_sweep_speedup": 1.5,
+    # the adaptive inversion budget against the fixed one, per preset: at most a third of the
+    # time, at a verifier accuracy no lower than the fixed budget's (both are checked)
+    "adaptive_vs_fixed_cpu": 3.0,
+    "adaptive_vs_fixed_cpu_small": 3.0,
 }
-BENCHMARKS = ("train", "loader", "remap", "inversion", "precision", "sweep")
+BENCHMARKS = ("train", "loader", "remap", "inversion", "precision", "sweep", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,11 @@ class Sizes:
     inv_budgets: tuple[float, ...] = (0.25, 0.5, 1.0)
     inv_repeats: int = 1
     est_size: int = 512                      # FLOPs of the paper's generator counted at this size
+    # adaptive vs fixed inversion budget: the presets' own sets (classes 1..inv_classes)
+    adapt_presets: tuple[str, ...] = ("cpu", "cpu_small")
+    adapt_repeats: int = 1
+    adapt_batch: int | str = "auto"          # the adaptive budget's images per batch
+    adapt_per_class: int | None = None       # None: the preset's n_per_class
     model_steps: int = 120                   # SGD steps of the teacher and of the verifier
     # precision at 128 px
     prec_crop: int = 128
@@ -118,14 +128,14 @@ class Sizes:
 
 QUICK = Sizes("quick")
 FULL = Sizes("full", repeats=5, steps=20, eval_batches=10, loader_batches=100, inv_classes=8,
-             inv_budgets=(0.25, 0.5, 1.0, 2.0), inv_repeats=2, model_steps=300, prec_steps=10,
-             prec_repeats=5, sweep_methods=("ft", "lwf", "ilt", "mib"),
+             inv_budgets=(0.25, 0.5, 1.0, 2.0), inv_repeats=2, adapt_repeats=2, model_steps=300,
+             prec_steps=10, prec_repeats=5, sweep_methods=("ft", "lwf", "ilt", "mib"),
              sweep_tasks=("15-5", "15-5s"), sweep_repeats=2)
 TINY = Sizes("tiny", repeats=1, batch=4, crop=32, warmup=1, steps=2, eval_batches=1,
              matmul_n=128, loader_warm=1, loader_batches=2, mask_px=64, n_masks=2,
              remap_repeats=1, lut_number=2, naive_number=1, inv_classes=2, inv_per_class=2,
              inv_image_size=32, inv_iterations=(2, 2), inv_budgets=(0.5, 1.0), model_steps=2,
-             est_size=64,
+             est_size=64, adapt_per_class=2,
              prec_crop=32, prec_batch=2, prec_warmup=1, prec_steps=1, prec_repeats=1,
              sweep_methods=("ft", "mib"),
              sweep_overrides=("train.epochs=1", "train.epochs_incremental=1",
@@ -610,6 +620,80 @@ def bench_inversion(sizes: Sizes, cache: Path | None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# 7. The adaptive inversion budget against the fixed one
+
+
+def _iteration_figures(its: list[int]) -> dict:
+    return {"median": float(statistics.median(its)), "max": max(its), "min": min(its),
+            "mean": sum(its) / len(its)}
+
+
+def bench_adaptive(sizes: Sizes, cache: Path | None) -> dict:
+    """Each preset's set (its images per class and iterations, the benchmark's classes) made
+    with the fixed budget and with the adaptive one (``inversion.budget=adaptive``, the
+    preset's ``stop`` rule, ``batch_size`` ``sizes.adapt_batch``), alternating, same teacher
+    and verifier as the inversion benchmark: wall time, iterations per image, accuracies."""
+    from incseg.replay import InversionSettings, synthesise
+
+    classes = list(range(sizes.inv_classes + 1))
+    task = get_task("shapes", "bench", [classes])
+    targets = classes[1:]
+    out = {}
+    for preset in sizes.adapt_presets:
+        cfg = base_cfg(sizes, cache, f"inversion={preset}")
+        fixed = InversionSettings.from_dict(OmegaConf.to_container(cfg.inversion, resolve=True))
+        changes = {}
+        if sizes.inv_image_size:
+            changes["image_size"] = sizes.inv_image_size
+        if sizes.inv_iterations:
+            changes["iterations_low"], changes["iterations_full"] = sizes.inv_iterations
+        if sizes.adapt_per_class:
+            changes["n_per_class"] = sizes.adapt_per_class
+        fixed = dataclasses.replace(fixed, **changes)
+        adaptive = dataclasses.replace(fixed, budget="adaptive", batch_size=sizes.adapt_batch)
+        say(f"adaptive ({preset}): teacher and verifier ({sizes.model_steps} SGD steps each, "
+            "cached)")
+        teacher = trained_model(sizes, cache, task, seed=1, crop=fixed.image_size)
+        verifier = trained_model(sizes, cache, task, seed=2, crop=fixed.image_size)
+        r = fixed.lse_r
+        rows = {"fixed": {"runs": []}, "adaptive": {"runs": []}}
+        for rep in range(sizes.adapt_repeats):
+            order = ("fixed", "adaptive") if rep % 2 == 0 else ("adaptive", "fixed")
+            for name in order:
+                st = fixed if name == "fixed" else adaptive
+                t = time.perf_counter()
+                images, info = synthesise(teacher, targets, st, progress=False)
+                rows[name]["runs"].append(time.perf_counter() - t)
+                its = info.get("image_iterations") or [
+                    st.iterations_low + st.iterations_full] * images.shape[0]
+                rows[name].update(
+                    images=images.shape[0], iterations=_iteration_figures(its),
+                    verifier_accuracy=_accuracy(verifier, images, info["targets"], r),
+                    teacher_accuracy=_accuracy(teacher, images, info["targets"], r),
+                    batch_size=(info["batches"][0].get("slots", st.batch_size)
+                                if info["batches"] else None))
+                say(f"adaptive ({preset}) {name}: {rows[name]['runs'][-1]:.1f} s, iterations "
+                    f"median {rows[name]['iterations']['median']:g} max "
+                    f"{rows[name]['iterations']['max']}, verifier accuracy "
+                    f"{rows[name]['verifier_accuracy']:.2f}")
+        for row in rows.values():
+            row["seconds"] = median(row["runs"])
+        out[preset] = {
+            **rows, "classes": targets, "images_per_class": fixed.n_per_class,
+            "image_size": fixed.image_size,
+            "max_iterations": [fixed.iterations_low, fixed.iterations_full],
+            "stop": dataclasses.asdict(adaptive.stop_rule),
+            "seconds_ratio": rows["fixed"]["seconds"] / rows["adaptive"]["seconds"],
+            "accuracy_kept": (rows["adaptive"]["verifier_accuracy"]
+                              >= rows["fixed"]["verifier_accuracy"]),
+        }
+    return {"what": "one replay set per preset, fixed budget vs adaptive budget (same teacher, "
+                    "verifier and classes as the inversion benchmark)",
+            "teacher_sgd_steps": sizes.model_steps, "repeats": sizes.adapt_repeats,
+            "presets": out}
+
+
+# --------------------------------------------------------------------------------------------
 # 5. The default precision / memory format at 128 px vs fp32 eager contiguous
 
 PRECISION_VARIANTS = {
@@ -721,6 +805,8 @@ def ratios_of(results: dict) -> dict:
     if "sweep" in results:
         s = results["sweep"]
         out["step0_cache_sweep_speedup"] = s["without_cache_s"] / s["with_cache_s"]
+    for preset, row in results.get("adaptive", {}).get("presets", {}).items():
+        out[f"adaptive_vs_fixed_{preset}"] = row["seconds_ratio"]
     return out
 
 
@@ -728,9 +814,9 @@ def table(results: dict, ratios: dict) -> str:
     r = results
     rows = []
 
-    def add(key, measured):
+    def add(key, measured, also=True):
         if key in ratios:
-            ok = "ok" if ratios[key] >= TARGETS[key] else "BELOW"
+            ok = "ok" if ratios[key] >= TARGETS[key] and also else "BELOW"
             rows.append((key, measured, f"{ratios[key]:.2f}", f">= {TARGETS[key]:g}", ok))
 
     if "train" in r:
@@ -761,6 +847,13 @@ def table(results: dict, ratios: dict) -> str:
         s = r["sweep"]
         add("step0_cache_sweep_speedup", f"{len(s['runs'])} runs: without "
             f"{s['without_cache_s']:.1f} s, with {s['with_cache_s']:.1f} s")
+    for preset, a in r.get("adaptive", {}).get("presets", {}).items():
+        f, d = a["fixed"], a["adaptive"]
+        add(f"adaptive_vs_fixed_{preset}", f"fixed {f['seconds']:.1f} s ({f['iterations']['max']} "
+            f"its/image, verifier acc {f['verifier_accuracy']:.2f}), adaptive {d['seconds']:.1f} s "
+            f"(its/image median {d['iterations']['median']:g}, max {d['iterations']['max']}; "
+            f"verifier acc {d['verifier_accuracy']:.2f}; batch {d['batch_size']})",
+            also=a["accuracy_kept"])
     widths = [max(len(row[i]) for row in rows + [("ratio",) * 5]) for i in range(5)]
     head = ("benchmark", "measured", "ratio", "target", "")
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
@@ -816,6 +909,8 @@ def run(sizes: Sizes, out: Path, cache: Path | None = None, only=BENCHMARKS) -> 
             results["precision"] = bench_precision(sizes, cache, work)
         if "sweep" in only:
             results["sweep"] = bench_sweep(sizes)
+        if "adaptive" in only:
+            results["adaptive"] = bench_adaptive(sizes, cache)
     ratios = ratios_of(results)
     results["run"] = {"variant": sizes.name, "sizes": dataclasses.asdict(sizes),
                       "targets": TARGETS, "wall_s": time.perf_counter() - start}

@@ -4,6 +4,11 @@
   batch statistics of every BatchNorm input to the teacher's running statistics.
 - :func:`image_priors`: total-variation and L2 priors on the image batch.
 - :func:`competition_loss`: Adaptive DeepInversion's teacher/student competition term.
+
+Each has a per-image form (``bn_image_distance``, ``per_image_priors``,
+``competition_loss(..., per_image=True)``, ``BNStatisticsHook(per_image=True)``): the terms of
+every image as if it were a batch of one, what the adaptive budget optimises, so that an image
+does not depend on the others in its optimisation batch.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "BNStatisticsHook",
+    "bn_image_distance",
     "bn_layer_distance",
     "bn_statistics_loss",
     "competition_loss",
     "image_priors",
+    "per_image_priors",
 ]
 
 # BatchNorm2d and SyncBatchNorm (which DDP conversion may produce) both see N x C x H x W inputs.
@@ -47,6 +54,19 @@ def bn_layer_distance(x: Tensor, running_mean: Tensor, running_var: Tensor) -> T
     rm = running_mean.detach().to(x.dtype)
     rv = running_var.detach().to(x.dtype)
     return torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv)
+
+
+def bn_image_distance(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """:func:`bn_layer_distance` of every image on its own: ``N`` terms, term ``i`` equal to
+    ``bn_layer_distance(x[i:i+1], ...)`` (mean and biased variance over H, W only)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    mean = x.mean(dim=(2, 3))
+    var = x.var(dim=(2, 3), unbiased=False)
+    rm = running_mean.detach().to(x.dtype)
+    rv = running_var.detach().to(x.dtype)
+    return (torch.linalg.vector_norm(mean - rm, dim=1)
+            + torch.linalg.vector_norm(var - rv, dim=1))
 
 
 def bn_statistics_loss(
@@ -92,10 +112,14 @@ class BNStatisticsHook:
     Args:
         model: network whose ``BatchNorm2d``/``SyncBatchNorm`` layers are hooked.
         first_bn_multiplier: weight of the first BN to fire (DeepInversion: 10).
+        per_image: terms per image (:func:`bn_image_distance`; ``loss`` is then ``N``) instead
+            of over the batch.
     """
 
-    def __init__(self, model: nn.Module, first_bn_multiplier: float = 10.0) -> None:
+    def __init__(self, model: nn.Module, first_bn_multiplier: float = 10.0,
+                 per_image: bool = False) -> None:
         self.first_bn_multiplier = float(first_bn_multiplier)
+        self._distance = bn_image_distance if per_image else bn_layer_distance
         self.terms: list[Tensor] = []  # unweighted per-layer terms of the last pass, in order
         self.names: list[str] = []  # qualified names of the BN layers that ran, same order
         self._handles = [model.register_forward_pre_hook(self._start_pass)]
@@ -108,7 +132,7 @@ class BNStatisticsHook:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            self.terms.append(bn_layer_distance(args[0], module.running_mean, module.running_var))
+            self.terms.append(self._distance(args[0], module.running_mean, module.running_var))
             self.names.append(name)
 
         return hook
@@ -172,8 +196,19 @@ def image_priors(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tv_l2, tv_l1, l2
 
 
+def per_image_priors(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`image_priors` of every image on its own: three ``B`` vectors, entry ``i`` equal
+    to ``image_priors(x[i:i+1])``."""
+    diffs = _neighbour_differences(x)
+    tv_l2 = sum(torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs)
+    tv_l1 = sum(d.abs().flatten(1).mean(dim=1) for d in diffs)
+    l2 = torch.linalg.vector_norm(x.flatten(1), dim=1)
+    return tv_l2, tv_l1, l2
+
+
 def competition_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0,
+    per_image: bool = False,
 ) -> Tensor:
     """Adaptive DeepInversion's competition term ``1 - clamp(JS(P, Q), 0, 1)``.
 
@@ -187,7 +222,8 @@ def competition_loss(
         temperature: softmax temperature (ADI uses 3).
 
     Returns:
-        Scalar in ``[0, 1]``; 1 when student and teacher agree. ``P = softmax(s/T)``,
+        Scalar in ``[0, 1]`` (``per_image``: ``B`` of them, each image's own
+        ``1 - clamp(JS_i, 0, 1)``); 1 when student and teacher agree. ``P = softmax(s/T)``,
         ``Q = softmax(t/T)``, ``M = (P+Q)/2`` from the unclamped P and Q; then M, P and Q are
         each clamped to ``[0.01, 0.99]`` (not renormalised), ``JS = (KL(M||P) + KL(M||Q))/2``
         averaged over the batch, ``KL(M||P) = sum_c M log(M/P)``. The order is the reference
@@ -202,7 +238,9 @@ def competition_loss(
     log_m = m.log()
     kl_mp = (m * (log_m - p.log())).sum(dim=1)
     kl_mq = (m * (log_m - q.log())).sum(dim=1)
-    js = (0.5 * (kl_mp + kl_mq)).mean()
+    js = 0.5 * (kl_mp + kl_mq)
+    if not per_image:
+        js = js.mean()
     return 1.0 - js.clamp(0.0, 1.0)
 
 

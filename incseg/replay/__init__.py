@@ -5,7 +5,9 @@
 - :mod:`~incseg.replay.generator`: DeepInversion (Yin et al., CVPR 2020) for a segmentation
   teacher, one batch: :class:`InversionModule`; :mod:`~incseg.replay.schedule`: its learning
   rate and best iterate; :mod:`~incseg.replay.synthesis`: a set's batches, each fitted by a
-  Lightning Trainer: :func:`synthesise`.
+  Lightning Trainer: :func:`synthesise`. :mod:`~incseg.replay.adaptive`: the adaptive budget
+  (each image stops when done, in refilled batches); :mod:`~incseg.replay.batching`: its batch
+  size (``auto``) and a set's batches through it.
 - :mod:`~incseg.replay.verdicts`: what a frozen teacher or verifier predicts for an image.
 - :mod:`~incseg.replay.store` / :mod:`~incseg.replay.fill`: replay sets cached under a content
   key, verified on read, filled resumably: :func:`ensure_replay_set`.

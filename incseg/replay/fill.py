@@ -208,6 +208,9 @@ def _write_batch(work: Path, k: int, key: str, images: Tensor, targets: Sequence
             "mask_bytes": (work / mask).stat().st_size, "mask_sha256": file_sha256(work / mask),
         })
     rec = info or {}
+    its = rec.get("image_iterations") or [rec.get("iterations", 0)] * len(records)
+    for r, n_its in zip(records, its, strict=True):
+        r["iterations"] = int(n_its)  # the adaptive budget's differ per image
     marker = {
         "key": key, "batch": k, "count": len(records),
         "final_loss": rec.get("final_loss"), "best_loss": rec.get("best_loss"),
@@ -283,6 +286,8 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path,
     (job.work / "images").mkdir(parents=True, exist_ok=True)
     (job.work / "teacher_masks").mkdir(parents=True, exist_ok=True)
     gen_settings = generator_settings(job.kind, job.settings)
+    if gen_settings.adaptive and gen_settings.iterations_low + gen_settings.iterations_full:
+        return _make_adaptive(job, gen_settings, batches, final, where)
     markers: dict[int, dict[str, Any]] = {}
     for k in batches:
         batch = job.plan[k]
@@ -303,6 +308,38 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path,
             marker = _write_batch(job.work, k, job.key, images, batch, job.first(k), job.teacher,
                                   job.settings, job.class_of, rec, job.verifier)
         markers[k] = marker
+    return markers
+
+
+def _make_adaptive(job: _Job, settings: InversionSettings, batches: Sequence[int], final: Path,
+                   where: str = "") -> dict[int, dict[str, Any]]:
+    """:func:`_make_batches` with the adaptive budget: the missing batches' images share the
+    optimisation slots, and each batch is committed as soon as its last image is done."""
+    from incseg.replay.batching import synthesise_stream
+
+    markers: dict[int, dict[str, Any]] = {}
+    missing = []
+    for k in batches:
+        marker = _read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size)
+        if marker is None:
+            (job.work / f"batch_{k}.json").unlink(missing_ok=True)
+            missing.append(k)
+        else:
+            markers[k] = marker
+    if not missing or (final / "manifest.json").is_file():
+        return markers
+    log.info("replay set %s: generating batches %s of %d (adaptive budget)%s", job.key,
+             ", ".join(str(k + 1) for k in missing), len(job.plan), where)
+    stream = synthesise_stream(job.teacher, job.targets, settings, student=job.student,
+                               progress=job.progress, device=job.device, batches=missing)
+    try:
+        for k, images, rec in stream:
+            markers[k] = _write_batch(job.work, k, job.key, images, job.plan[k], job.first(k),
+                                      job.teacher, job.settings, job.class_of, rec, job.verifier)
+            if (final / "manifest.json").is_file():
+                break
+    finally:
+        stream.close()
     return markers
 
 

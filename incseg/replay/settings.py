@@ -24,7 +24,11 @@ from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from incseg.errors import ConfigError
 
 __all__ = [
+    "AUTO_BATCH_CPU",
+    "BUDGETS",
+    "COMPILE_MODES",
     "InversionSettings",
+    "StopRule",
     "batch_plan",
     "clamp_normalised",
     "denormalise",
@@ -39,6 +43,67 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 # Aliases Lightning users type; stored as the short form.
 _PRECISION_ALIASES = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16", "32": "32",
                       "bf16": "bf16", "16": "16"}
+#: ``fixed``: every image gets ``iterations_low + iterations_full`` (DeepInversion, the paper);
+#: ``adaptive``: each image stops when :class:`StopRule` is met, those iterations its maximum
+BUDGETS = ("fixed", "adaptive")
+#: ``compile``: off, ``torch.compile`` (inductor, dynamic batch), or its CUDA-graph / autotune modes
+COMPILE_MODES = (False, True, "reduce-overhead", "max-autotune")
+#: images per optimisation batch that ``batch_size: auto`` takes on a CPU (no memory to fill: a
+#: CPU step's cost grows with the batch, and past a few dozen images there is no overhead left
+#: to amortise)
+AUTO_BATCH_CPU = 32
+
+
+@dataclass
+class StopRule:
+    """When an image of the adaptive budget is done with a stage (``inversion.stop``).
+
+    Both must hold at an iteration, measured on the image the teacher saw there:
+
+    - ``min_prob``: the teacher's probability of the image's target class, softmax over the
+      LSE-LBA pooled image-level logits (all old channels, background included), is at least
+      this (0: no such condition);
+    - the BN-statistics term of the image (R_BN of DeepInversion, unweighted) has stopped
+      falling: the mean of its last ``bn_window`` values is at least ``1 - bn_rel_drop`` times
+      the mean of the ``bn_window`` values before them (so a stage lasts at least
+      ``2 * bn_window`` iterations). Window means, not two single values: the random roll and
+      flip of every iteration make the term jitter from one iteration to the next.
+
+    The stage's iteration count (``iterations_low`` / ``iterations_full``) stays the maximum.
+    """
+
+    min_prob: float = 0.9
+    bn_window: int = 10
+    bn_rel_drop: float = 0.02
+
+    def validate(self, bad) -> None:
+        if not 0.0 <= float(self.min_prob) <= 1.0:
+            raise bad(f"stop.min_prob must be in [0, 1], got {self.min_prob}")
+        if isinstance(self.bn_window, bool) or int(self.bn_window) != self.bn_window \
+                or int(self.bn_window) < 1:
+            raise bad(f"stop.bn_window must be a whole number >= 1, got {self.bn_window}")
+        if not 0.0 <= float(self.bn_rel_drop) < 1.0:
+            raise bad(f"stop.bn_rel_drop must be in [0, 1), got {self.bn_rel_drop}")
+        self.bn_window = int(self.bn_window)
+        self.min_prob, self.bn_rel_drop = float(self.min_prob), float(self.bn_rel_drop)
+
+    def met(self, probs: Sequence[float], bns: Sequence[float]) -> bool:
+        """Whether the stage is done after the iterations whose probabilities and BN terms
+        are ``probs`` / ``bns`` (oldest first; the last is the latest iteration's)."""
+        w = self.bn_window
+        if len(bns) < 2 * w or probs[-1] < self.min_prob:
+            return False
+        recent = sum(bns[-w:]) / w
+        before = sum(bns[-2 * w:-w]) / w
+        return recent >= (1.0 - self.bn_rel_drop) * before
+
+    def iterations(self, probs: Sequence[float], bns: Sequence[float], maximum: int) -> int:
+        """Iterations a stage of at most ``maximum`` takes on these traces (values per
+        iteration, at least ``maximum`` of them or the stage stops within them)."""
+        for i in range(1, maximum + 1):
+            if self.met(probs[:i], bns[:i]):
+                return i
+        return maximum
 
 
 @dataclass
@@ -53,6 +118,17 @@ class InversionSettings:
     teacher (and student) forward under ``torch.autocast`` ("16" adds a dynamic gradient scaler
     on CUDA); the images and the loss stay float32.
 
+    ``budget`` ``fixed`` gives every image ``iterations_low + iterations_full`` iterations in
+    batches of ``batch_size`` (DeepInversion, the paper). ``adaptive`` optimises every image on
+    its own objective (DeepInversion's loss of a batch of one: its own BN statistics, priors
+    and CE, its own Adam moments, schedule and seeded random draws) and stops each stage of
+    each image when ``stop`` (:class:`StopRule`) is met; finished images leave the optimisation
+    batch and waiting ones take their slots, so an image is the same whatever batch it ran in
+    and ``batch_size`` (``auto``: as many as the device holds, see
+    :func:`incseg.replay.batching.auto_batch_size`) is not part of the set's key. ``compile``
+    wraps the adaptive step's loss in ``torch.compile`` (``reduce-overhead``: with CUDA graphs).
+    With the fixed budget ``stop`` and ``compile`` act on nothing and are not keyed.
+
     ``competition`` asks the protocol for a competition student (Adaptive DeepInversion, Yin et
     al.): by default the teacher's model with a ResNet-18 context path, as the paper's student
     (Di Salvo et al., appendix), or the ``conf/model`` option ``student_model``. The generator
@@ -60,7 +136,7 @@ class InversionSettings:
     """
 
     n_per_class: int = 8
-    batch_size: int = 32
+    batch_size: int | str = 32
     image_size: int = 64
     iterations_low: int = 200
     iterations_full: int = 100
@@ -87,19 +163,59 @@ class InversionSettings:
     seed: int = 0
     competition: bool = False
     student_model: str | None = None
+    budget: str = "fixed"
+    stop: StopRule | Mapping[str, Any] | None = None
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.precision = str(self.precision)
         self.validate()
 
+    @property
+    def adaptive(self) -> bool:
+        return self.budget == "adaptive"
+
+    @property
+    def stop_rule(self) -> StopRule:
+        return self.stop if isinstance(self.stop, StopRule) else StopRule()
+
     def validate(self) -> None:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"invalid inversion setting: {msg}")
 
+        if self.budget not in BUDGETS:
+            raise bad(f"budget must be fixed or adaptive, got {self.budget!r}")
+        names = [f.name for f in dataclasses.fields(StopRule)]
+        if isinstance(self.stop, Mapping):
+            unknown = sorted(set(self.stop) - set(names))
+            if unknown:
+                raise bad(f"unknown stop setting(s) {', '.join(map(str, unknown))}; valid keys: "
+                          f"{', '.join(names)}")
+            self.stop = StopRule(**self.stop)
+        elif self.stop is not None and not isinstance(self.stop, StopRule):
+            raise bad(f"stop must be a mapping of {', '.join(names)} or null, got "
+                      f"{self.stop!r}")
+        self.stop_rule.validate(bad)
+        if isinstance(self.batch_size, str):
+            if self.batch_size != "auto":
+                try:
+                    self.batch_size = int(self.batch_size)
+                except ValueError:
+                    raise bad(f"batch_size must be a whole number or auto, got "
+                              f"{self.batch_size!r}") from None
+            elif not self.adaptive:
+                raise bad("batch_size=auto needs budget=adaptive: with the fixed budget the "
+                          "batch shapes the images (BN statistics are over the batch), so "
+                          "give a number, or add inversion.budget=adaptive")
         for name in ("n_per_class", "batch_size", "image_size"):
-            if int(getattr(self, name)) < 1:
-                raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value != "auto" and int(value) < 1:
+                raise bad(f"{name} must be >= 1, got {value}")
+        if self.compile not in COMPILE_MODES or (self.compile and not self.adaptive):
+            raise bad(f"compile must be one of false, true, reduce-overhead, max-autotune and "
+                      f"needs budget=adaptive, got compile={self.compile!r} with "
+                      f"budget={self.budget}")
         for name in ("iterations_low", "iterations_full"):
             if int(getattr(self, name)) < 0:
                 raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -149,6 +265,8 @@ class InversionSettings:
         """JSON-friendly dict of the fields as given (``None`` kept)."""
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        if isinstance(self.stop, StopRule):
+            out["stop"] = dataclasses.asdict(self.stop)
         return out
 
     @property
@@ -171,7 +289,11 @@ class InversionSettings:
 
         ``competition`` and ``student_model`` appear only with a student (their absence is what
         sets without one were keyed by); without one they act on nothing (e.g. the noise
-        control)."""
+        control).
+
+        The fixed budget keys as before the adaptive one existed (no ``budget``, ``stop`` or
+        ``compile``), so earlier sets stay valid. The adaptive budget keys its stopping rule but
+        neither ``batch_size`` nor ``compile``: its images do not depend on them."""
         out = self.to_dict()
         out["jitter"] = self.effective_jitter
         out["w_adi"] = self.effective_w_adi(has_student)
@@ -181,6 +303,13 @@ class InversionSettings:
         student_model = out.pop("student_model")
         if has_student:
             out.update(competition=True, student_model=student_model)
+        out.pop("compile")
+        if self.adaptive:
+            out["stop"] = dataclasses.asdict(self.stop_rule)
+            out.pop("batch_size")
+        else:
+            out.pop("budget")
+            out.pop("stop")
         return out
 
     @property
@@ -195,13 +324,17 @@ def batch_plan(targets: Sequence[int], settings: InversionSettings) -> list[list
     cut into consecutive batches of ``batch_size`` (the last one may be smaller). Cycling
     balances the set and mixes classes in every batch: the BN running statistics R_BN matches
     are an average over all classes, as the training batches were.
+
+    With the adaptive budget a batch of the plan is only the unit a set is committed and
+    resumed in (its images are optimised each on its own, in slots of ``batch_size``): one image
+    of every class, the same on every device whatever ``batch_size`` resolves to.
     """
     targets = [int(t) for t in targets]
     if not targets:
         raise ConfigError("no target classes to synthesise; give at least one old class")
     n = settings.n_per_class * len(targets)
     flat = [targets[i % len(targets)] for i in range(n)]
-    bs = settings.batch_size
+    bs = len(targets) if settings.adaptive else int(settings.batch_size)
     return [flat[k:k + bs] for k in range(0, n, bs)]
 
 

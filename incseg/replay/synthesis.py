@@ -84,7 +84,17 @@ def synthesise(
         ``(images N x 3 x H x W normalised on CPU, info)``; ``info`` has ``batches`` (per batch:
         index, count, iterations, start/final/best loss, teacher_pred, teacher_conf, seconds),
         the flat per-image ``targets``, ``teacher_pred``, ``teacher_conf`` and ``seconds``.
+
+    With ``settings.budget == "adaptive"`` the images of all the given batches share refilled
+    optimisation slots in one plain loop (:mod:`incseg.replay.adaptive`; one optimisation
+    batch spans several plan batches, so there is no per-batch Trainer) and ``info`` adds the
+    iterations each image took.
     """
+    if settings.adaptive and settings.iterations_low + settings.iterations_full > 0:
+        from incseg.replay.batching import synthesise_adaptive
+
+        return synthesise_adaptive(teacher, targets, settings, student, progress, device,
+                                   batches)
     plan = batch_plan(targets, settings)
     indices = list(range(len(plan))) if batches is None else [int(k) for k in batches]
     for k in indices:
