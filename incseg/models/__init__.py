@@ -1,5 +1,6 @@
 """Model zoo: BiSeNet V1 with ResNet-18/50/101 context paths, and DeepLabV3 with a dilated
-ResNet-50/101 (MiB / PLOP), each with incremental heads.
+ResNet-50/101 (MiB / PLOP), each with incremental heads; both also on any timm encoder
+(``timm_encoders``: ConvNeXt, Swin, ResNet-D, EfficientNet, ...).
 
 A model is any ``nn.Module`` satisfying :class:`SegmentationModel` (``models/base.py``), built
 from its YAML in ``conf/model/`` by ``_target_``.
@@ -23,11 +24,13 @@ from incseg.models.bisenet import BiSeNet
 from incseg.models.deeplab import DeepLabV3
 from incseg.models.heads import IncrementalHead
 from incseg.models.pooling import LSELBAPool, lse_lba_pool
+from incseg.models.timm_encoders import TimmBiSeNet, TimmDeepLabV3, TimmEncoder
 
 __all__ = [
     "FEATURE_KEYS", "OPTIONAL_FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead",
-    "LSELBAPool", "ResNetBackbone", "SegOutput", "SegmentationModel", "build_model",
-    "check_pretrained", "lse_lba_pool", "model_config", "model_names", "model_output",
+    "LSELBAPool", "ResNetBackbone", "SegOutput", "SegmentationModel", "TimmBiSeNet",
+    "TimmDeepLabV3", "TimmEncoder", "build_model", "check_pretrained", "lse_lba_pool",
+    "model_config", "model_names", "model_output",
 ]
 
 
