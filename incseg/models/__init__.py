@@ -24,7 +24,8 @@ from incseg.models.bisenet import BiSeNet
 from incseg.models.deeplab import DeepLabV3
 from incseg.models.heads import IncrementalHead
 from incseg.models.pooling import LSELBAPool, lse_lba_pool
-from incseg.models.timm_encoders import TimmBiSeNet, TimmDeepLabV3, TimmEncoder
+from incseg.models.timm_encoders import TimmEncoder
+from incseg.models.timm_models import TimmBiSeNet, TimmDeepLabV3
 
 __all__ = [
     "FEATURE_KEYS", "OPTIONAL_FEATURE_KEYS", "BiSeNet", "DeepLabV3", "IncrementalHead",
