@@ -15,6 +15,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # the internet, so every test (and every subprocess it starts from os.environ) runs offline.
 # The download tests lift it and point the URL at a server on 127.0.0.1.
 os.environ["INCSEG_OFFLINE"] = "1"
+# timm's weights (Hugging Face hub) likewise; huggingface_hub reads this at its import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from incseg.data.prepare import save_palette_png  # noqa: E402
 

@@ -19,22 +19,40 @@ from incseg.errors import ConfigError
 from incseg.models import FEATURE_KEYS, TimmDeepLabV3, build_model
 from incseg.models.timm_encoders import TimmEncoder, encoder_info, split_norm_act
 from incseg.models.timm_models import aspp_rates_at
+from incseg.models.timm_weights import timm_weights_file
 from incseg.protocol.preflight import check_replay_model
 from tests.test_errors import dirs, run_main
+
+
+def _loopback(address) -> bool:
+    return isinstance(address, tuple) and address[0] in ("127.0.0.1", "localhost")
 
 
 @pytest.fixture(autouse=True)
 def offline_hub(tmp_path, monkeypatch):
     """Every test here: huggingface_hub offline, an empty hub cache of the test's own, and no
-    socket that can connect (a download attempt fails the test instead of reaching the hub)."""
-    def no_network(*args, **kwargs):
+    socket that can connect beyond 127.0.0.1 (a download attempt fails the test instead of
+    reaching the hub)."""
+    connect, create_connection = socket.socket.connect, socket.create_connection
+
+    def guarded_connect(self, address):
+        if not _loopback(address):
+            raise AssertionError(f"tried to reach {address}")
+        return connect(self, address)
+
+    def guarded_create_connection(address, *args, **kwargs):
+        if not _loopback(address):
+            raise AssertionError(f"tried to reach {address}")
+        return create_connection(address, *args, **kwargs)
+
+    def no_urlopen(*args, **kwargs):
         raise AssertionError("tried to reach the network")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
+    monkeypatch.setattr(urllib.request, "urlopen", no_urlopen)
     return tmp_path / "hf"
 
 
@@ -359,3 +377,117 @@ def test_deepinversion_replay_runs_on_a_batchnorm_timm_encoder(tmp_path):
     out = run_protocol(cfg, tmp_path / "run")
     replay = out["steps"][1]["replay"]
     assert replay["images"] == 15 and 0.0 <= replay["teacher_accuracy"] <= 1.0
+
+
+# ---- ImageNet weights: fetched from a hub the test serves on 127.0.0.1 ------------------------
+
+class FakeHub:
+    """The two requests of huggingface_hub's download (HEAD for the commit, etag and size; GET
+    for the bytes) for ``/<repo>/resolve/main/<file>``; ``status`` answers every request
+    instead when set; ``requests`` counts them."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import hashlib
+        import http.server
+        import threading
+
+        hub = self
+        self.files, self.status, self.requests = files, None, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _head(self) -> bytes | None:
+                hub.requests.append((self.command, self.path))
+                body = hub.files.get(self.path)
+                if hub.status or body is None:
+                    self.send_response(hub.status or 404)
+                    if not hub.status:  # the hub's answer for a file its repo does not hold
+                        self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "c" * 40)
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return body
+
+            def do_HEAD(self):
+                self._head()
+
+            def do_GET(self):
+                body = self._head()
+                if body is not None:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Online, with the hub at 127.0.0.1: HF_ENDPOINT points there and HF_HUB_OFFLINE is off
+    (in the environment and in huggingface_hub's constant, frozen at its import); sockets still
+    connect to the loopback address only (``offline_hub``)."""
+    from huggingface_hub import constants
+    from safetensors.torch import save
+
+    torch.manual_seed(2)
+    state = timm.create_model("convnext_atto").state_dict()
+    body = save({k: v.contiguous() for k, v in state.items()})
+    hub = FakeHub({"/timm/convnext_atto.d2_in1k/resolve/main/model.safetensors": body})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    hub.state = state
+    yield hub
+    hub.server.shutdown()
+
+
+def test_imagenet_weights_are_downloaded_once_then_read_from_the_cache(fake_hub, offline_hub):
+    """timm's file of convnext_atto.d2_in1k, fetched into the hub cache by huggingface_hub
+    (HEAD + GET), loaded through timm; a second model reads the cache: no request."""
+    TimmDeepLabV3.check_config("convnext_atto.d2_in1k", pretrained="imagenet")  # no download
+    assert fake_hub.requests == []
+    enc = TimmEncoder("convnext_atto.d2_in1k", pretrained="imagenet")
+    assert [m for m, _ in fake_hub.requests] == ["HEAD", "GET"]
+    assert torch.equal(enc.net.state_dict()["stem_0.weight"], fake_hub.state["stem.0.weight"])
+    assert len(list(offline_hub.rglob("model.safetensors"))) == 1
+    fake_hub.requests.clear()
+    again = TimmEncoder("convnext_atto.d2_in1k", pretrained="imagenet")
+    assert fake_hub.requests == []
+    assert torch.equal(again.net.state_dict()["stem_0.weight"], fake_hub.state["stem.0.weight"])
+
+
+@pytest.mark.parametrize("status", [401, 403])  # huggingface_hub: an HTTP error; "no connection"
+def test_a_refused_download_is_one_line(fake_hub, offline_hub, status):
+    fake_hub.status = status
+    with pytest.raises(ConfigError) as err:
+        TimmEncoder("convnext_atto.d2_in1k", pretrained="imagenet")
+    msg = str(err.value)
+    assert msg.startswith("model.pretrained=imagenet: cannot download timm's weights of "
+                          "convnext_atto.d2_in1k from the Hugging Face hub (timm/convnext_atto."
+                          "d2_in1k/model.safetensors: ")
+    assert msg.endswith(f") into {offline_hub}; check the network, or set model.pretrained=null "
+                        "to train from scratch")
+    assert "\n" not in msg and not list(offline_hub.rglob("model.safetensors"))
+
+
+def test_a_hub_repo_without_the_files_is_one_line(fake_hub):
+    fake_hub.files.clear()  # 404 for model.safetensors and pytorch_model.bin
+    with pytest.raises(ConfigError, match=r"^model.pretrained=imagenet: the hub repo "
+                       r"timm/convnext_atto.d2_in1k holds none of model.safetensors, "
+                       r"pytorch_model.bin; pass a weights file as model.pretrained=PATH$"):
+        TimmEncoder("convnext_atto.d2_in1k", pretrained="imagenet")
+    assert sorted({p.rsplit("/", 1)[1] for _, p in fake_hub.requests}) == [
+        "model.safetensors", "pytorch_model.bin"]
+
+
+def test_a_name_without_hub_weights_is_one_line():
+    with pytest.raises(ConfigError, match=r"^model.pretrained=imagenet: timm has no Hugging Face "
+                       r"hub weights for botnet50ts_256; name a tag that has"):
+        timm_weights_file("botnet50ts_256", download=True)

@@ -62,14 +62,15 @@ def pretrained_cfg(name: str):
     return cfg
 
 
-def timm_weights_file(name: str, download: bool = False) -> Path:
+def timm_weights_file(name: str, download: bool = False) -> Path | None:
     """The local file of timm's ImageNet weights for ``name`` (``arch.tag``), from the Hugging
     Face hub cache; with ``download`` fetched into it when missing (what timm's
     ``pretrained=True`` would do). Raises ConfigError (one line) when the file is not there and
     ``HF_HUB_OFFLINE`` (or ``download=False`` with it set) forbids fetching it, or the download
-    fails. The file names are timm's: ``model.safetensors``, else ``pytorch_model.bin``."""
+    fails; without ``download``, None for a file still to be fetched. The file names are
+    timm's: ``model.safetensors``, else ``pytorch_model.bin``."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     cfg = pretrained_cfg(name)
     repo, _, revision = str(cfg.hf_hub_id).partition("@")
@@ -87,23 +88,29 @@ def timm_weights_file(name: str, download: bool = False) -> Path:
             "run once with network access (without HF_HUB_OFFLINE), point HF_HUB_CACHE at a "
             "cache that holds them, or set model.pretrained=null to train from scratch")
     if not download:
-        return cache  # fetched when the model is built (the config check does not download)
+        return None  # fetched when the model is built (the config check does not download)
     for fname in files:
         try:
-            return Path(hf_hub_download(repo, fname, revision=revision or None, cache_dir=cache))
-        except EntryNotFoundError:
+            # HF_ENDPOINT read now, like the cache: a mirror set after huggingface_hub's import
+            return Path(hf_hub_download(repo, fname, revision=revision or None, cache_dir=cache,
+                                        endpoint=os.environ.get("HF_ENDPOINT") or None))
+        except LocalEntryNotFoundError as err:  # huggingface_hub's "check your connection"
+            failed = err
+        except EntryNotFoundError:  # the repo has no such file: timm's next candidate
             continue
-        except Exception as err:  # connection, HTTP and disk errors all mean "not fetched"
-            raise ConfigError(
-                f"model.pretrained=imagenet: cannot download timm's weights of {name} from the "
-                f"Hugging Face hub ({repo}/{fname}: {line(err)}) into {cache}; check the "
-                "network, or set model.pretrained=null to train from scratch") from None
+        except Exception as err:  # HTTP and disk errors: not fetched
+            failed = err
+        raise ConfigError(
+            f"model.pretrained=imagenet: cannot download timm's weights of {name} from the "
+            f"Hugging Face hub ({repo}/{fname}: {line(failed)}) into {cache}; check the "
+            "network, or set model.pretrained=null to train from scratch") from None
     raise ConfigError(f"model.pretrained=imagenet: the hub repo {repo} holds none of "
                       f"{', '.join(files)}; pass a weights file as model.pretrained=PATH")
 
 
-def resolve_weights(name: str, pretrained, download: bool) -> tuple[Path, str] | None:
-    """None (from scratch), or the file ``pretrained`` names and what it is."""
+def resolve_weights(name: str, pretrained, download: bool) -> tuple[Path | None, str] | None:
+    """None (from scratch), or the file ``pretrained`` names and what it is (the path is None
+    for ImageNet weights still to be fetched when ``download`` is off: the config check)."""
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
         return None
     if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
