@@ -1,6 +1,7 @@
 """timm encoders (incseg.models.timm_*): parameter counts, the contract features, timm's
-ImageNet weights from a Hugging Face hub cache the test builds (never the network), the
-one-line errors (docs/errors.md rows 89-96) and the smoke protocol with MiB, PLOP and DKD."""
+ImageNet weights from a Hugging Face hub cache the test builds or a hub it serves on 127.0.0.1
+(never the network), the one-line errors (docs/errors.md rows 119-129) and the smoke protocol
+with MiB, PLOP and DKD."""
 
 from __future__ import annotations
 
@@ -311,7 +312,7 @@ TIMM_CASES = [
                  "error: model.encoder=vit_small_patch16_224 gives features at 1/16, 1/16, 1/16, "
                  "1/16, and BiSeNet's context path reads 1/16 and 1/32; choose a hierarchical "
                  "encoder (ConvNeXt, Swin, ResNet, EfficientNet) or a DeepLabV3 model",
-                 id="bisenet-needs-1/32"),
+                 id="bisenet-needs-32"),
     pytest.param(["model=deeplabv3_convnext_t", "model.encoder=vit_base_patch16_clip_224.openai",
                   "model.output_stride=null", "+model.encoder_kwargs.dynamic_img_size=true",
                   "model.pretrained=imagenet"],
