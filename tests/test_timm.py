@@ -96,7 +96,8 @@ def test_parameter_counts_of_convnext_t_and_swin_t_models():
     assert expected == {"deeplabv3_convnext_t": 33_856_373, "deeplabv3_swin_t": 33_555_599,
                         "bisenet_convnext_t": 29_451_615, "bisenet_swin_t": 29_150_841}
     for name, count in expected.items():
-        model = build_model(name, [21])
+        with torch.device("meta"):  # shapes only: counting needs no weight values
+            model = build_model(name, [21])
         assert n_params(model) == count, name
         assert n_params(model.backbone) == count - (ASPP_768 + HEAD_21 if "deeplab" in name
                                                     else BISENET_768)
@@ -268,6 +269,25 @@ def test_a_weights_file_of_another_network_is_one_line(tmp_path):
     # ConvNeXt's checkpoint filter takes a file with fc.* for Facebook's original layout
     assert "KeyError 'fc.weight' in timm's loader" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_partial_or_padded_weights_file_is_refused_though_timm_only_logs_it(tmp_path):
+    """timm loads a features_only model's weights non-strictly and only logs the keys it could
+    not place: a missing or an extra key is an error here."""
+    torch.manual_seed(0)
+    state = timm.create_model("convnext_atto").state_dict()
+    part = {k: v for k, v in state.items() if k != "stages.2.blocks.0.conv_dw.weight"}
+    torch.save(part, tmp_path / "part.pth")
+    with pytest.raises(ConfigError, match=r"^model.pretrained file .*/part.pth does not fit "
+                       r"timm's convnext_atto: 1 missing keys "
+                       r"\(stages.2.blocks.0.conv_dw.weight\)$"):
+        TimmEncoder("convnext_atto", pretrained=str(tmp_path / "part.pth"))
+    torch.save({**state, "extra.weight": torch.zeros(2)}, tmp_path / "extra.pth")
+    with pytest.raises(ConfigError, match=r"1 unexpected keys \(extra.weight\)$"):
+        TimmEncoder("convnext_atto", pretrained=str(tmp_path / "extra.pth"))
+    torch.save(state, tmp_path / "full.pth")  # the classifier's keys: dropped, not missing
+    enc = TimmEncoder("convnext_atto", pretrained=str(tmp_path / "full.pth"))
+    assert torch.equal(enc.net.state_dict()["stem_0.weight"], state["stem.0.weight"])
 
 
 def test_offline_and_not_cached_is_one_line_naming_model_and_cache(tmp_path, monkeypatch, capsys,

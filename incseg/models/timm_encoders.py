@@ -43,7 +43,6 @@ def encoder_kwargs_of(encoder_kwargs: Mapping[str, Any] | None) -> dict[str, Any
     return dict(encoder_kwargs)
 
 
-
 # ---- what a timm name gives, found on the meta device --------------------------------------
 
 class EncoderInfo(tuple):

@@ -39,9 +39,14 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+_NOTED: set[str] = set()
+
 
 def _native_stride_note(model: str, encoder: TimmEncoder) -> None:
-    if encoder.output_stride is None:
+    """Say once per process that an encoder runs at its native stride (the model is rebuilt
+    at every step; the line would repeat)."""
+    if encoder.output_stride is None and model not in _NOTED:
+        _NOTED.add(model)
         log.info("%s: timm's %s runs at its native output stride 1/%d", model, encoder.name,
                  encoder.reductions[-1])
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from incseg.errors import ConfigError
@@ -123,6 +125,9 @@ def resolve_weights(name: str, pretrained, download: bool) -> tuple[Path | None,
 
 
 def read_weights(path: Path, what: str) -> dict[str, Tensor]:
+    """The state dict in ``path`` (``.safetensors``, else a ``torch.save`` file read with
+    ``weights_only=True``, optionally wrapped as ``{"state_dict": ...}``); ConfigError (one
+    line) for a file that is neither."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -131,10 +136,16 @@ def read_weights(path: Path, what: str) -> dict[str, Tensor]:
         except Exception as err:  # a truncated or foreign file: its reader's own error types
             raise ConfigError(f"cannot read {what} {path} as safetensors: {line(err)}") \
                 from None
-    from incseg.models.backbones import _read_state_dict
-
-    return _read_state_dict(path, what)
-
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors come in many types
+        raise ConfigError(f"cannot read {what} {path} as a torch state dict: {line(err)}") \
+            from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"{what} {path} is not a state dict (a mapping of names to tensors)")
+    return dict(obj)
 
 
 def classifier_of(name: str):
@@ -183,7 +194,6 @@ class LoadReport(logging.Handler):
     def __exit__(self, *exc) -> None:
         self._logger.removeHandler(self)
         self._logger.setLevel(self._level)
-
 
 
 def check_normalisation(name: str, pretrained) -> None:
