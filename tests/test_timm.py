@@ -50,6 +50,7 @@ def offline_hub(tmp_path, monkeypatch):
         raise AssertionError("tried to reach the network")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("INCSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
@@ -462,6 +463,7 @@ def fake_hub(monkeypatch):
     body = save({k: v.contiguous() for k, v in state.items()})
     hub = FakeHub({"/timm/convnext_atto.d2_in1k/resolve/main/model.safetensors": body})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("INCSEG_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     hub.state = state

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch.nn.functional as F
@@ -134,8 +134,9 @@ class TimmDeepLabV3(_IncrementalModel):
         return {"encoder": stages[-1], "stages": stages, "decoder": self.aspp(stages[-1]),
                 "stages_preact": stages}
 
-    def forward(self, x: Tensor) -> SegOutput:
-        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W, no aux)."""
+    def forward(self, x: Tensor, extra: Collection[str] = ()) -> SegOutput:
+        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W, no aux). Both optional
+        features cost nothing here, so they are always returned, whatever ``extra`` names."""
         feats = self.forward_features(x)
         small = self.head(feats["decoder"])
         feats["logits_small"] = small
@@ -216,8 +217,9 @@ class TimmBiSeNet(_IncrementalModel):
         return {"encoder": body, "stages": stages, "decoder": ffm, "spatial": spatial,
                 "cx1": cx1, "cx2": cx2, "stages_preact": stages}
 
-    def forward(self, x: Tensor) -> SegOutput:
-        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W; aux in training)."""
+    def forward(self, x: Tensor, extra: Collection[str] = ()) -> SegOutput:
+        """B x 3 x H x W -> SegOutput (logits B x num_classes x H x W; aux in training); the
+        optional features always, as :class:`TimmDeepLabV3`."""
         feats = self.forward_features(x)
         size = x.shape[-2:]
         small = self.head(feats["decoder"])

@@ -43,8 +43,17 @@ def hf_hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+def _offline() -> str | None:
+    """What forbids a download, as ``NAME=value``: huggingface_hub's ``HF_HUB_OFFLINE`` (its
+    truthy spellings), or the suite's ``INCSEG_OFFLINE`` (set, not 0), which also stops
+    torchvision's downloads; None when neither does."""
+    hf = os.environ.get("HF_HUB_OFFLINE", "").strip()
+    if hf.upper() in ("1", "ON", "YES", "TRUE"):
+        return f"HF_HUB_OFFLINE={hf}"
+    own = os.environ.get("INCSEG_OFFLINE", "")
+    if own not in ("", "0"):
+        return f"INCSEG_OFFLINE={own}"
+    return None
 
 
 def pretrained_cfg(name: str):
@@ -68,7 +77,7 @@ def timm_weights_file(name: str, download: bool = False) -> Path | None:
     """The local file of timm's ImageNet weights for ``name`` (``arch.tag``), from the Hugging
     Face hub cache; with ``download`` fetched into it when missing (what timm's
     ``pretrained=True`` would do). Raises ConfigError (one line) when the file is not there and
-    ``HF_HUB_OFFLINE`` (or ``download=False`` with it set) forbids fetching it, or the download
+    ``HF_HUB_OFFLINE`` or ``INCSEG_OFFLINE`` forbids fetching it, or the download
     fails; without ``download``, None for a file still to be fetched. The file names are
     timm's: ``model.safetensors``, else ``pytorch_model.bin``."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -83,12 +92,13 @@ def timm_weights_file(name: str, download: bool = False) -> Path | None:
         hit = try_to_load_from_cache(repo, fname, cache_dir=cache, revision=revision or None)
         if isinstance(hit, str):
             return Path(hit)
-    if _hf_offline():
+    offline = _offline()
+    if offline:
         raise ConfigError(
             f"model.pretrained=imagenet: timm's weights of {name} (hub repo {repo}) are not in "
-            f"the Hugging Face hub cache {cache} and HF_HUB_OFFLINE=1 forbids downloading them; "
-            "run once with network access (without HF_HUB_OFFLINE), point HF_HUB_CACHE at a "
-            "cache that holds them, or set model.pretrained=null to train from scratch")
+            f"the Hugging Face hub cache {cache} and {offline} forbids downloading them; run "
+            f"once with network access (without {offline.split('=')[0]}), point HF_HUB_CACHE at "
+            "a cache that holds them, or set model.pretrained=null to train from scratch")
     if not download:
         return None  # fetched when the model is built (the config check does not download)
     for fname in files:

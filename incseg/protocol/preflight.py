@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 
+import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from incseg.config import validate
 from incseg.config.build import constructor_kwargs, has_target, plain, target_class
@@ -86,9 +88,45 @@ def _check_replay(cfg: DictConfig) -> None:
     except (TypeError, KeyError) as err:
         raise ConfigError(f"replay config: {err}; replay.weight and replay.temperature must be "
                           "numbers") from None
+    if rc.get("name") == "deepinversion":
+        check_replay_model(cfg)
     settings = InversionSettings.from_dict(plain(cfg.get("inversion")) or {})
     if settings.competition and rc.get("name") == "deepinversion":
         _check_competition_student(cfg)
+
+
+def check_replay_model(cfg: DictConfig) -> None:
+    """DeepInversion (Yin et al., CVPR 2020; NVlabs/DeepInversion) makes its images by matching
+    the batch statistics of the teacher's BatchNorm inputs to their running statistics, layer by
+    layer, the first one (next to the pixels) weighted x10. An encoder normalised otherwise
+    (ConvNeXt's and Swin's LayerNorms) leaves that prior only the few BatchNorms outside it
+    (three in MiB's ASPP), all far from the pixels: refused in one line rather than run as a
+    much weaker method under DeepInversion's name. The model is built on the meta device (no
+    weight made, nothing read or downloaded) to count its BatchNorms."""
+    from incseg.models import build_model
+
+    bn_type = nn.modules.batchnorm._BatchNorm
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, [2], pretrained=None)
+    except Exception:  # a user's model that needs real tensors to build: not judged here
+        return
+    encoder = getattr(model, "backbone", None)
+    in_encoder = sum(isinstance(m, bn_type) for m in encoder.modules()) \
+        if isinstance(encoder, nn.Module) else None
+    total = sum(isinstance(m, bn_type) for m in model.modules())
+    if total and in_encoder != 0:
+        return
+    name = cfg.model.get("name")
+    what = cfg.model.get("encoder") or cfg.model.get("backbone") or name
+    rest = f"; the {total} BatchNorms outside its encoder alone are too weak a prior" \
+        if total else ""
+    raise ConfigError(
+        f"replay=deepinversion: model={name} has no BatchNorm in its encoder ({what}), and "
+        "DeepInversion makes its images by matching the teacher's BatchNorm statistics "
+        f"(Yin et al., CVPR 2020){rest}; use a BatchNorm encoder (model=deeplabv3_resnet50d, "
+        "deeplabv3_efficientnet_b0, deeplabv3_r101, bisenet_r18) or another replay "
+        "(replay=exemplars, replay=noise, replay=none)")
 
 
 def _check_competition_student(cfg: DictConfig) -> None:
