@@ -277,8 +277,8 @@ def test_non_finite_loss_keeps_the_last_good_epoch_checkpoint(tmp_path, monkeypa
 
     finite_loss = SegmentationSystem.training_loss
 
-    def nan_in_epoch_1(self, images, labels, replay=None):
-        terms = finite_loss(self, images, labels, replay)
+    def nan_in_epoch_1(self, images, labels, replay=None, known=None):
+        terms = finite_loss(self, images, labels, replay, known)
         if self.current_epoch >= 1:
             terms["loss"] = terms["loss"] * float("nan")
         return terms

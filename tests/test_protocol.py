@@ -166,7 +166,7 @@ def test_teacher_unchanged_by_student_step():
 def test_non_finite_loss_names_step_and_batch(monkeypatch):
     module, _ = _student()
     monkeypatch.setattr(module, "training_loss",
-                        lambda x, y, replay=None: {"loss": torch.tensor(float("nan"))})
+                        lambda x, y, replay=None, known=None: {"loss": torch.tensor(float("nan"))})
     with pytest.raises(TrainingError, match="non-finite loss .* step 1, epoch 0, batch 7"):
         module.training_step((torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8).long()), 7)
 

@@ -24,28 +24,24 @@ replays; the verifier (an independent model that knows all old classes, evaluati
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor, nn
+from torch import nn
 
-from incseg.data.prepare import save_palette_png
 from incseg.errors import CheckpointError
 from incseg.heartbeat import Heartbeat, wait_for
-from incseg.io import atomic_write_json, entry_lock, file_sha256
+from incseg.io import atomic_write_json, entry_lock
+from incseg.replay.batch_files import read_marker, write_batch
 from incseg.replay.controls import generator_settings
-from incseg.replay.settings import InversionSettings, batch_plan, from_uint8, quantise
+from incseg.replay.settings import InversionSettings, batch_plan, from_uint8
 from incseg.replay.store import (
     FORMAT,
     ReplaySet,
     check_kind,
-    check_records,
     discard,
     expected_settings,
     log,
@@ -57,8 +53,6 @@ from incseg.replay.store import (
 from incseg.replay.synthesis import synthesise
 from incseg.replay.verdicts import (
     device_of,
-    frozen,
-    teacher_verdicts,
     verifier_accuracy,
     verifier_predictions,
 )
@@ -181,69 +175,6 @@ def ensure_replay_set(
     return _finish(final, manifest, settings, verifier, verifier_channel_of)
 
 
-def _write_batch(work: Path, k: int, key: str, images: Tensor, targets: Sequence[int],
-                 first: int, teacher: nn.Module, settings: InversionSettings,
-                 class_of: Mapping[int, int], info: dict[str, Any] | None,
-                 verifier: nn.Module | None) -> dict[str, Any]:
-    """Write one batch's PNGs, then its atomic marker; return the marker's content."""
-    arr = quantise(images)
-    stored = from_uint8(list(arr))  # what a reader of the PNGs gets back
-    tgt = torch.tensor([int(t) for t in targets], dtype=torch.long)
-    with frozen(teacher):
-        pred, conf, masks = teacher_verdicts(teacher, stored.to(device_of(teacher)), tgt,
-                                             settings)
-    vpred = verifier_predictions(verifier, stored, settings.lse_r) if verifier else None
-    records = []
-    for j in range(arr.shape[0]):
-        n = first + j
-        file, mask = f"images/{n:06d}.png", f"teacher_masks/{n:06d}.png"
-        Image.fromarray(arr[j]).save(work / file, format="PNG", optimize=False)
-        save_palette_png(masks[j].numpy().astype(np.uint8), work / mask)
-        records.append({
-            "index": n, "file": file, "mask": mask, "batch": k,
-            "target": int(targets[j]), "class_id": int(class_of[int(targets[j])]),
-            "teacher_pred": int(pred[j]), "teacher_conf": float(conf[j]),
-            "verifier_pred": None if vpred is None else int(vpred[j]),
-            "file_bytes": (work / file).stat().st_size, "file_sha256": file_sha256(work / file),
-            "mask_bytes": (work / mask).stat().st_size, "mask_sha256": file_sha256(work / mask),
-        })
-    rec = info or {}
-    its = rec.get("image_iterations") or [rec.get("iterations", 0)] * len(records)
-    for r, n_its in zip(records, its, strict=True):
-        r["iterations"] = int(n_its)  # the adaptive budget's differ per image
-    marker = {
-        "key": key, "batch": k, "count": len(records),
-        "final_loss": rec.get("final_loss"), "best_loss": rec.get("best_loss"),
-        "start_loss": rec.get("start_loss"), "iterations": rec.get("iterations", 0),
-        "seconds": rec.get("seconds"),
-        "verifier": None if verifier is None else teacher_fingerprint(verifier),
-        "images": records,
-    }
-    atomic_write_json(work / f"batch_{k}.json", marker)
-    return marker
-
-
-def _read_marker(work: Path, k: int, key: str, expected: Sequence[int], size: int,
-                 warn: bool = True) -> dict[str, Any] | None:
-    """Batch ``k``'s marker when it and every PNG it lists are intact, else None (an invalid
-    one is reported when ``warn``: its batch is regenerated, never used)."""
-    path = work / f"batch_{k}.json"
-    if not path.is_file():
-        return None
-    try:
-        marker = json.loads(path.read_text())
-        ok = (marker["key"] == key and marker["batch"] == k
-              and [r["target"] for r in marker["images"]] == [int(t) for t in expected]
-              and check_records(work, marker["images"], size, hashes=True) is None)
-    except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        if warn:
-            log.warning("partial replay batch %s in %s is invalid; regenerating it", k, work)
-        return None
-    return marker
-
-
 class _Job(NamedTuple):
     """What every batch of one replay set is made from."""
 
@@ -291,7 +222,7 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path,
     markers: dict[int, dict[str, Any]] = {}
     for k in batches:
         batch = job.plan[k]
-        marker = _read_marker(job.work, k, job.key, batch, job.settings.image_size)
+        marker = read_marker(job.work, k, job.key, batch, job.settings.image_size)
         if marker is None:
             if (final / "manifest.json").is_file():
                 break
@@ -305,7 +236,7 @@ def _make_batches(job: _Job, batches: Sequence[int], final: Path,
                 raise CheckpointError(f"generator returned {images.shape[0]} images for batch "
                                       f"{k} of {len(batch)}")
             rec = info["batches"][0] if info.get("batches") else None
-            marker = _write_batch(job.work, k, job.key, images, batch, job.first(k), job.teacher,
+            marker = write_batch(job.work, k, job.key, images, batch, job.first(k), job.teacher,
                                   job.settings, job.class_of, rec, job.verifier)
         markers[k] = marker
     return markers
@@ -320,7 +251,7 @@ def _make_adaptive(job: _Job, settings: InversionSettings, batches: Sequence[int
     markers: dict[int, dict[str, Any]] = {}
     missing = []
     for k in batches:
-        marker = _read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size)
+        marker = read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size)
         if marker is None:
             (job.work / f"batch_{k}.json").unlink(missing_ok=True)
             missing.append(k)
@@ -334,7 +265,7 @@ def _make_adaptive(job: _Job, settings: InversionSettings, batches: Sequence[int
                                progress=job.progress, device=job.device, batches=missing)
     try:
         for k, images, rec in stream:
-            markers[k] = _write_batch(job.work, k, job.key, images, job.plan[k], job.first(k),
+            markers[k] = write_batch(job.work, k, job.key, images, job.plan[k], job.first(k),
                                       job.teacher, job.settings, job.class_of, rec, job.verifier)
             if (final / "manifest.json").is_file():
                 break
@@ -355,7 +286,7 @@ def _collect(job: _Job, pending: Sequence[int]) -> dict[int, dict[str, Any]]:
 
     def all_there() -> dict[int, dict[str, Any]] | None:
         for k in list(pending):
-            marker = _read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size,
+            marker = read_marker(job.work, k, job.key, job.plan[k], job.settings.image_size,
                                   warn=False)
             if marker is not None:
                 markers[k] = marker
