@@ -35,6 +35,7 @@ READMES = (ROOT / "README.md", ROOT / "experiments" / "README.md")
 TABLE3 = "table3_amd-epyc_2026-12-01"     # MiB (cpu/table2 runs) and the cpu/table3* sweeps
 NEWCLASS = "table3_amd-epyc_2026-12-04"   # teacher-label CE, linear decay, competition
 METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s runs kept)
+QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, empty cache
 
 BLOCK = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -225,7 +226,36 @@ def bench_models() -> str:
                      "x BiSeNet-R18 (wall / CPU)"], ["---", "---:", "---:", "---:", "---:"], body)
 
 
+def readme_quickstart() -> str:
+    """What `make run` printed and how long it took: its run's ``results.json`` and the
+    ``timing.json`` written beside it (the whole command's wall time, set-up included)."""
+    folder = RESULTS / QUICKSTART
+    res = json.loads((folder / "results.json").read_text())
+    timing = json.loads((folder / "timing.json").read_text())
+    walls = res["provenance"]["wall_times_s"]
+
+    def num(v: float | None) -> str:
+        return "  -  " if v is None else f"{v:.3f}"
+
+    head = f" {res['dataset']} {res['task']} {res['method']} seed{res['seed']}"
+    rows = [f"{head} | old   new   all   avg   hiou"]
+    for st in res["steps"]:
+        rows.append(f"{' step ' + str(st['step']):<{len(head)}} | {num(st['miou_old'])} "
+                    f"{num(st['miou_new'])} {num(st['miou_all'])}")
+    f = res["final"]
+    rows.append(f"{' final':<{len(head)}} | {num(f['old'])} {num(f['new'])} {num(f['all'])} "
+                f"{num(f['avg'])} {num(f['hiou'])}")
+    steps = ", ".join(f"step {k} {v:.0f} s" for k, v in walls.items())
+    minutes, seconds = divmod(round(timing["make_run_wall_s"]), 60)
+    took = f"**{minutes} min {seconds:02d} s**"
+    return (f"On {timing['machine']} ({timing['threads']} threads), with an empty cache and the "
+            f"set-up included, `make run` took {took} ({timing['date']}: "
+            f"set-up and data about {timing['setup_and_data_s'] / 60:.1f} min, {steps}) and "
+            "printed:\n\n```\n" + "\n".join(rows) + "\n```\n")
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
     "table3_weight": table3_weight,
