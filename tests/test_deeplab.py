@@ -305,6 +305,7 @@ SMOKE = ["experiment=smoke", "logger=none", "model=deeplabv3_r50", "model.backbo
          "dataset.generator.n_test=16"]
 
 
+@pytest.mark.slow  # DeepLabV3 + replay; DeepLabV3 runs fast in test_plops_pod_runs_on_deeplab
 def test_ilt_and_deepinversion_replay_run_on_deeplab(tmp_path):
     """The smoke protocol on a DeepLabV3 (ResNet-18 body for speed): ILT distilling the encoder
     (MiB's choice for DeepLab), then MiB with DeepInversion replay, whose generator hooks the

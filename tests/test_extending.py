@@ -103,6 +103,7 @@ def plugin(tmp_path_factory):
     return _write_plugin(tmp_path_factory.mktemp("plugin"))
 
 
+@pytest.mark.slow  # a whole run; the model plug-in test covers the same contract
 def test_a_new_method_is_one_file_and_one_yaml(plugin):
     files = sorted(str(p.relative_to(plugin)) for p in plugin.rglob("*") if p.is_file()
                    and "method" in str(p.relative_to(plugin)) or p.name == "scaled_ft.py")

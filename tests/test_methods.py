@@ -599,6 +599,7 @@ def _check_student_takes_over(cfg, run):
         assert torch.allclose(method.importance[n], expected)
 
 
+@pytest.mark.slow  # two runs of a regulariser; exact resume is covered fast by test_resume
 def test_a_regulariser_resumed_mid_step_ends_as_the_uninterrupted_run(cache, tmp_path,
                                                                      monkeypatch):
     from incseg import faults

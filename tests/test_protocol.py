@@ -223,6 +223,7 @@ def test_wandb_logger_groups_runs_offline(tmp_path):
         "task": "15-5s", "method": "lwf", "step": 2, "seed": 3}
 
 
+@pytest.mark.slow  # a whole run; W&B offline is also run by test_reliability
 def test_smoke_protocol_with_the_default_wandb_logger_offline(tmp_path, monkeypatch):
     """The default logger (W&B, offline) through a whole 2-step run with replay: every stage's
     W&B run is finished and written offline (the default job once crashed in wandb.finish),

@@ -192,7 +192,7 @@ def test_wandb_is_not_handed_the_removed_anonymous_setting(tmp_path):
     assert "anonymous" not in wb._wandb_init and wb._wandb_init["project"] == "incseg"
 
 
-@pytest.mark.parametrize("mode", ["offline", "disabled"])
+@pytest.mark.parametrize("mode", ["offline", pytest.param("disabled", marks=pytest.mark.slow)])
 def test_a_wandb_run_prints_no_deprecation_warning_into_a_non_ascii_run_dir(tmp_path, mode):
     """A whole (one-step) run with the W&B logger, its run folder named with a non-ASCII letter
     (quoted for Hydra by the entry point): it finishes, and W&B warns of nothing."""

@@ -53,6 +53,7 @@ def test_replay_controls(tmp_path, kind):
     assert res["steps"][1]["replay"]["images"] == 15
 
 
+@pytest.mark.slow  # an experiments/ script over a whole run
 def test_replay_stability_script_replays_a_step_under_variants(tmp_path):
     """experiments/replay_stability.py rebuilds step 1 of a finished run: at iteration 0 the
     student equals its teacher, so the weighted replay term and its gradient scale exactly with
@@ -88,6 +89,7 @@ def test_replay_stability_script_replays_a_step_under_variants(tmp_path):
 # Adaptive DeepInversion: the competition student
 
 
+@pytest.mark.slow  # trains a student per step: minutes on 2 cores
 def test_competition_student_is_trained_once_cached_and_used(tmp_path, caplog, monkeypatch):
     """inversion.competition=true: the protocol trains the student on the classes the teacher
     knows (step 0's at step 1), caches it like a step-0 model, and the generator uses it

@@ -184,7 +184,7 @@ TINY = ["experiment=smoke", "logger=none", "dataset.generator.n_train=64",
         "inversion.n_per_class=1", "inversion.iterations_low=4", "inversion.iterations_full=4"]
 
 
-@pytest.mark.parametrize("method", ["dkd", "star", "plop"])
+@pytest.mark.parametrize("method", ["dkd", "star", pytest.param("plop", marks=pytest.mark.slow)])
 def test_sigmoid_methods_run_with_deepinversion_on_the_smoke_protocol(tmp_path, caplog, method):
     from incseg.config import compose
     from incseg.protocol import run_protocol

@@ -436,6 +436,7 @@ def test_smoke_protocol_runs_star_on_15_5s(tmp_path, caplog):
         assert torch.allclose(norms[norms > 0], torch.ones_like(norms[norms > 0]), atol=1e-5)
 
 
+@pytest.mark.slow  # two STAR runs
 def test_a_star_run_resumed_after_its_last_epoch_ends_as_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     """Killed after each epoch of step 1 (the plan rides in the epoch checkpoint), or after the
@@ -504,6 +505,7 @@ def test_star_m_runs_with_the_labelled_memory(tmp_path):
     assert _state(tmp_path / "run" / "checkpoints" / "step1.pt")["prototypes"].shape == (20, 256)
 
 
+@pytest.mark.slow  # STAR on BiSeNet runs in the fast suite
 def test_star_runs_on_deeplab(tmp_path, caplog):
     """DeepLabV3's decoder feature is its ASPP output at stride 16 (the reference's ``x_pl``):
     2 x 2 cells on 32 px crops, where a small class can miss every cell centre."""
