@@ -174,8 +174,8 @@ def describe_unreadable(path: Path, err: Exception) -> str:
         held = f" ({cls})" if cls else ""
         return (f"is a Lightning checkpoint holding Python objects{held} beyond its weights, "
                 "which weights_only=True does not load; save its weights alone, where you trust "
-                "the file: torch.save(torch.load(path, weights_only=False)['state_dict'], "
-                "'weights.pth'), and pass that")
+                "the file (its 'state_dict' entry, written with torch.save to weights.pth), "
+                "and pass that")
     if cls and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return (f"holds a pickled Python object ({cls}), e.g. a whole model saved with "
                 "torch.save(model), which weights_only=True does not load (it would run code "
