@@ -53,6 +53,15 @@ def check_data(cfg: DictConfig) -> None:
                           memory_size(cfg))
 
 
+def resolve_pretrained(cfg: DictConfig) -> None:
+    """``model.pretrained=corpus``: pretrain the backbone on the procedural corpus now if the
+    cache holds none (a progress bar says so), and name the cached file in ``cfg``."""
+    from incseg.protocol.pretrain import resolve_pretrained as resolve
+
+    ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
+    resolve(cfg, cache_dir_from_cfg(cfg), progress=bool(cfg.trainer.progress_bar))
+
+
 def check_pretrained(model_cfg: DictConfig) -> None:
     """Load ``model.pretrained`` once before anything starts (no dataset generated, no run
     folder made): a file that is not a state dict of the backbone is refused with one line
@@ -112,6 +121,7 @@ def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
 
     setup_logging()
     check_run(cfg)
+    resolve_pretrained(cfg)
     check_pretrained(cfg.model)  # a sweep's job (one run was checked in precheck: remembered)
     sweeper = _job_sweeper()
     check_tuning(cfg, sweeper)
@@ -152,6 +162,7 @@ def precheck(argv: list[str]) -> None:
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
     check_run(_first_job(argv, cfg) if multirun else cfg)
     if not multirun:  # a sweep's jobs may set other weights: each job checks its own
+        resolve_pretrained(cfg)
         check_pretrained(cfg.model)
     wait_grace()  # the DDP ranks read these when they first wait, hours in: refused now
     heartbeat_interval()

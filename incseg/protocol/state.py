@@ -82,6 +82,12 @@ def fingerprint(cfg: DictConfig) -> dict:
     plain.get("trainer", {}).pop("timeout_s", None)  # how long a dead rank is waited for
     for group in ("method", "model"):
         plain.get(group, {}).pop("label", None)  # a display name
+    ds = plain.get("dataset")
+    if isinstance(ds, dict) and ds.get("pretrained") is None and "corpus" in ds:
+        # a backbone from random weights: the pretraining corpus is unused, and the run is the
+        # one it was before the corpus existed, under the same hash and caches
+        ds.pop("pretrained", None)
+        ds.pop("corpus")
     mem = plain.get("memory")
     if isinstance(mem, dict) and (not _positive(mem.get("size"))
                                   or plain.get("method", {}).get("joint", False)):

@@ -1,0 +1,182 @@
+"""A procedurally generated pretraining corpus for the ``shapes`` benchmark: what ImageNet is
+to PASCAL VOC.
+
+Every published continual-segmentation number starts from an ImageNet backbone whose features
+already separate objects the segmenter has not been taught yet (VOC's sheep and trains are
+ImageNet classes); PLOP distils those features and DKD freezes BatchNorm and trains the backbone
+at a tenth of the lr, both on that assumption. Trained from random weights on the step-0 classes
+alone, a backbone has learned to map a future class to background instead.
+
+The corpus is an image-level classification set over a vocabulary larger than the benchmark's:
+sixteen shapes (the benchmark's ten and six others) times four textures (solid and striped, the
+benchmark's, and dotted and checkered), 64 shape-texture classes, plus the hue of each object in
+eight bins; 1-3 objects an image on the benchmark's kind of cluttered background, any hue
+(colour is a label here, not a class cue). Labels are multi-hot, as ImageNet-21k's tags or
+COCO's image labels are. No image of it is a benchmark image: it has its own generator stream,
+its own vocabulary, and no segmentation masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from incseg.data.shapes_draw import SHAPE_FNS, SHAPES, _background, _grid, _lerp, _rgb
+from incseg.data.shapes_params import ShapesParams
+from incseg.errors import ConfigError
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (u / 1.0) ** 2 + (v / 0.5) ** 2 <= 0.95 ** 2
+
+
+def _polygon(n: int, circumradius: float):
+    def inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        apothem = circumradius * math.cos(math.pi / n)
+        ok = np.ones(u.shape, dtype=bool)
+        for k in range(n):
+            phi = -math.pi / 2 + math.pi / n + 2 * math.pi * k / n
+            ok &= u * math.cos(phi) + v * math.sin(phi) <= apothem
+        return ok
+    return inside
+
+
+EXTRA_SHAPE_FNS = {
+    "ellipse": _ellipse,
+    "pentagon": _polygon(5, 1.0),
+    "octagon": _polygon(8, 0.95),
+    "semicircle": lambda u, v: (u * u + v * v <= 0.95 ** 2) & (v >= -0.2),
+    "tee": lambda u, v: ((np.abs(u) <= 0.95) & (v >= 0.4) & (v <= 0.95))
+    | ((np.abs(u) <= 0.28) & (v >= -0.95) & (v < 0.4)),
+    "bar": lambda u, v: (np.abs(u) <= 0.95) & (np.abs(v) <= 0.35),
+}
+CORPUS_SHAPES = SHAPES + tuple(EXTRA_SHAPE_FNS)
+CORPUS_TEXTURES = ("solid", "striped", "dotted", "checkered")
+HUE_BINS = 8
+
+
+def _shape_fn(name: str):
+    return SHAPE_FNS.get(name) or EXTRA_SHAPE_FNS[name]
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """What the corpus is; every field is part of the pretrained backbone's cache key."""
+
+    size: int = 64
+    n_images: int = 8000
+    min_objects: int = 1
+    max_objects: int = 3
+    scale: tuple[float, float] = (0.3, 0.6)
+    clutter: float = 0.4
+    stripe_contrast: float = 0.7
+    seed: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 16 <= int(self.size) <= 1024:
+            raise ConfigError(f"corpus size={self.size!r} is invalid: must be between 16 and 1024")
+        if int(self.n_images) < 1:
+            raise ConfigError(f"corpus n_images={self.n_images!r} is invalid: must be >= 1")
+        if not 1 <= int(self.min_objects) <= int(self.max_objects) <= 10:
+            raise ConfigError(f"corpus objects {self.min_objects}..{self.max_objects} are "
+                              "invalid: need 1 <= min_objects <= max_objects <= 10")
+        lo, hi = (float(x) for x in self.scale)
+        if not 0.05 <= lo <= hi <= 1.0:
+            raise ConfigError(f"corpus scale={list(self.scale)} is invalid: need 0.05 <= min "
+                              "<= max <= 1")
+        object.__setattr__(self, "scale", (lo, hi))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> CorpusParams:
+        d = dict(d or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in d if k not in valid)
+        if unknown:
+            raise ConfigError(f"unknown corpus parameter(s) {', '.join(unknown)}; valid keys: "
+                              f"{', '.join(valid)}")
+        if "scale" in d:
+            d["scale"] = tuple(d["scale"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scale"] = list(d["scale"])
+        return d
+
+    @property
+    def num_labels(self) -> int:
+        return len(CORPUS_SHAPES) * len(CORPUS_TEXTURES) + HUE_BINS
+
+
+def label_name(k: int) -> str:
+    n = len(CORPUS_SHAPES) * len(CORPUS_TEXTURES)
+    if k < n:
+        shape, texture = divmod(k, len(CORPUS_TEXTURES))
+        return f"{CORPUS_SHAPES[shape]}-{CORPUS_TEXTURES[texture]}"
+    return f"hue-{k - n}"
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, r: float, col: np.ndarray,
+             shade: np.ndarray, contrast: float, rng: np.random.Generator) -> np.ndarray:
+    tex = shade[..., None] * col
+    if kind == "solid":
+        return tex
+    lum = float(col @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    target = np.zeros(3, np.float32) if lum > 0.45 else np.ones(3, np.float32)
+    col2 = shade[..., None] * (col + contrast * (target - col))
+    period = max(2.5, 2 * r / rng.uniform(3.5, 5.5)) / r  # in object units
+    a = rng.uniform(0, math.pi)
+    x = (u * math.cos(a) + v * math.sin(a)) / period + rng.random()
+    y = (-u * math.sin(a) + v * math.cos(a)) / period + rng.random()
+    if kind == "striped":
+        second = np.mod(x, 1.0) < 0.5
+    elif kind == "dotted":
+        fx, fy = np.mod(x, 1.0) - 0.5, np.mod(y, 1.0) - 0.5
+        second = fx * fx + fy * fy <= 0.3 ** 2
+    else:  # checkered
+        second = (np.floor(x) + np.floor(y)) % 2 == 0
+    return np.where(second[..., None], col2, tex)
+
+
+def render_corpus_image(p: CorpusParams, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``index`` of the corpus: (H x W x 3 uint8, multi-hot float32 labels)."""
+    rng = np.random.default_rng([p.seed, 7331, index])
+    sp = ShapesParams(size=p.size, clutter=p.clutter)
+    img = _background(sp, rng)
+    n = p.size
+    yy, xx = _grid(n)
+    labels = np.zeros(p.num_labels, np.float32)
+    n_tex = len(CORPUS_TEXTURES)
+    for _ in range(int(rng.integers(p.min_objects, p.max_objects + 1))):
+        s, t = int(rng.integers(len(CORPUS_SHAPES))), int(rng.integers(n_tex))
+        r = rng.uniform(*p.scale) * n / 2
+        cy, cx = rng.uniform(0.5 * r, n - 0.5 * r, 2)
+        theta, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.85, 1.15)
+        dy, dx = yy - cy, xx - cx
+        ct, st = math.cos(theta), math.sin(theta)
+        u = (dx * ct + dy * st) / (r * aspect)
+        v = (-dx * st + dy * ct) / (r / aspect)
+        inside = _shape_fn(CORPUS_SHAPES[s])(u, v)
+        if np.count_nonzero(inside) < 12:
+            continue  # too small to name
+        hue = rng.random()
+        col = _rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
+        sa = rng.uniform(0, 2 * math.pi)
+        shade = 1.0 + 0.12 * (u * math.cos(sa) + v * math.sin(sa))
+        tex = _texture(CORPUS_TEXTURES[t], u, v, r, col, shade, p.stripe_contrast, rng)
+        img[inside] = tex[inside]
+        labels[s * n_tex + t] = 1.0
+        labels[len(CORPUS_SHAPES) * n_tex + min(HUE_BINS - 1, int(hue * HUE_BINS))] = 1.0
+    img = img + _lerp(0.01, 0.06, p.clutter) * rng.standard_normal(img.shape).astype(np.float32)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), labels
+
+
+def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    pd, start, stop = args
+    p = CorpusParams.from_dict(pd)
+    pairs = [render_corpus_image(p, i) for i in range(start, stop)]
+    return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])

@@ -1,0 +1,135 @@
+"""The procedural pretraining corpus and ``model.pretrained=corpus``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from incseg.config import compose
+from incseg.data.corpus import (
+    CORPUS_SHAPES,
+    CORPUS_TEXTURES,
+    HUE_BINS,
+    CorpusParams,
+    _render_range,
+    label_name,
+    render_corpus_image,
+)
+from incseg.errors import ConfigError
+from incseg.io import stable_hash
+from incseg.protocol.pretrain import (
+    corpus_entry,
+    corpus_manifest,
+    corpus_spec,
+    holdout_scores,
+    render_corpus,
+    resolve_pretrained,
+)
+from incseg.protocol.state import fingerprint
+from incseg.protocol.teachers import teacher_key
+
+TINY = {"params": {"size": 32, "n_images": 16, "seed": 3},
+        "train": {"epochs": 1, "batch_size": 8, "holdout": 8, "warmup_iters": 1}}
+
+
+def test_holdout_scores_against_hand_values():
+    scores = torch.tensor([[2.0, -1.0], [1.0, 1.0], [-1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    got = holdout_scores(scores, target)
+    # label 0 ranked: hit, miss, hit -> AP = (1/1 + 2/3) / 2; label 1: hit first -> AP = 1
+    assert got["mAP"] == pytest.approx(round(((1 + 2 / 3) / 2 + 1) / 2, 4))
+    # thresholding at 0 gives [[1,0],[1,1],[0,1]]: 3 of 6 labels right
+    assert got["label_accuracy"] == 0.5 and got["images"] == 3
+
+
+def test_corpus_images_are_deterministic_and_labelled():
+    p = CorpusParams(size=48, n_images=10)
+    a, la = render_corpus_image(p, 4)
+    b, lb = render_corpus_image(p, 4)
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    n_st = len(CORPUS_SHAPES) * len(CORPUS_TEXTURES)
+    assert la.shape == (n_st + HUE_BINS,) and p.num_labels == 72
+    # each object drawn names one shape-texture and one hue bin (two objects may share one)
+    assert 1 <= la[:n_st].sum() <= 3 and 1 <= la[n_st:].sum() <= 3
+    assert not np.array_equal(a, render_corpus_image(p, 5)[0])
+    assert label_name(0) == "circle-solid" and label_name(n_st) == "hue-0"
+    assert render_corpus_image(CorpusParams(size=48, seed=1), 4)[0].tobytes() != a.tobytes()
+
+
+def test_corpus_rendering_does_not_depend_on_processes():
+    p = CorpusParams(size=32, n_images=600)
+    images, labels = render_corpus(p, 0, 600, progress=False)  # forked workers where safe
+    one_images, one_labels = _render_range((p.to_dict(), 0, 600))
+    assert np.array_equal(images, one_images) and np.array_equal(labels, one_labels)
+
+
+def test_corpus_spec_refuses_unknown_keys_in_one_line():
+    with pytest.raises(ConfigError, match="unknown dataset.corpus key.*epoch") as err:
+        corpus_spec({"train": {"epoch": 3}})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown corpus parameter"):
+        corpus_spec({"params": {"n_image": 3}})
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        corpus_spec({"train": {"batch_size": 1}})
+
+
+def _shapes_cfg(tmp_path, *overrides):
+    cfg = compose(["logger=none", f"paths.cache_dir={tmp_path}", "dataset.pretrained=corpus",
+                   *overrides])
+    with open_dict(cfg):
+        cfg.dataset.corpus = OmegaConf.create(TINY)
+    return cfg
+
+
+def test_corpus_backbone_is_trained_once_cached_and_loads(tmp_path):
+    from incseg.models.backbones import ResNetBackbone
+
+    cfg = _shapes_cfg(tmp_path)
+    assert cfg.model.pretrained == "corpus"
+    resolve_pretrained(cfg, tmp_path, progress=False)
+    path = cfg.model.pretrained
+    assert path.endswith(".pt") and "pretrain" in path
+    params, recipe = corpus_spec(TINY)
+    assert str(corpus_entry(tmp_path, "resnet18", params, recipe)) == path
+    manifest = corpus_manifest(path)
+    assert manifest["iterations"] == 2 and 0 <= manifest["holdout"]["mAP"] <= 1
+    mtime = os.stat(path).st_mtime_ns
+    again = _shapes_cfg(tmp_path)
+    resolve_pretrained(again, tmp_path, progress=False)  # a cache hit: nothing retrained
+    assert again.model.pretrained == path and os.stat(path).st_mtime_ns == mtime
+    net = ResNetBackbone("resnet18", path)
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(net.conv1.weight, state["conv1.weight"])
+    other = dict(TINY, params={**TINY["params"], "seed": 4})
+    assert corpus_entry(tmp_path, "resnet18", *corpus_spec(other)) != corpus_entry(
+        tmp_path, "resnet18", params, recipe)
+
+
+def test_model_pretrained_override_wins_over_the_dataset(tmp_path):
+    cfg = _shapes_cfg(tmp_path, "model.pretrained=null")
+    resolve_pretrained(cfg, tmp_path, progress=False)
+    assert cfg.model.pretrained is None
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_corpus_needs_a_resnet_backbone(tmp_path):
+    cfg = _shapes_cfg(tmp_path, "model=deeplabv3_convnext_t", "model.pretrained=corpus")
+    with pytest.raises(ConfigError, match="pretrains a ResNet backbone"):
+        resolve_pretrained(cfg, tmp_path, progress=False)
+
+
+def test_scratch_runs_keep_their_fingerprint_and_step0_key():
+    cfg = compose(["logger=none", "dataset.pretrained=null"])
+    old = cfg.copy()
+    with open_dict(old):
+        del old.dataset["pretrained"]
+        del old.dataset["corpus"]
+    assert stable_hash(fingerprint(cfg)) == stable_hash(fingerprint(old))
+    assert teacher_key(cfg, "root", [0, 1]) == teacher_key(old, "root", [0, 1])
+    on = compose(["logger=none", "dataset.pretrained=corpus"])
+    assert teacher_key(on, "root", [0, 1]) != teacher_key(cfg, "root", [0, 1])
