@@ -50,7 +50,7 @@ FINAL_KEYS = ("old", "new", "all", "avg")  # required in a results file
 FINAL_METRICS = (*FINAL_KEYS, "hiou")      # what the tables print
 #: ``conventions`` of a run: config keys its numbers depend on beyond the method (README)
 CONVENTION_KEYS = ("data.val", "train.loss_reduction", "data.void_as_background",
-                   "data.unseen_as", "data.ade_class0", "eval.hiou")
+                   "data.unseen_as", "data.ade_class0", "eval.hiou", "model.pretrained")
 #: ``eval.hiou``: which old / new the harmonic mean takes (module docstring)
 HIOU_CONVENTIONS = ("suite", "dkd")
 CONVENTION = (
@@ -63,8 +63,9 @@ def conventions(cfg: Any) -> dict[str, Any]:
     """The data and loss conventions of a run's config (``results.json`` ``conventions``):
     where its validation images came from (``data.val``: split, holdout or none; never the test
     split), how CE was averaged, void and unseen classes, ADE20K's class 0 at test, and which
-    hIoU the figures are (``hiou``). Keys a config lacks (``ade_class0`` outside ADE20K) are
-    left out."""
+    hIoU the figures are (``hiou``), where the backbone started (``pretrained``: corpus,
+    imagenet or a file; absent from random weights). Keys a config lacks (``ade_class0``
+    outside ADE20K) are left out."""
     out: dict[str, Any] = {}
     for key in CONVENTION_KEYS:
         group, name = key.split(".")

@@ -53,22 +53,16 @@ def check_data(cfg: DictConfig) -> None:
                           memory_size(cfg))
 
 
-def resolve_pretrained(cfg: DictConfig) -> None:
-    """``model.pretrained=corpus``: pretrain the backbone on the procedural corpus now if the
-    cache holds none (a progress bar says so), and name the cached file in ``cfg``."""
-    from incseg.protocol.pretrain import resolve_pretrained as resolve
-
-    ensure_writable_dir(cache_dir_from_cfg(cfg), "cache directory", CACHE_DIR_FIX)
-    resolve(cfg, cache_dir_from_cfg(cfg), progress=bool(cfg.trainer.progress_bar))
-
-
-def check_pretrained(model_cfg: DictConfig) -> None:
+def check_pretrained(cfg: DictConfig) -> None:
     """Load ``model.pretrained`` once before anything starts (no dataset generated, no run
     folder made): a file that is not a state dict of the backbone is refused with one line
-    saying what the file is. The config check proves only that the file exists."""
+    saying what the file is. ``corpus`` is pretrained now if the cache holds none (a progress
+    bar says so), as ``imagenet`` is downloaded now. The config check proves only that a
+    file exists."""
     from incseg.models import check_pretrained as check
+    from incseg.protocol.pretrain import resolved_model
 
-    check(model_cfg)
+    check(resolved_model(cfg, cache_dir_from_cfg(cfg), bool(cfg.trainer.progress_bar)))
 
 
 def tunes(sweeper_target: str | None) -> bool:
@@ -121,8 +115,7 @@ def _main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
 
     setup_logging()
     check_run(cfg)
-    resolve_pretrained(cfg)
-    check_pretrained(cfg.model)  # a sweep's job (one run was checked in precheck: remembered)
+    check_pretrained(cfg)  # a sweep's job (one run was checked in precheck: remembered)
     sweeper = _job_sweeper()
     check_tuning(cfg, sweeper)
     from incseg.protocol import is_rank_zero, run_protocol
@@ -162,8 +155,7 @@ def precheck(argv: list[str]) -> None:
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
     check_run(_first_job(argv, cfg) if multirun else cfg)
     if not multirun:  # a sweep's jobs may set other weights: each job checks its own
-        resolve_pretrained(cfg)
-        check_pretrained(cfg.model)
+        check_pretrained(cfg)
     wait_grace()  # the DDP ranks read these when they first wait, hours in: refused now
     heartbeat_interval()
     check_tuning(cfg, OmegaConf.select(cfg, "hydra.sweeper._target_"))

@@ -26,8 +26,9 @@ from incseg.protocol.pretrain import (
     corpus_manifest,
     corpus_spec,
     holdout_scores,
+    model_weights,
     render_corpus,
-    resolve_pretrained,
+    resolved_model,
 )
 from incseg.protocol.state import fingerprint
 from incseg.protocol.teachers import teacher_key
@@ -91,17 +92,16 @@ def test_corpus_backbone_is_trained_once_cached_and_loads(tmp_path):
 
     cfg = _shapes_cfg(tmp_path)
     assert cfg.model.pretrained == "corpus"
-    resolve_pretrained(cfg, tmp_path, progress=False)
-    path = cfg.model.pretrained
+    path = model_weights(cfg, tmp_path)
     assert path.endswith(".pt") and "pretrain" in path
+    assert cfg.model.pretrained == "corpus"  # the config keeps the word, not a path
     params, recipe = corpus_spec(TINY)
     assert str(corpus_entry(tmp_path, "resnet18", params, recipe)) == path
     manifest = corpus_manifest(path)
     assert manifest["iterations"] == 2 and 0 <= manifest["holdout"]["mAP"] <= 1
     mtime = os.stat(path).st_mtime_ns
-    again = _shapes_cfg(tmp_path)
-    resolve_pretrained(again, tmp_path, progress=False)  # a cache hit: nothing retrained
-    assert again.model.pretrained == path and os.stat(path).st_mtime_ns == mtime
+    again = resolved_model(_shapes_cfg(tmp_path), tmp_path, progress=False)
+    assert again.pretrained == path and os.stat(path).st_mtime_ns == mtime  # a cache hit
     net = ResNetBackbone("resnet18", path)
     state = torch.load(path, weights_only=True)
     assert torch.equal(net.conv1.weight, state["conv1.weight"])
@@ -112,15 +112,14 @@ def test_corpus_backbone_is_trained_once_cached_and_loads(tmp_path):
 
 def test_model_pretrained_override_wins_over_the_dataset(tmp_path):
     cfg = _shapes_cfg(tmp_path, "model.pretrained=null")
-    resolve_pretrained(cfg, tmp_path, progress=False)
-    assert cfg.model.pretrained is None
+    assert model_weights(cfg, tmp_path) is None
     assert not (tmp_path / "pretrain").exists()
 
 
 def test_corpus_needs_a_resnet_backbone(tmp_path):
     cfg = _shapes_cfg(tmp_path, "model=deeplabv3_convnext_t", "model.pretrained=corpus")
     with pytest.raises(ConfigError, match="pretrains a ResNet backbone"):
-        resolve_pretrained(cfg, tmp_path, progress=False)
+        model_weights(cfg, tmp_path)
 
 
 def test_scratch_runs_keep_their_fingerprint_and_step0_key():
@@ -133,3 +132,20 @@ def test_scratch_runs_keep_their_fingerprint_and_step0_key():
     assert teacher_key(cfg, "root", [0, 1]) == teacher_key(old, "root", [0, 1])
     on = compose(["logger=none", "dataset.pretrained=corpus"])
     assert teacher_key(on, "root", [0, 1]) != teacher_key(cfg, "root", [0, 1])
+
+
+def test_results_say_where_the_backbone_started_and_the_report_splits_tables():
+    from incseg.report.discovery import pretrained_label
+    from incseg.results import conventions
+
+    assert conventions(compose(["logger=none"]))["pretrained"] == "corpus"
+    assert "pretrained" not in conventions(compose(["logger=none", "dataset=shapes_scratch"]))
+    assert pretrained_label("corpus") == "corpus" and pretrained_label(None) is None
+    assert pretrained_label("/x/y/r18.pth") == "r18.pth" and pretrained_label("null") is None
+
+
+def test_the_scratch_preset_is_the_benchmark_as_it_was():
+    cfg = compose(["logger=none", "dataset=shapes_scratch"])
+    assert cfg.model.pretrained is None and cfg.train.epochs == 7
+    assert cfg.train.epochs_incremental == 4 and cfg.dataset.name == "shapes"
+    assert compose(["logger=none"]).model.pretrained == "corpus"

@@ -10,7 +10,7 @@ alone, a backbone has learned to map a future class to background instead.
 The corpus is an image-level classification set over a vocabulary larger than the benchmark's:
 sixteen shapes (the benchmark's ten and six others) times four textures (solid and striped, the
 benchmark's, and dotted and checkered), 64 shape-texture classes, plus the hue of each object in
-eight bins; 1-3 objects an image on the benchmark's kind of cluttered background, any hue
+eight bins; 1-2 objects an image on the benchmark's kind of cluttered background, any hue
 (colour is a label here, not a class cue). Labels are multi-hot, as ImageNet-21k's tags or
 COCO's image labels are. No image of it is a benchmark image: it has its own generator stream,
 its own vocabulary, and no segmentation masks.
@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from incseg.data.shapes_draw import SHAPE_FNS, SHAPES, _background, _grid, _lerp, _rgb
 from incseg.data.shapes_params import ShapesParams
@@ -57,6 +60,7 @@ EXTRA_SHAPE_FNS = {
 CORPUS_SHAPES = SHAPES + tuple(EXTRA_SHAPE_FNS)
 CORPUS_TEXTURES = ("solid", "striped", "dotted", "checkered")
 HUE_BINS = 8
+MIN_VISIBLE = 12  # pixels of an object that must show for the image to be labelled with it
 
 
 def _shape_fn(name: str):
@@ -67,11 +71,11 @@ def _shape_fn(name: str):
 class CorpusParams:
     """What the corpus is; every field is part of the pretrained backbone's cache key."""
 
-    size: int = 64
+    size: int = 48
     n_images: int = 8000
     min_objects: int = 1
-    max_objects: int = 3
-    scale: tuple[float, float] = (0.3, 0.6)
+    max_objects: int = 2
+    scale: tuple[float, float] = (0.4, 0.8)  # of 48 px: the benchmark's 0.3-0.6 of 64 px
     clutter: float = 0.4
     stripe_contrast: float = 0.7
     seed: int = 1000
@@ -151,6 +155,8 @@ def render_corpus_image(p: CorpusParams, index: int) -> tuple[np.ndarray, np.nda
     yy, xx = _grid(n)
     labels = np.zeros(p.num_labels, np.float32)
     n_tex = len(CORPUS_TEXTURES)
+    owner = np.zeros((n, n), np.int16)
+    named: list[tuple[int, int]] = []  # (shape-texture label, hue label) of each object
     for _ in range(int(rng.integers(p.min_objects, p.max_objects + 1))):
         s, t = int(rng.integers(len(CORPUS_SHAPES))), int(rng.integers(n_tex))
         r = rng.uniform(*p.scale) * n / 2
@@ -161,7 +167,7 @@ def render_corpus_image(p: CorpusParams, index: int) -> tuple[np.ndarray, np.nda
         u = (dx * ct + dy * st) / (r * aspect)
         v = (-dx * st + dy * ct) / (r / aspect)
         inside = _shape_fn(CORPUS_SHAPES[s])(u, v)
-        if np.count_nonzero(inside) < 12:
+        if np.count_nonzero(inside) < MIN_VISIBLE:
             continue  # too small to name
         hue = rng.random()
         col = _rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
@@ -169,8 +175,12 @@ def render_corpus_image(p: CorpusParams, index: int) -> tuple[np.ndarray, np.nda
         shade = 1.0 + 0.12 * (u * math.cos(sa) + v * math.sin(sa))
         tex = _texture(CORPUS_TEXTURES[t], u, v, r, col, shade, p.stripe_contrast, rng)
         img[inside] = tex[inside]
-        labels[s * n_tex + t] = 1.0
-        labels[len(CORPUS_SHAPES) * n_tex + min(HUE_BINS - 1, int(hue * HUE_BINS))] = 1.0
+        named.append((s * n_tex + t, len(CORPUS_SHAPES) * n_tex + min(HUE_BINS - 1,
+                                                                       int(hue * HUE_BINS))))
+        owner[inside] = len(named)
+    for k, (shape_texture, hue_bin) in enumerate(named, 1):
+        if np.count_nonzero(owner == k) >= MIN_VISIBLE:  # an object hidden by later ones is
+            labels[shape_texture] = labels[hue_bin] = 1.0  # not in the picture: no label
     img = img + _lerp(0.01, 0.06, p.clutter) * rng.standard_normal(img.shape).astype(np.float32)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), labels
 
@@ -180,3 +190,21 @@ def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, np.ndarray]:
     p = CorpusParams.from_dict(pd)
     pairs = [render_corpus_image(p, i) for i in range(start, stop)]
     return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+
+
+def corpus_grid(out_png: str | os.PathLike, params: CorpusParams | None = None, n: int = 18,
+                cols: int = 6, zoom: int = 2) -> Path:
+    """A PNG grid of the corpus' first ``n`` images (what ``docs/data.md`` shows)."""
+    from incseg.data.shapes_draw import _save_small_png
+
+    p = params or CorpusParams()
+    gap, h = 4, p.size
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + gap) + gap, cols * (h + gap) + gap, 3), 255, np.uint8)
+    for k in range(n):
+        y, x = gap + (k // cols) * (h + gap), gap + (k % cols) * (h + gap)
+        canvas[y:y + h, x:x + h] = render_corpus_image(p, k)[0]
+    img = Image.fromarray(canvas)
+    img = img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST)
+    _save_small_png(img, out_png)
+    return Path(out_png)

@@ -276,13 +276,17 @@ def ensure_shapes(params: ShapesParams, cache: str | os.PathLike, progress: bool
 
 
 def write_docs(docs: str | os.PathLike = "docs", params: ShapesParams | None = None) -> None:
-    """Regenerate ``docs/shapes_grid.png`` and ``docs/shapes_classes.png`` (default params)."""
+    """Regenerate ``docs/shapes_grid.png``, ``docs/shapes_classes.png`` (default params) and
+    ``docs/corpus_grid.png`` (the pretraining corpus)."""
+    from incseg.data.corpus import corpus_grid
+
     params = params or ShapesParams()
     with tempfile.TemporaryDirectory() as tmp:
         small = dataclasses.replace(params, n_train=24, n_val=1, n_test=1)
         generate(small, tmp, progress=False, workers=1)  # same images as the full set's first 24
         sample_grid(tmp, Path(docs) / "shapes_grid.png")
     class_sheet(params, Path(docs) / "shapes_classes.png")
+    corpus_grid(Path(docs) / "corpus_grid.png")
 
 
 if __name__ == "__main__":

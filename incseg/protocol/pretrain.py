@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -240,11 +240,21 @@ def corpus_manifest(path: Path) -> dict | None:
         return None
 
 
-def resolve_pretrained(cfg: DictConfig, cache: Path, progress: bool = True) -> None:
-    """Replace ``model.pretrained=corpus`` in ``cfg`` by the cached weights file's path (the
-    path holds the content key, so the step-0 cache key follows the corpus and its recipe)."""
-    if not is_corpus(OmegaConf.select(cfg, "model.pretrained")):
-        return
-    path = corpus_backbone(cfg, cache, progress)
-    with open_dict(cfg):
-        cfg.model.pretrained = str(path)
+def model_weights(cfg: DictConfig, cache: Path, progress: bool = False):
+    """What to load into ``cfg.model``'s backbone: ``model.pretrained`` as it is, or for
+    ``corpus`` the cached weights file (trained now if the cache holds none). The config keeps
+    the word ``corpus``: run hashes and step-0 keys follow the corpus and its recipe, not a
+    path on this machine."""
+    pretrained = OmegaConf.select(cfg, "model.pretrained")
+    if not is_corpus(pretrained):
+        return pretrained
+    return str(corpus_backbone(cfg, cache, progress))
+
+
+def resolved_model(cfg: DictConfig, cache: Path, progress: bool = True) -> DictConfig:
+    """``cfg.model`` with ``pretrained`` replaced by :func:`model_weights` (for the entry
+    point's check that the weights load)."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    if is_corpus(node.get("pretrained")):
+        node.pretrained = model_weights(cfg, cache, progress)
+    return node

@@ -27,6 +27,7 @@ from incseg.errors import CheckpointError, ConfigError
 from incseg.io import content_key, entry_lock
 from incseg.models import build_model
 from incseg.models.norm import freeze
+from incseg.protocol.pretrain import model_weights
 from incseg.protocol.state import (
     barrier,
     derive_seed,
@@ -134,7 +135,7 @@ def train_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Tas
     step 0 itself (``Method.trains_step0``), else None for the shared plain-CE teacher."""
     joint = score_task is not None
     dm = make_datamodule(cfg, source, task, 0, cache)
-    model = build_model(cfg.model, [len(task.steps[0])], cfg.model.get("pretrained"))
+    model = build_model(cfg.model, [len(task.steps[0])], model_weights(cfg, cache))
     module = TeacherModule(model, task, 0, recipe(cfg, 0), score_task=score_task,
                            score_step=score_task.num_steps - 1 if joint else None,
                            method=method)
@@ -146,7 +147,7 @@ def verifier_model(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Ta
     """An independent judge of synthetic images: the (cached) Joint model over all classes of
     the task, and its channel of every dataset class. It never trains the student."""
     joint = task.joint()
-    model = build_model(cfg.model, [len(joint.steps[0])], cfg.model.get("pretrained"))
+    model = build_model(cfg.model, [len(joint.steps[0])], model_weights(cfg, cache))
     module = TeacherModule(model, joint, 0, recipe(cfg, 0))
     with isolate_rng():  # the student's step draws the same numbers with or without it
         L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
@@ -196,7 +197,7 @@ def competition_student(cfg: DictConfig, run_dir: Path, cache: Path, source, tas
     with open_dict(scfg):
         scfg.model = student_model_config(cfg)
     known = Task(task.dataset, task.name, [task.classes_before(step)], task.num_dataset_classes)
-    model = build_model(scfg.model, [len(known.steps[0])], scfg.model.get("pretrained"))
+    model = build_model(scfg.model, [len(known.steps[0])], model_weights(scfg, cache))
     module = TeacherModule(model, known, 0, recipe(scfg, 0))
     stage = f"competition{step}"
     with isolate_rng():  # the student's step draws the same numbers with or without it

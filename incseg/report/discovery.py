@@ -127,6 +127,15 @@ def _sub(cfg: dict[str, Any], key: str) -> dict[str, Any]:
     return val if isinstance(val, dict) else {}
 
 
+def pretrained_label(value: Any) -> str | None:
+    """How a run's backbone started, for its table's title: corpus, imagenet, the file's name,
+    or None from random weights."""
+    if value in (None, "", "none", "null"):
+        return None
+    text = str(value)
+    return text if text in ("corpus", "imagenet") else Path(text).name
+
+
 def method_label(results: dict[str, Any]) -> str:
     """The method's display name: its config's ``label``, else the name ``results.json`` has.
 
@@ -312,6 +321,9 @@ def discover(root: Path) -> tuple[list[Run], list[Missing]]:
             variant = dataclasses.replace(variant, detail=details[path])
         model = str(results.get("model") or _sub(_config_of(results), "model").get("name")
                     or "?")
+        start = pretrained_label((results.get("conventions") or {}).get("pretrained"))
+        if start:  # a pretrained backbone is another benchmark: its own table
+            model = f"{model} ({start})"
         group = Group(str(results["dataset"]), model, bool(results.get("overlap", True)))
         run = Run(path.parent, results, task, task_label, group, variant,
                   int(results["seed"]))
