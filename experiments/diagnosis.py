@@ -27,6 +27,12 @@ def twin(c: int) -> int:
     return c + 1 if c % 2 else c - 1
 
 
+def same_texture(a: int, b: int) -> bool:
+    """Two foreground classes of different shapes with the same texture (both striped or both
+    solid): what a model that tells textures apart but not shapes confuses."""
+    return a != b and a > 0 and b > 0 and a % 2 == b % 2
+
+
 def load(folder: Path) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for f in sorted(folder.glob("*/*/results.json")):
@@ -39,29 +45,42 @@ def _confusion(step: dict) -> tuple[list[int], list[list[int]]]:
     return conf["classes"], conf["counts"]
 
 
-def where(step: dict, cls: list[int], old: set[int], new: set[int]) -> dict[str, float]:
-    """Fractions of the ground-truth pixels of ``cls`` predicted as: the class itself, background,
-    the twin, another old class, another new class."""
+def where(step: dict, cls: list[int]) -> dict[str, float]:
+    """Fractions of the ground-truth pixels of ``cls`` predicted as: the class itself,
+    background, a class of another shape with the same texture, the same shape with the other
+    texture (the twin), anything else."""
     classes, counts = _confusion(step)
     idx = {c: i for i, c in enumerate(classes)}
-    tot = {"self": 0, "background": 0, "twin": 0, "old": 0, "new": 0}
-    n = 0
+    tot = {"self": 0, "background": 0, "texture": 0, "twin": 0, "other": 0}
     for c in cls:
         if c not in idx:
             continue
-        row = counts[idx[c]]
+        for p, k in zip(classes, counts[idx[c]]):
+            tot[_kind(c, p)] += k
+    n = sum(tot.values())
+    return {k: v / n if n else float("nan") for k, v in tot.items()}
+
+
+def _kind(truth: int, pred: int) -> str:
+    if truth == pred:
+        return "self"
+    if pred == 0 or truth == 0:
+        return "background"
+    if same_texture(truth, pred):
+        return "texture"
+    return "twin" if pred == twin(truth) else "other"
+
+
+def came_from(step: dict, cls: list[int]) -> dict[str, float]:
+    """Fractions of the pixels predicted as one of ``cls`` whose ground truth is: that class,
+    background, a same-texture class, the twin, another class (void is not counted)."""
+    classes, counts = _confusion(step)
+    tot = {"self": 0, "background": 0, "texture": 0, "twin": 0, "other": 0}
+    for g, row in zip(classes, counts):
         for p, k in zip(classes, row):
-            if p == c:
-                tot["self"] += k
-            elif p == 0:
-                tot["background"] += k
-            elif p == twin(c):
-                tot["twin"] += k
-            elif p in old:
-                tot["old"] += k
-            elif p in new:
-                tot["new"] += k
-        n += sum(row)
+            if p in cls:
+                tot[_kind(g, p)] += k
+    n = sum(tot.values())
     return {k: v / n if n else float("nan") for k, v in tot.items()}
 
 
@@ -88,34 +107,45 @@ def summarise(run: dict) -> dict:
         "old": final["miou_old"], "new": final["miou_new"], "all": final["miou_all"],
         "step0_old": steps[0]["miou_all"],
         "per_new": per_new,
-        "new_go": where(final, sorted(new), old, new),
-        "old_go": where(final, sorted(old), old, new),
+        "new_go": where(final, sorted(new)),
+        "old_go": where(final, sorted(old)),
+        "new_from": came_from(final, sorted(new)),
     }
+
+
+def condition(run: dict) -> str:
+    """What a run's benchmark was, from its own config: backbone start and epochs."""
+    cfg = (run.get("provenance") or {}).get("config") or {}
+    start = (cfg.get("model") or {}).get("pretrained") or "random init"
+    start = start if start in ("corpus", "imagenet", "random init") else Path(start).name
+    train = cfg.get("train") or {}
+    return (f"{start}, step 0 {train.get('epochs')} ep, steps "
+            f"{train.get('epochs_incremental')} ep")
 
 
 def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def report(data: dict[str, dict[str, dict]], labels: dict[str, str] | None = None) -> str:
-    labels = labels or {}
+def report(data: dict[str, dict[str, dict]]) -> str:
     lines = ["| condition | method | step 0 all | old | new | all | new classes' IoU when learned "
              "-> at the end (16..20) |",
              "|---|---|---:|---:|---:|---:|---|"]
-    go = ["| condition | method | new px: self | bg | twin | other old | other new | old px: "
-          "self | bg | new |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for cond, runs in data.items():
+    go = ["| condition | method | new classes' pixels: right | bg | same texture | twin | "
+          "other | old classes' pixels: right | bg | same texture | twin | other | predicted "
+          "new: right | bg | same texture | twin | other |",
+          "|---|---|" + "---:|" * 15]
+    for runs in data.values():
         for m in sorted(runs, key=lambda k: METHOD_ORDER.index(k) if k in METHOD_ORDER else 99):
             s = summarise(runs[m])
             trail = " ".join(f"{fmt(v['learned'])}->{fmt(v['final'])}" for v in
                              s["per_new"].values())
-            lines.append(f"| {labels.get(cond, cond)} | {m} | {fmt(s['step0_old'])} | "
+            label = condition(runs[m])
+            lines.append(f"| {label} | {m} | {fmt(s['step0_old'])} | "
                          f"{fmt(s['old'])} | {fmt(s['new'])} | {fmt(s['all'])} | {trail} |")
-            n, o = s["new_go"], s["old_go"]
-            go.append(f"| {labels.get(cond, cond)} | {m} | {n['self']:.2f} | "
-                      f"{n['background']:.2f} | {n['twin']:.2f} | {n['old']:.2f} | "
-                      f"{n['new']:.2f} | {o['self']:.2f} | {o['background']:.2f} | "
-                      f"{o['new']:.2f} |")
+            cells = [f"{part[k]:.2f}" for part in (s["new_go"], s["old_go"], s["new_from"])
+                     for k in ("self", "background", "texture", "twin", "other")]
+            go.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(go) + "\n"
 
 

@@ -30,12 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 #: the files whose table blocks this script owns
-READMES = (ROOT / "README.md", ROOT / "experiments" / "README.md")
+READMES = (ROOT / "README.md", ROOT / "experiments" / "README.md",
+           ROOT / "experiments" / "diagnosis.md")
 
 TABLE3 = "table3_amd-epyc_2026-12-01"     # MiB (cpu/table2 runs) and the cpu/table3* sweeps
 NEWCLASS = "table3_amd-epyc_2026-12-04"   # teacher-label CE, linear decay, competition
 METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s runs kept)
 QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, empty cache
+DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
 
 BLOCK = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -254,7 +256,18 @@ def readme_quickstart() -> str:
             "printed:\n\n```\n" + "\n".join(rows) + "\n```\n")
 
 
+def diagnosis() -> str:
+    """The diagnosis tables (``experiments/diagnosis.py``) of the conditions' run files."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import diagnosis as diag
+    finally:
+        sys.path.pop(0)
+    return diag.report(diag.load(RESULTS / DIAGNOSIS))
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "diagnosis": diagnosis,
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
