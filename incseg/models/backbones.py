@@ -280,6 +280,19 @@ def _which_resnet(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+def is_corpus(pretrained) -> bool:
+    """``model.pretrained=corpus``: weights the protocol pretrains on the procedural corpus
+    (``incseg.protocol.pretrain``) and hands to the model as a file."""
+    return isinstance(pretrained, str) and pretrained.strip().lower() == "corpus"
+
+
+def check_pretrained_value(name: str, pretrained) -> None:
+    """A model's config check: the weights ``pretrained`` names exist or can be fetched
+    (``corpus`` is made by the protocol itself, which checks its own settings)."""
+    if not is_corpus(pretrained):
+        pretrained_file(name, pretrained)
+
+
 def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Path, str] | None:
     """The weights file that ``model.pretrained`` names for backbone `name`, and what it is.
 
@@ -291,6 +304,10 @@ def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Pa
     """
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
         return None
+    if is_corpus(pretrained):
+        raise ConfigError("model.pretrained=corpus names the backbone that `python -m "
+                          "incseg.run` pretrains on the shapes corpus and caches; to build the "
+                          "model by hand, pass that file (<cache>/pretrain/<backbone>-<key>.pt)")
     if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
         if name not in RESNETS:
             raise ConfigError(f"unknown backbone {name!r}; valid backbones: "

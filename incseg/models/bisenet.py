@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from incseg.errors import ConfigError
-from incseg.models.backbones import ResNetBackbone, pretrained_file
+from incseg.models.backbones import ResNetBackbone, check_pretrained_value
 from incseg.models.base import SegOutput
 from incseg.models.heads import IncrementalHead, check_classes_per_step
 
@@ -188,7 +188,7 @@ class BiSeNet(nn.Module):
         if not isinstance(arm_bias, bool):
             raise ConfigError(f"model.arm_bias={arm_bias!r} is not a boolean; use "
                               "model.arm_bias=true or false")
-        pretrained_file(backbone, pretrained)
+        check_pretrained_value(backbone, pretrained)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> dict:
         """B x 3 x H x W -> the named features (spatial, cx1, cx2, decoder at 1/8; encoder at

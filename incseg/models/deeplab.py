@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg.models.backbones import RESNETS, ResNetBackbone, pretrained_file
+from incseg.models.backbones import RESNETS, ResNetBackbone, check_pretrained_value
 from incseg.models.base import SegOutput
 from incseg.models.heads import IncrementalHead, check_classes_per_step
 
@@ -205,7 +205,7 @@ class DeepLabV3(nn.Module):
         in the hub cache and cannot be downloaded (ConfigError naming the torchvision file)."""
         _check_backbone(backbone)
         aspp_rates_for(output_stride, aspp_rates)
-        pretrained_file(backbone, pretrained)
+        check_pretrained_value(backbone, pretrained)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> dict:
         """B x 3 x H x W -> ``encoder`` (C4 x H/s), ``stages`` (1/4 .. 1/s), ``decoder``

@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,19 +28,15 @@ from tqdm import tqdm
 from incseg.data.corpus import CorpusParams, _render_range
 from incseg.errors import ConfigError
 from incseg.io import atomic_path, atomic_write_json, content_key, entry_lock
+from incseg.models.backbones import is_corpus
 
 log = logging.getLogger("incseg.protocol")
 
-CORPUS = "corpus"
 #: the recipe's keys and defaults (SGD + cosine with a linear warm-up, as classifiers train)
 RECIPE_DEFAULTS = {"epochs": 4, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
                    "weight_decay": 1.0e-4, "warmup_iters": 50, "holdout": 500, "seed": 0}
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the datasets' normalisation
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def is_corpus(pretrained: Any) -> bool:
-    return isinstance(pretrained, str) and pretrained.strip().lower() == CORPUS
 
 
 def corpus_spec(node: Mapping | None) -> tuple[CorpusParams, dict]:
