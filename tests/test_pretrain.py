@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -13,7 +14,6 @@ from incseg.config import compose
 from incseg.data.corpus import (
     CORPUS_SHAPES,
     CORPUS_TEXTURES,
-    HUE_BINS,
     CorpusParams,
     _render_range,
     label_name,
@@ -38,13 +38,14 @@ TINY = {"params": {"size": 32, "n_images": 16, "seed": 3},
 
 
 def test_holdout_scores_against_hand_values():
-    scores = torch.tensor([[2.0, -1.0], [1.0, 1.0], [-1.0, 0.5]])
-    target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    scores = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3, 0.4, 0.6],
+                           [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    target = torch.tensor([1, 1, 0])
     got = holdout_scores(scores, target)
-    # label 0 ranked: hit, miss, hit -> AP = (1/1 + 2/3) / 2; label 1: hit first -> AP = 1
-    assert got["mAP"] == pytest.approx(round(((1 + 2 / 3) / 2 + 1) / 2, 4))
-    # thresholding at 0 gives [[1,0],[1,1],[0,1]]: 3 of 6 labels right
-    assert got["label_accuracy"] == 0.5 and got["images"] == 3
+    # image 0: right at top 1; image 1: class 1 ranks 6th (0.1 lowest): outside the top 5;
+    # image 2: class 0 ties the four zeros below 1.0: in the top 5 (topk keeps the first index)
+    assert got["top1"] == pytest.approx(round(1 / 3, 4))
+    assert got["top5"] == pytest.approx(round(2 / 3, 4)) and got["images"] == 3
 
 
 def test_corpus_images_are_deterministic_and_labelled():
@@ -52,14 +53,15 @@ def test_corpus_images_are_deterministic_and_labelled():
     a, la = render_corpus_image(p, 4)
     b, lb = render_corpus_image(p, 4)
     assert a.shape == (48, 48, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, b) and np.array_equal(la, lb)
-    n_st = len(CORPUS_SHAPES) * len(CORPUS_TEXTURES)
-    assert la.shape == (n_st + HUE_BINS,) and p.num_labels == 72
-    # each object drawn names one shape-texture and one hue bin (two objects may share one)
-    assert 1 <= la[:n_st].sum() <= 3 and 1 <= la[n_st:].sum() <= 3
+    assert np.array_equal(a, b) and la == lb
+    assert p.num_labels == len(CORPUS_SHAPES) * len(CORPUS_TEXTURES) == 64
+    assert 0 <= la < 64
     assert not np.array_equal(a, render_corpus_image(p, 5)[0])
-    assert label_name(0) == "circle-solid" and label_name(n_st) == "hue-0"
+    assert label_name(0) == "circle-solid" and label_name(63) == "bar-checkered"
     assert render_corpus_image(CorpusParams(size=48, seed=1), 4)[0].tobytes() != a.tobytes()
+    # every class occurs: 64 labels over 2000 draws
+    labels = {render_corpus_image(CorpusParams(size=16), i)[1] for i in range(2000)}
+    assert labels == set(range(64))
 
 
 def test_corpus_rendering_does_not_depend_on_processes():
@@ -98,7 +100,7 @@ def test_corpus_backbone_is_trained_once_cached_and_loads(tmp_path):
     params, recipe = corpus_spec(TINY)
     assert str(corpus_entry(tmp_path, "resnet18", params, recipe)) == path
     manifest = corpus_manifest(path)
-    assert manifest["iterations"] == 2 and 0 <= manifest["holdout"]["mAP"] <= 1
+    assert manifest["iterations"] == 2 and 0 <= manifest["holdout"]["top1"] <= 1
     mtime = os.stat(path).st_mtime_ns
     again = resolved_model(_shapes_cfg(tmp_path), tmp_path, progress=False)
     assert again.pretrained == path and os.stat(path).st_mtime_ns == mtime  # a cache hit
@@ -138,14 +140,40 @@ def test_results_say_where_the_backbone_started_and_the_report_splits_tables():
     from incseg.report.discovery import pretrained_label
     from incseg.results import conventions
 
-    assert conventions(compose(["logger=none"]))["pretrained"] == "corpus"
-    assert "pretrained" not in conventions(compose(["logger=none", "dataset=shapes_scratch"]))
+    assert conventions(compose(["logger=none", "dataset.pretrained=corpus"]))["pretrained"] \
+        == "corpus"
+    assert "pretrained" not in conventions(compose(["logger=none"]))
     assert pretrained_label("corpus") == "corpus" and pretrained_label(None) is None
     assert pretrained_label("/x/y/r18.pth") == "r18.pth" and pretrained_label("null") is None
 
 
-def test_the_scratch_preset_is_the_benchmark_as_it_was():
-    cfg = compose(["logger=none", "dataset=shapes_scratch"])
-    assert cfg.model.pretrained is None and cfg.train.epochs == 7
-    assert cfg.train.epochs_incremental == 4 and cfg.dataset.name == "shapes"
-    assert compose(["logger=none"]).model.pretrained == "corpus"
+def test_building_a_model_by_hand_with_corpus_names_the_file():
+    from incseg.models import build_model
+
+    with pytest.raises(ConfigError, match=r"pass that file \(<cache>/pretrain/") as err:
+        build_model("bisenet_r18", [16], "corpus")
+    assert "\n" not in str(err.value)
+
+
+def test_the_config_check_passes_corpus_and_the_cli_pretrains_before_the_run(tmp_path):
+    """The models' config check accepts ``corpus``; the entry point makes the file before
+    the run folder (a tiny corpus on the smoke protocol, as a user's machine runs it)."""
+    import subprocess
+    import sys
+
+    from incseg.protocol.preflight import check_run
+
+    check_run(compose(["logger=none", "dataset.pretrained=corpus"]))
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [sys.executable, "-m", "incseg.run", "experiment=smoke", "dataset.pretrained=corpus",
+         "dataset.corpus.params.n_images=16", "dataset.corpus.params.size=32",
+         "dataset.corpus.train.epochs=1", "dataset.corpus.train.batch_size=8",
+         "dataset.corpus.train.holdout=8", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"paths.runs_dir={runs}", "logger=none"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "pretrain").glob("resnet18-*.pt"))) == 1
+    results = json.loads(next(runs.rglob("results.json")).read_text())
+    assert results["conventions"]["pretrained"] == "corpus"
+    assert results["provenance"]["config"]["model"]["pretrained"] == "corpus"

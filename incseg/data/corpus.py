@@ -172,8 +172,8 @@ def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([a for a, _ in pairs]), np.array([b for _, b in pairs], dtype=np.int64)
 
 
-def corpus_grid(out_png: str | os.PathLike, params: CorpusParams | None = None, n: int = 18,
-                cols: int = 6, zoom: int = 2) -> Path:
+def corpus_grid(out_png: str | os.PathLike, params: CorpusParams | None = None, n: int = 24,
+                cols: int = 8, zoom: int = 3) -> Path:
     """A PNG grid of the corpus' first ``n`` images (what ``docs/data.md`` shows)."""
     from incseg.data.shapes_draw import _save_small_png
 

@@ -33,7 +33,7 @@ from incseg.models.backbones import is_corpus
 log = logging.getLogger("incseg.protocol")
 
 #: the recipe's keys and defaults (SGD + cosine with a linear warm-up, as classifiers train)
-RECIPE_DEFAULTS = {"epochs": 3, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+RECIPE_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
                    "weight_decay": 1.0e-4, "warmup_iters": 50, "holdout": 1000, "seed": 0}
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the datasets' normalisation
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
