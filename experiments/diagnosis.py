@@ -33,6 +33,24 @@ def same_texture(a: int, b: int) -> bool:
     return a != b and a > 0 and b > 0 and a % 2 == b % 2
 
 
+def pretraining(folder: Path) -> str:
+    """What each condition's corpus backbone cost and how well it classifies held-out corpus
+    images (the ``pretrain_manifest.json`` a condition folder keeps beside its runs)."""
+    rows = []
+    for f in sorted(folder.glob("*/pretrain_manifest.json")):
+        m = json.loads(f.read_text())
+        ho = m.get("holdout") or {}
+        score = (f"top-1 {ho['top1']:.3f}, top-5 {ho['top5']:.3f}" if "top1" in ho
+                 else f"multi-label mAP {ho.get('mAP', float('nan')):.3f}")
+        c, t = m["corpus"], m["train"]
+        rows.append(f"| {c['size']} px, {c['n_images']} images, {t['epochs']} ep | "
+                    f"{m['iterations']} | {m['total_s']:.0f} | {score} |")
+    if not rows:
+        return ""
+    return ("| corpus backbone | SGD iterations | seconds (2 threads) | held-out accuracy |\n"
+            "|---|---:|---:|---|\n" + "\n".join(rows) + "\n")
+
+
 def load(folder: Path) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for f in sorted(folder.glob("*/*/results.json")):
@@ -118,6 +136,11 @@ def condition(run: dict) -> str:
     cfg = (run.get("provenance") or {}).get("config") or {}
     start = (cfg.get("model") or {}).get("pretrained") or "random init"
     start = start if start in ("corpus", "imagenet", "random init") else Path(start).name
+    if start == "corpus":
+        corpus = (cfg.get("dataset") or {}).get("corpus") or {}
+        params, recipe = corpus.get("params") or {}, corpus.get("train") or {}
+        start = (f"corpus ({params.get('size')} px, {params.get('n_images')} images, "
+                 f"{recipe.get('epochs')} ep)")
     train = cfg.get("train") or {}
     return (f"{start}, step 0 {train.get('epochs')} ep, steps "
             f"{train.get('epochs_incremental')} ep")

@@ -263,7 +263,8 @@ def diagnosis() -> str:
         import diagnosis as diag
     finally:
         sys.path.pop(0)
-    return diag.report(diag.load(RESULTS / DIAGNOSIS))
+    return (diag.report(diag.load(RESULTS / DIAGNOSIS)) + "\n"
+            + diag.pretraining(RESULTS / DIAGNOSIS))
 
 
 TABLES: dict[str, Callable[[], str]] = {
