@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from incseg.data.shapes_draw import SHAPE_FNS, SHAPES, _background, _grid, _lerp, _rgb
-from incseg.data.shapes_params import ShapesParams
+from incseg.data.shapes_params import ShapesParams, refuse_unknown
 from incseg.errors import ConfigError
 
 
@@ -91,11 +91,7 @@ class CorpusParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> CorpusParams:
         d = dict(d or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(k for k in d if k not in valid)
-        if unknown:
-            raise ConfigError(f"unknown corpus parameter(s) {', '.join(unknown)}; valid keys: "
-                              f"{', '.join(valid)}")
+        refuse_unknown(cls, d, "corpus")
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
         return cls(**d)

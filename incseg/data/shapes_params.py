@@ -24,6 +24,15 @@ from incseg.errors import ConfigError
 HUE_BANDS = (1, 2, 5, 10)
 
 
+def refuse_unknown(cls: type, d: Mapping[str, Any], what: str) -> None:
+    """One line naming the keys of ``d`` that are not fields of the dataclass ``cls``."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in d if k not in valid)
+    if unknown:
+        raise ConfigError(f"unknown {what} parameter(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(valid)}")
+
+
 @dataclass(frozen=True)
 class ShapesParams:
     """Generation parameters; every field is part of the cache key."""
@@ -99,13 +108,7 @@ class ShapesParams:
     def from_dict(cls, d: Mapping[str, Any] | None) -> ShapesParams:
         """Build from a mapping (e.g. a Hydra node); unknown keys or bad values -> ConfigError."""
         d = dict(d or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(k for k in d if k not in valid)
-        if unknown:
-            raise ConfigError(
-                f"unknown shapes parameter(s) {', '.join(map(str, unknown))}; "
-                f"valid keys: {', '.join(valid)}"
-            )
+        refuse_unknown(cls, d, "shapes")
         if "scale" in d and d["scale"] is not None and not isinstance(d["scale"], (str, bytes)):
             try:
                 d["scale"] = tuple(d["scale"])
