@@ -26,7 +26,14 @@ def _tables():
 tables = _tables()
 
 
-@pytest.mark.parametrize("readme", ["README.md", "experiments/README.md"])
+READMES = ["README.md", "experiments/README.md", "experiments/diagnosis.md"]
+
+
+def test_the_readmes_are_the_scripts():
+    assert [p.relative_to(ROOT).as_posix() for p in tables.READMES] == READMES
+
+
+@pytest.mark.parametrize("readme", READMES)
 def test_every_readme_table_equals_the_result_files(readme):
     text = (ROOT / readme).read_text()
     assert tables.BLOCK.search(text), f"{readme} has no generated table"
@@ -34,7 +41,7 @@ def test_every_readme_table_equals_the_result_files(readme):
 
 
 def test_every_table_is_used_once():
-    text = "".join((ROOT / p).read_text() for p in ("README.md", "experiments/README.md"))
+    text = "".join((ROOT / p).read_text() for p in READMES)
     names = [m.group(2) for m in tables.BLOCK.finditer(text)]
     assert sorted(names) == sorted(tables.TABLES)
 
