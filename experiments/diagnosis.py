@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from incseg.report.discovery import pretrained_label
+
 METHOD_ORDER = ("mib", "plop", "dkd", "joint")
 
 
@@ -134,8 +136,7 @@ def summarise(run: dict) -> dict:
 def condition(run: dict) -> str:
     """What a run's benchmark was, from its own config: backbone start and epochs."""
     cfg = (run.get("provenance") or {}).get("config") or {}
-    start = (cfg.get("model") or {}).get("pretrained") or "random init"
-    start = start if start in ("corpus", "imagenet", "random init") else Path(start).name
+    start = pretrained_label((cfg.get("model") or {}).get("pretrained")) or "random init"
     if start == "corpus":
         corpus = (cfg.get("dataset") or {}).get("corpus") or {}
         params, recipe = corpus.get("params") or {}, corpus.get("train") or {}

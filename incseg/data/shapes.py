@@ -45,7 +45,9 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +141,7 @@ def _write_range(args: tuple[dict, str, int, int, str]) -> list[list[int]]:
     return present
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     try:
         return max(1, min(2, len(os.sched_getaffinity(0))))
     except AttributeError:  # pragma: no cover - non-Linux
@@ -157,6 +159,20 @@ def _fork_context() -> multiprocessing.context.BaseContext | None:
     return multiprocessing.get_context("fork")
 
 
+def map_in_order(fn: Callable[[Any], Any], jobs: list, workers: int,
+                 size: Callable[[Any], int], bar: tqdm) -> list:
+    """``fn`` over ``jobs``, results in job order, in up to ``workers`` forked processes where
+    forking is safe (else in this process); ``bar`` advances by ``size(job)`` as each is done.
+    Every job draws from its own generator, so the results do not depend on the processes."""
+    ctx = _fork_context() if workers > 1 else None
+    out = []
+    with (ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if ctx else nullcontext()) as ex:
+        for job, res in zip(jobs, ex.map(fn, jobs) if ex else map(fn, jobs)):
+            out.append(res)
+            bar.update(size(job))
+    return out
+
+
 def generate(params: ShapesParams, out: str | os.PathLike, progress: bool = True,
              workers: int | None = None) -> dict[str, Any]:
     """Write the dataset under ``out/VOCdevkit/VOC2012`` (VOC layout).
@@ -167,30 +183,17 @@ def generate(params: ShapesParams, out: str | os.PathLike, progress: bool = True
     base = Path(out) / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    workers = _default_workers() if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
     total = sum(params.count(s) for s in SPLITS)
-    ctx = _fork_context() if workers > 1 and total >= 200 else None
-    if ctx is None:
-        workers = 1
     pd = params.to_dict()
     chunk = 100
     jobs = [(pd, s, a, min(a + chunk, params.count(s)), str(base))
             for s in SPLITS for a in range(0, params.count(s), chunk)]
-    results: list[list[list[int]]] = []
     bar = tqdm(total=total, desc="shapes", unit="img", disable=not progress, file=sys.stderr,
                leave=False)
-    try:
-        if workers == 1:
-            for job in jobs:
-                results.append(_write_range(job))
-                bar.update(job[3] - job[2])
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-                for job, res in zip(jobs, ex.map(_write_range, jobs)):
-                    results.append(res)
-                    bar.update(job[3] - job[2])
-    finally:
-        bar.close()
+    with bar:
+        results = map_in_order(_write_range, jobs, workers if total >= 200 else 1,
+                               lambda job: job[3] - job[2], bar)
     per_split: dict[str, list[int]] = {s: [0] * NUM_CLASSES for s in SPLITS}
     for job, res in zip(jobs, results):
         for present in res:

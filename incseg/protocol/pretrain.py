@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from incseg.data.corpus import CorpusParams, _render_range
+from incseg.data.shapes import default_workers, map_in_order
 from incseg.errors import ConfigError
 from incseg.io import atomic_path, atomic_write_json, content_key, entry_lock
-from incseg.models.backbones import is_corpus
+from incseg.models.backbones import RESNETS, ResNetBackbone, is_corpus
 
 log = logging.getLogger("incseg.protocol")
 
@@ -67,26 +67,12 @@ def render_corpus(params: CorpusParams, start: int, stop: int,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images [start, stop) of the corpus (uint8 N x H x W x 3, int64 N labels), in up to
     two forked processes when that is safe; the bytes do not depend on the process count."""
-    from incseg.data.shapes import _default_workers, _fork_context
-
     chunk = 250
     jobs = [(params.to_dict(), a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
-    ctx = _fork_context() if _default_workers() > 1 and len(jobs) > 1 else None
-    bar = tqdm(total=stop - start, desc="pretraining corpus", unit="img", leave=False,
-               disable=not progress, file=sys.stderr)
-    out = []
-    try:
-        if ctx is None:
-            for job in jobs:
-                out.append(_render_range(job))
-                bar.update(job[2] - job[1])
-        else:
-            with ProcessPoolExecutor(max_workers=_default_workers(), mp_context=ctx) as ex:
-                for job, res in zip(jobs, ex.map(_render_range, jobs)):
-                    out.append(res)
-                    bar.update(job[2] - job[1])
-    finally:
-        bar.close()
+    with tqdm(total=stop - start, desc="pretraining corpus", unit="img", leave=False,
+              disable=not progress, file=sys.stderr) as bar:
+        out = map_in_order(_render_range, jobs, default_workers() if len(jobs) > 1 else 1,
+                           lambda job: job[2] - job[1], bar)
     return np.concatenate([a for a, _ in out]), np.concatenate([b for _, b in out])
 
 
@@ -95,8 +81,6 @@ class CorpusClassifier(nn.Module):
 
     def __init__(self, backbone: str, num_labels: int):
         super().__init__()
-        from incseg.models.backbones import ResNetBackbone
-
         self.backbone = ResNetBackbone(backbone)
         self.fc = nn.Linear(self.backbone.out_channels[1], num_labels)
 
@@ -122,8 +106,8 @@ def train_corpus_backbone(backbone: str, params: CorpusParams, recipe: dict,
     with torch.random.fork_rng():
         torch.manual_seed(int(recipe["seed"]))
         model = CorpusClassifier(backbone, params.num_labels)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": float(recipe["weight_decay"])},
                            {"params": rest, "weight_decay": 0.0}], lr=float(recipe["lr"]),
                           momentum=float(recipe["momentum"]), nesterov=True)
@@ -189,8 +173,6 @@ def holdout_scores(scores: torch.Tensor, target: torch.Tensor) -> dict:
 
 def corpus_backbone(cfg: DictConfig, cache: Path, progress: bool = True) -> Path:
     """The cached corpus-pretrained weights of ``cfg.model.backbone``, trained now if missing."""
-    from incseg.models.backbones import RESNETS
-
     backbone = str(cfg.model.get("backbone"))
     if backbone not in RESNETS:
         raise ConfigError(f"model.pretrained=corpus pretrains a ResNet backbone, and "
@@ -242,5 +224,5 @@ def resolved_model(cfg: DictConfig, cache: Path, progress: bool = True) -> DictC
     point's check that the weights load)."""
     node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     if is_corpus(node.get("pretrained")):
-        node.pretrained = model_weights(cfg, cache, progress)
+        node.pretrained = str(corpus_backbone(cfg, cache, progress))
     return node
