@@ -93,6 +93,23 @@ SHAPE_FNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "arrow": _arrow,
 }
 
+# Shapes beyond the benchmark's ten, for the pretraining corpus (its labels follow this
+# order). They live here, below the corpus, so that the benchmark can draw them too.
+EXTRA_SHAPE_FNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "ellipse": lambda u, v: (u / 1.0) ** 2 + (v / 0.5) ** 2 <= 0.95 ** 2,
+    "pentagon": lambda u, v: _regular_polygon(u, v, 5, 1.0),
+    "octagon": lambda u, v: _regular_polygon(u, v, 8, 0.95),
+    "semicircle": lambda u, v: (u * u + v * v <= 0.95 ** 2) & (v >= -0.2),
+    "tee": lambda u, v: ((np.abs(u) <= 0.95) & (v >= 0.4) & (v <= 0.95))
+    | ((np.abs(u) <= 0.28) & (v >= -0.95) & (v < 0.4)),
+    "bar": lambda u, v: (np.abs(u) <= 0.95) & (np.abs(v) <= 0.35),
+}
+
+
+def shape_fn(name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The inside test of shape ``name`` (one of the benchmark's or the extra shapes)."""
+    return SHAPE_FNS.get(name) or EXTRA_SHAPE_FNS[name]
+
 
 # --------------------------------------------------------------------------------------------
 # Rendering
