@@ -262,3 +262,40 @@ def test_in_the_shapes_design_the_hue_band_follows_the_shape():
             assert np.median(d) < 0.025 + 0.02, (i, c, float(np.median(d)))
             checked += 1
     assert checked >= 30
+
+
+def _diagnosis():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "diagnosis.py"
+    spec = importlib.util.spec_from_file_location("diagnosis_for_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_diagnosis_has_no_twins_in_the_shapes_design():
+    diag = _diagnosis()
+    # ground truth 16 (rows) predicted as: itself 5, 15 (its twin in the twins design) 3,
+    # 18 (the same texture there) 2
+    step0 = {"step": 0, "classes": [0, 15], "miou_all": 0.5, "iou": {}}
+    final = {"step": 1, "classes": [16, 18], "miou_old": 0.4, "miou_new": 0.3,
+             "miou_all": 0.35, "iou": {"16": 0.3, "18": 0.2},
+             "confusion": {"classes": [0, 15, 16, 18],
+                           "counts": [[9, 0, 0, 0], [0, 4, 0, 0], [0, 3, 5, 2], [0, 0, 0, 1]]}}
+
+    def run(classes):
+        generator = {} if classes is None else {"classes": classes}
+        return {"steps": [step0, final],
+                "provenance": {"config": {"dataset": {"generator": generator}}}}
+
+    twins, shapes_run = run(None), run("shapes")
+    assert diag.design(twins) == "twins" and diag.design(shapes_run) == "shapes"
+    got = diag.summarise(twins)["new_go"]
+    assert got["twin"] == pytest.approx(3 / 11) and got["texture"] == pytest.approx(2 / 11)
+    got = diag.summarise(shapes_run)["new_go"]
+    assert got["twin"] == got["texture"] == 0 and got["other"] == pytest.approx(5 / 11)
+    text = diag.report({"c": {"mib": shapes_run}})
+    assert "shapes classes" in text and "| - |" in text
+    assert "shapes classes" not in diag.report({"c": {"mib": twins}})
