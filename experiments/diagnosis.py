@@ -9,6 +9,8 @@ per-step IoUs and the test confusion matrices the runs record, the evidence behi
 - each new class's IoU at the step that taught it and at the last step (learned, then kept?);
 - where a new class's pixels go at the last step: itself, background, its texture twin (the
   same shape with the other texture, ``shapes``' nearest class) or another class;
+  with ``dataset.generator.classes=shapes`` (a class is a shape, texture is per object) there
+  are no twins and no texture classes: those columns read ``-`` and such pixels count as other;
 - where the old classes' pixels go: kept, background, taken over by a new class.
 """
 
@@ -33,6 +35,12 @@ def same_texture(a: int, b: int) -> bool:
     """Two foreground classes of different shapes with the same texture (both striped or both
     solid): what a model that tells textures apart but not shapes confuses."""
     return a != b and a > 0 and b > 0 and a % 2 == b % 2
+
+
+def design(run: dict) -> str:
+    """The run's ``shapes`` class design (absent from the recorded config: ``twins``)."""
+    cfg = (run.get("provenance") or {}).get("config") or {}
+    return ((cfg.get("dataset") or {}).get("generator") or {}).get("classes") or "twins"
 
 
 def pretraining(folder: Path) -> str:
@@ -65,10 +73,10 @@ def _confusion(step: dict) -> tuple[list[int], list[list[int]]]:
     return conf["classes"], conf["counts"]
 
 
-def where(step: dict, cls: list[int]) -> dict[str, float]:
+def where(step: dict, cls: list[int], twins: bool = True) -> dict[str, float]:
     """Fractions of the ground-truth pixels of ``cls`` predicted as: the class itself,
     background, a class of another shape with the same texture, the same shape with the other
-    texture (the twin), anything else."""
+    texture (the twin), anything else (the last three: other, when not ``twins``)."""
     classes, counts = _confusion(step)
     idx = {c: i for i, c in enumerate(classes)}
     tot = {"self": 0, "background": 0, "texture": 0, "twin": 0, "other": 0}
@@ -76,22 +84,24 @@ def where(step: dict, cls: list[int]) -> dict[str, float]:
         if c not in idx:
             continue
         for p, k in zip(classes, counts[idx[c]]):
-            tot[_kind(c, p)] += k
+            tot[_kind(c, p, twins)] += k
     n = sum(tot.values())
     return {k: v / n if n else float("nan") for k, v in tot.items()}
 
 
-def _kind(truth: int, pred: int) -> str:
+def _kind(truth: int, pred: int, twins: bool = True) -> str:
     if truth == pred:
         return "self"
     if pred == 0 or truth == 0:
         return "background"
+    if not twins:
+        return "other"
     if same_texture(truth, pred):
         return "texture"
     return "twin" if pred == twin(truth) else "other"
 
 
-def came_from(step: dict, cls: list[int]) -> dict[str, float]:
+def came_from(step: dict, cls: list[int], twins: bool = True) -> dict[str, float]:
     """Fractions of the pixels predicted as one of ``cls`` whose ground truth is: that class,
     background, a same-texture class, the twin, another class (void is not counted)."""
     classes, counts = _confusion(step)
@@ -99,7 +109,7 @@ def came_from(step: dict, cls: list[int]) -> dict[str, float]:
     for g, row in zip(classes, counts):
         for p, k in zip(classes, row):
             if p in cls:
-                tot[_kind(g, p)] += k
+                tot[_kind(g, p, twins)] += k
     n = sum(tot.values())
     return {k: v / n if n else float("nan") for k, v in tot.items()}
 
@@ -119,6 +129,7 @@ def summarise(run: dict) -> dict:
     if not new:  # Joint: one step; its "new" classes are the incremental tasks' ones
         new = {c for c in range(16, 21)}
         old = {c for c in range(1, 16)}
+    twins = design(run) == "twins"
     per_new = {}
     for c in sorted(new):
         learned = next((s for s in steps if s["step"] == new_by_step.get(c)), final)
@@ -127,9 +138,10 @@ def summarise(run: dict) -> dict:
         "old": final["miou_old"], "new": final["miou_new"], "all": final["miou_all"],
         "step0_old": steps[0]["miou_all"],
         "per_new": per_new,
-        "new_go": where(final, sorted(new)),
-        "old_go": where(final, sorted(old)),
-        "new_from": came_from(final, sorted(new)),
+        "new_go": where(final, sorted(new), twins),
+        "old_go": where(final, sorted(old), twins),
+        "new_from": came_from(final, sorted(new), twins),
+        "twins": twins,
     }
 
 
@@ -143,8 +155,9 @@ def condition(run: dict) -> str:
         start = (f"corpus ({params.get('size')} px, {params.get('n_images')} images, "
                  f"{recipe.get('epochs')} ep)")
     train = cfg.get("train") or {}
+    classes = "" if design(run) == "twins" else f", {design(run)} classes"
     return (f"{start}, step 0 {train.get('epochs')} ep, steps "
-            f"{train.get('epochs_incremental')} ep")
+            f"{train.get('epochs_incremental')} ep{classes}")
 
 
 def fmt(x) -> str:
@@ -167,7 +180,8 @@ def report(data: dict[str, dict[str, dict]]) -> str:
             label = condition(runs[m])
             lines.append(f"| {label} | {m} | {fmt(s['step0_old'])} | "
                          f"{fmt(s['old'])} | {fmt(s['new'])} | {fmt(s['all'])} | {trail} |")
-            cells = [f"{part[k]:.2f}" for part in (s["new_go"], s["old_go"], s["new_from"])
+            cells = [f"{part[k]:.2f}" if s["twins"] or k not in ("texture", "twin") else "-"
+                     for part in (s["new_go"], s["old_go"], s["new_from"])
                      for k in ("self", "background", "texture", "twin", "other")]
             go.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(go) + "\n"

@@ -5,6 +5,12 @@ told apart by **shape and texture**: ten shapes, each ``solid`` or ``striped``::
 
     id = 2 * shape + 1 + striped   (1 circle-solid, 2 circle-striped, ..., 20 arrow-striped)
 
+That is the default class design, ``classes=twins``. With ``classes=shapes`` a class is one of
+20 shapes (``id = shape + 1``), each object's texture is drawn at random and shape s has hue
+band s mod ``hue_bands``, so that only the shape names the class, as an object's shape and
+parts do in VOC (``incseg.data.shapes_draw``). Backgrounds, objects and void are drawn alike
+in both designs.
+
 Colour is only a partial cue: every class has a typical hue band, but each band is shared by
 classes of different shapes (``hue_bands=10``: one solid and one striped shape a band; ``5``:
 two of each), and ``hue_cue`` widens the bands until they overlap (0 = any colour). Backgrounds
@@ -58,26 +64,30 @@ from tqdm import tqdm
 from incseg.data.prepare import voc_colormap
 from incseg.data.shapes_draw import (
     CLASS_NAMES,
+    DESIGN_SHAPES,
+    EXTRA_SHAPE_FNS,
     NUM_CLASSES,
     SHAPE_FNS,
     SHAPES,
     TEXTURES,
     VOID,
     class_hue_group,
+    class_names,
     class_shape,
     class_sheet,
     class_striped,
     render,
     sample_grid,
 )
-from incseg.data.shapes_params import HUE_BANDS, ShapesParams
+from incseg.data.shapes_params import CLASS_DESIGNS, HUE_BANDS, ShapesParams
 from incseg.io import atomic_dir, atomic_write_json, content_key, entry_lock
 
 __all__ = [
-    "CLASS_NAMES", "HUE_BANDS", "MANIFEST", "NUM_CLASSES", "SHAPE_FNS", "SHAPES", "SPLITS",
-    "TEXTURES", "VOID", "ShapesParams", "class_hue_group", "class_shape", "class_sheet",
-    "class_striped", "ensure_shapes", "generate", "render", "render_sample", "sample_grid",
-    "sample_id", "sample_rng", "shapes_key", "voc_colormap", "write_docs",
+    "CLASS_DESIGNS", "CLASS_NAMES", "DESIGN_SHAPES", "EXTRA_SHAPE_FNS", "HUE_BANDS", "MANIFEST",
+    "NUM_CLASSES", "SHAPE_FNS", "SHAPES", "SPLITS", "TEXTURES", "VOID", "ShapesParams",
+    "class_hue_group", "class_names", "class_shape", "class_sheet", "class_striped",
+    "ensure_shapes", "generate", "render", "render_sample", "sample_grid", "sample_id",
+    "sample_rng", "shapes_key", "voc_colormap", "write_docs",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,7 +223,7 @@ def generate(params: ShapesParams, out: str | os.PathLike, progress: bool = True
 
 
 def shapes_key(params: ShapesParams) -> str:
-    return content_key("shapes", dataclasses.asdict(params))
+    return content_key("shapes", params.key_dict())
 
 
 def _check_entry(entry: Path, params: ShapesParams) -> str | None:
@@ -269,7 +279,7 @@ def ensure_shapes(params: ShapesParams, cache: str | os.PathLike, progress: bool
         with atomic_dir(entry) as tmp:
             summary = generate(params, tmp, progress=progress)
             manifest = {"kind": "shapes", "key": entry.name, "params": params.to_dict(),
-                        "classes": list(CLASS_NAMES), **summary}
+                        "classes": list(class_names(params)), **summary}
             atomic_write_json(tmp / MANIFEST, manifest)
     return entry
 
@@ -279,7 +289,8 @@ def ensure_shapes(params: ShapesParams, cache: str | os.PathLike, progress: bool
 
 
 def write_docs(docs: str | os.PathLike = "docs", params: ShapesParams | None = None) -> None:
-    """Regenerate ``docs/shapes_grid.png``, ``docs/shapes_classes.png`` (default params) and
+    """Regenerate ``docs/shapes_grid.png``, ``docs/shapes_classes.png`` (default params),
+    ``docs/shapes_classes_shapes.png`` (the same with ``classes=shapes``) and
     ``docs/corpus_grid.png`` (the pretraining corpus)."""
     from incseg.data.corpus import corpus_grid
 
@@ -289,6 +300,8 @@ def write_docs(docs: str | os.PathLike = "docs", params: ShapesParams | None = N
         generate(small, tmp, progress=False, workers=1)  # same images as the full set's first 24
         sample_grid(tmp, Path(docs) / "shapes_grid.png")
     class_sheet(params, Path(docs) / "shapes_classes.png")
+    class_sheet(dataclasses.replace(params, classes="shapes"),
+                Path(docs) / "shapes_classes_shapes.png")
     corpus_grid(Path(docs) / "corpus_grid.png")
 
 

@@ -1,7 +1,10 @@
 """Drawing the ``shapes`` benchmark: its classes, their geometry and one image's rendering.
 
-A class is a shape and a texture, ``id = 2 * shape + 1 + striped`` (1 circle-solid,
-2 circle-striped, ..., 20 arrow-striped); 0 is background and 255 void, as in PASCAL VOC.
+Two class designs (``ShapesParams.classes``); 0 is background and 255 void in both, as in
+PASCAL VOC. ``twins`` (the default): a class is a shape and a texture,
+``id = 2 * shape + 1 + striped`` (1 circle-solid, 2 circle-striped, ..., 20 arrow-striped).
+``shapes``: a class is a shape, ``id = shape + 1`` over :data:`DESIGN_SHAPES` ``["shapes"]``;
+each object's texture is drawn at random.
 Shapes are inside tests in the object's own frame, so that scale, rotation and aspect come
 from one coordinate transform. Everything here is a pure function of the parameters and the
 generator it is handed: which generator an image gets is ``incseg.data.shapes``' business
@@ -32,19 +35,46 @@ SHAPES = ("circle", "square", "triangle", "star", "cross",
 TEXTURES = ("solid", "striped")
 NUM_CLASSES = 21  # background + 20
 VOID = 255
-CLASS_NAMES = ("background",) + tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
+CLASS_NAMES = ("background",) + tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)  # twins
+
+# The ``shapes`` design's 20 shapes: the ten above, then ten others in an order chosen so that
+# the two shapes sharing a hue band at 10 bands (s and s + 10) never look alike (circle-tee,
+# square-heart, ..., hexagon-chevron, crescent-pentagon): colour never hints at a look-alike.
+# Octagon (a corpus shape) is left out: at 20-38 px it is a circle with a few flat pixels.
+DESIGN_SHAPES = {
+    "twins": SHAPES,
+    "shapes": SHAPES + ("tee", "heart", "ellipse", "frame", "semicircle",
+                        "bar", "chevron", "ell", "pentagon", "bowtie"),
+}
 
 
-def class_shape(cid: int) -> int:
-    return (cid - 1) // 2
+def _design(p: ShapesParams | str | None) -> str:
+    """The class design of a params object (or the design's name; None: the default)."""
+    return getattr(p, "classes", p) or "twins"
+
+
+def class_names(p: ShapesParams | str | None = None) -> tuple[str, ...]:
+    """The names of class ids 0..20 under ``p``'s class design (``p``: params or the design's
+    name; None: ``twins``, whose names are :data:`CLASS_NAMES`)."""
+    if _design(p) == "twins":
+        return CLASS_NAMES
+    return ("background",) + DESIGN_SHAPES[_design(p)]
+
+
+def class_shape(cid: int, design: str = "twins") -> int:
+    """The index of class ``cid``'s shape in ``DESIGN_SHAPES[design]``."""
+    return cid - 1 if design == "shapes" else (cid - 1) // 2
 
 
 def class_striped(cid: int) -> bool:
+    """Whether a ``twins`` class is striped (in the ``shapes`` design texture is per object)."""
     return (cid - 1) % 2 == 1
 
 
-def class_hue_group(cid: int, bands: int = 5) -> int:
+def class_hue_group(cid: int, bands: int = 5, design: str = "twins") -> int:
     """The hue band of class ``cid`` among ``bands`` (one of ``shapes_params.HUE_BANDS``)."""
+    if design == "shapes":
+        return class_shape(cid, design) % bands
     return (class_shape(cid) + 2 * int(class_striped(cid))) % bands
 
 
@@ -92,6 +122,43 @@ SHAPE_FNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "crescent": lambda u, v: (u * u + v * v <= 0.95 ** 2) & ((u - 0.45) ** 2 + v * v >= 0.75 ** 2),
     "arrow": _arrow,
 }
+
+
+def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # (x^2 + y^2 - 1)^3 <= x^2 y^3 (lobes up, tip down), scaled and centred on the unit disk
+    x, y = u / 0.78, -v / 0.78 + 0.12
+    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+
+
+def _chevron(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # A ">" with a ~70 degree opening: a right-angled one would be an ell with mitred ends
+    w = u + 0.25 + 1.4 * np.abs(v)
+    return (w >= 0.3) & (w <= 0.95) & (np.abs(v) <= 0.7)
+
+
+# Shapes beyond the benchmark's ten. The first six are the pretraining corpus' (its labels
+# follow their order there); the ``shapes`` class design draws all of them but octagon.
+EXTRA_SHAPE_FNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "ellipse": lambda u, v: (u / 1.0) ** 2 + (v / 0.5) ** 2 <= 0.95 ** 2,
+    "pentagon": lambda u, v: _regular_polygon(u, v, 5, 1.0),
+    "octagon": lambda u, v: _regular_polygon(u, v, 8, 0.95),
+    "semicircle": lambda u, v: (u * u + v * v <= 0.95 ** 2) & (v >= -0.2),
+    "tee": lambda u, v: ((np.abs(u) <= 0.95) & (v >= 0.4) & (v <= 0.95))
+    | ((np.abs(u) <= 0.28) & (v >= -0.95) & (v < 0.4)),
+    "bar": lambda u, v: (np.abs(u) <= 0.95) & (np.abs(v) <= 0.35),
+    "heart": _heart,
+    "ell": lambda u, v: ((u >= -0.85) & (u <= -0.25) & (np.abs(v) <= 0.85))
+    | ((v >= 0.25) & (v <= 0.85) & (np.abs(u) <= 0.85)),
+    "bowtie": lambda u, v: (np.abs(u) <= 0.9) & (np.abs(v) <= 0.12 + 0.85 * np.abs(u)),
+    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85)
+    & (np.maximum(np.abs(u), np.abs(v)) >= 0.45),
+    "chevron": _chevron,
+}
+
+
+def shape_fn(name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The inside test of shape ``name`` (one of the benchmark's or the extra shapes)."""
+    return SHAPE_FNS.get(name) or EXTRA_SHAPE_FNS[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +239,7 @@ def _background(p: ShapesParams, rng: np.random.Generator) -> np.ndarray:
 
 
 def _object(p: ShapesParams, rng: np.random.Generator, cid: int, centred: bool = False):
-    """One object of class ``cid``: (inside mask, RGB texture over the whole grid)."""
+    """One object of class ``cid``: (inside mask, RGB texture over the whole grid, striped)."""
     n = p.size
     yy, xx = _grid(n)
     r = rng.uniform(*p.scale) * n / 2
@@ -187,17 +254,20 @@ def _object(p: ShapesParams, rng: np.random.Generator, cid: int, centred: bool =
     ct, st = math.cos(theta), math.sin(theta)
     u = (dx * ct + dy * st) / (r * aspect)
     v = (-dx * st + dy * ct) / (r / aspect)
-    inside = SHAPE_FNS[SHAPES[class_shape(cid)]](u, v)
+    inside = shape_fn(DESIGN_SHAPES[p.classes][class_shape(cid, p.classes)])(u, v)
 
     # Band half-width: the whole hue circle at hue_cue 0, a quarter of the band spacing at 1.
     half = _lerp(0.5, 0.25 / p.hue_bands, p.hue_cue)
-    hue = class_hue_group(cid, p.hue_bands) / p.hue_bands + rng.uniform(-half, half)
+    hue = class_hue_group(cid, p.hue_bands, p.classes) / p.hue_bands + rng.uniform(-half, half)
     col = _rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
     # Mild shading so that solid objects are not perfectly flat.
     sa = rng.uniform(0, 2 * math.pi)
     shade = 1.0 + 0.12 * (u * math.cos(sa) + v * math.sin(sa))
     tex = shade[..., None] * col
-    if class_striped(cid):
+    # twins: the class says the texture; shapes: a coin flip, a nuisance within the class (the
+    # draw comes after every twins draw, so the twins images keep their bytes)
+    striped = class_striped(cid) if p.classes == "twins" else bool(rng.random() < 0.5)
+    if striped:
         lum = float(col @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
         target = np.zeros(3, np.float32) if lum > 0.45 else np.ones(3, np.float32)
         col2 = col + p.stripe_contrast * (target - col)
@@ -206,7 +276,7 @@ def _object(p: ShapesParams, rng: np.random.Generator, cid: int, centred: bool =
         coord = (u * r * aspect * math.cos(sa2) + v * r / aspect * math.sin(sa2)) / period
         stripe = np.mod(coord + rng.random(), 1.0) < 0.5
         tex = np.where(stripe[..., None], shade[..., None] * col2, tex)
-    return inside, tex
+    return inside, tex, striped
 
 
 def _void_band(owner: np.ndarray, width: int) -> np.ndarray:
@@ -247,7 +317,7 @@ def render(p: ShapesParams, rng: np.random.Generator, classes: list[int] | None 
     for i, cid in enumerate(classes, 1):
         # Re-place an object that would hide more than 60% of an earlier one (a few tries).
         for _ in range(8):
-            inside, tex = _object(p, rng, cid, centred)
+            inside, tex, _ = _object(p, rng, cid, centred)
             if not inside.any():
                 continue
             ok = all(
@@ -313,7 +383,8 @@ def sample_grid(root: str | os.PathLike, out_png: str | os.PathLike, n: int = 24
 
 def class_sheet(params: ShapesParams, out_png: str | os.PathLike, per_class: int = 3,
                 cols: int = 4, zoom: int = 2) -> Path:
-    """One cell per class id 1..20: ``per_class`` single-object examples and the class name."""
+    """One cell per class id 1..20: ``per_class`` single-object examples and the class name
+    (of ``params``' class design)."""
     p = dataclasses.replace(params, scale=(0.55, 0.7))
     n = p.size * zoom
     label_h = 14
@@ -321,6 +392,7 @@ def class_sheet(params: ShapesParams, out_png: str | os.PathLike, per_class: int
     rows = math.ceil(20 / cols)
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
+    names = class_names(p)
     for cid in range(1, NUM_CLASSES):
         x0, y0 = ((cid - 1) % cols) * cell_w + 3, ((cid - 1) // cols) * cell_h + 3
         for k in range(per_class):
@@ -328,7 +400,7 @@ def class_sheet(params: ShapesParams, out_png: str | os.PathLike, per_class: int
             image, _, _ = render(p, rng, [cid], centred=True)
             tile = Image.fromarray(image).resize((n, n), Image.Resampling.NEAREST)
             sheet.paste(tile, (x0 + k * (n + 2), y0))
-        draw.text((x0, y0 + n + 1), f"{cid}: {CLASS_NAMES[cid]}", fill=(0, 0, 0))
+        draw.text((x0, y0 + n + 1), f"{cid}: {names[cid]}", fill=(0, 0, 0))
     _save_small_png(sheet, out_png)
     return Path(out_png)
 

@@ -17,11 +17,18 @@ import numpy as np
 
 from incseg.errors import ConfigError
 
-# Class-typical hue bands: ``hue_bands`` evenly spaced hues; class (shape s, striped t) has
-# band (s + 2t) mod hue_bands. With 5 bands each is shared by four classes (the solid shapes
-# s, s+5 and the striped shapes s-2, s+3): colour + texture leave two shapes to tell apart.
-# With 10 bands each holds one solid and one striped shape: colour + texture name the class.
+# Class-typical hue bands: ``hue_bands`` evenly spaced hues; in the default class design
+# (``twins``) class (shape s, striped t) has band (s + 2t) mod hue_bands. With 5 bands each is
+# shared by four classes (the solid shapes s, s+5 and the striped shapes s-2, s+3): colour +
+# texture leave two shapes to tell apart. With 10 bands each holds one solid and one striped
+# shape: colour + texture name the class.
 HUE_BANDS = (1, 2, 5, 10)
+
+# What names a class. ``twins``: a shape and a texture (the bands above). ``shapes``: the
+# shape alone, 20 shapes; each object's texture is drawn at random and shape s has band
+# s mod hue_bands, so neither colour nor texture names a class, as in VOC, where an object's
+# shape and parts do (``incseg.data.shapes_draw``).
+CLASS_DESIGNS = ("twins", "shapes")
 
 
 def refuse_unknown(cls: type, d: Mapping[str, Any], what: str) -> None:
@@ -35,7 +42,8 @@ def refuse_unknown(cls: type, d: Mapping[str, Any], what: str) -> None:
 
 @dataclass(frozen=True)
 class ShapesParams:
-    """Generation parameters; every field is part of the cache key."""
+    """Generation parameters; every field is part of the cache key (``classes`` only when it
+    is not the default ``twins``: :meth:`key_dict`)."""
 
     size: int = 64
     n_train: int = 3000
@@ -51,6 +59,7 @@ class ShapesParams:
     void_width: int = 1
     jpeg_quality: int = 95
     seed: int = 0
+    classes: str = "twins"
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, want: str) -> ConfigError:
@@ -103,6 +112,8 @@ class ShapesParams:
         as_int("void_width", 0, 16)
         as_int("jpeg_quality", 1, 100)
         as_int("seed", 0, 2**63 - 1)
+        if not isinstance(self.classes, str) or self.classes not in CLASS_DESIGNS:
+            raise bad("classes", self.classes, f"must be one of {CLASS_DESIGNS}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ShapesParams:
@@ -119,7 +130,15 @@ class ShapesParams:
     def count(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 
-    def to_dict(self) -> dict[str, Any]:
+    def key_dict(self) -> dict[str, Any]:
+        """The fields as a dict, without ``classes`` when it is ``twins``: the default design
+        keeps the cache key and manifest it had before the choice existed."""
         d = dataclasses.asdict(self)
+        if d["classes"] == "twins":
+            del d["classes"]
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.key_dict()
         d["scale"] = list(d["scale"])
         return d
