@@ -31,13 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 #: the files whose table blocks this script owns
 READMES = (ROOT / "README.md", ROOT / "experiments" / "README.md",
-           ROOT / "experiments" / "diagnosis.md")
+           ROOT / "experiments" / "diagnosis.md", ROOT / "docs" / "inversion_speed.md")
 
 TABLE3 = "table3_amd-epyc_2026-12-01"     # MiB (cpu/table2 runs) and the cpu/table3* sweeps
 NEWCLASS = "table3_amd-epyc_2026-12-04"   # teacher-label CE, linear decay, competition
 METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s runs kept)
 QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, empty cache
 DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
+ADAPTIVE = "adaptive_amd-epyc_2026-12-06"      # cpu/adaptive*: fixed vs adaptive inversion budget
+ADAPTIVE_BENCH = "adaptive_amd-epyc_2thread_quick.json"  # bench/run.py --quick --only adaptive
 
 BLOCK = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -228,6 +230,36 @@ def bench_models() -> str:
                      "x BiSeNet-R18 (wall / CPU)"], ["---", "---:", "---:", "---:", "---:"], body)
 
 
+def bench_adaptive() -> str:
+    """Each preset's replay set made with the fixed and with the adaptive inversion budget."""
+    presets = _bench(ADAPTIVE_BENCH)["results"]["adaptive"]["presets"]
+
+    def its(row: dict) -> str:
+        i = row["iterations"]
+        return f"{i['median']:g} ({i['min']}-{i['max']})"
+
+    body = [[f"`{name}`", str(p["fixed"]["images"]),
+             f"{sum(p['max_iterations'])}", f"{p['fixed']['seconds']:.1f}",
+             f"{p['adaptive']['seconds']:.1f}", f"{p['seconds_ratio']:.2f}", its(p["adaptive"]),
+             f"{p['adaptive']['batch_size']}",
+             f"{p['fixed']['verifier_accuracy']:.2f} / {p['adaptive']['verifier_accuracy']:.2f}"]
+            for name, p in presets.items()]
+    return markdown(["preset", "images", "iterations (fixed)", "fixed (s)", "adaptive (s)",
+                     "fixed / adaptive", "adaptive iterations: median (min-max)",
+                     "adaptive batch", "verifier accuracy fixed / adaptive"],
+                    ["---"] + ["---:"] * 8, body)
+
+
+def adaptive_downstream() -> str:
+    """MiB + DeepInversion (KL) with each budget (``experiment=cpu/adaptive*``), 3 seeds."""
+    rows = []
+    for task, preset in (("15-5", "cpu"), ("15-5s", "cpu_small")):
+        for budget in ("fixed", "adaptive"):
+            rows.append((f"{task}, `{preset}`, {budget}",
+                         Sel(ADAPTIVE, task, path=f"/{budget}/")))
+    return _seed_rows("MiB + DI (kl)", rows)
+
+
 def readme_quickstart() -> str:
     """What `make run` printed and how long it took: its run's ``results.json`` and the
     ``timing.json`` written beside it (the whole command's wall time, set-up included)."""
@@ -279,6 +311,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "methods_15-5s": methods_15_5s,
     "bench_methods": bench_methods,
     "bench_models": bench_models,
+    "bench_adaptive": bench_adaptive,
 }
 
 

@@ -26,7 +26,8 @@ def _tables():
 tables = _tables()
 
 
-READMES = ["README.md", "experiments/README.md", "experiments/diagnosis.md"]
+READMES = ["README.md", "experiments/README.md", "experiments/diagnosis.md",
+           "docs/inversion_speed.md"]
 
 
 def test_the_readmes_are_the_scripts():
