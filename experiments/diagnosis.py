@@ -8,9 +8,10 @@ per-step IoUs and the test confusion matrices the runs record, the evidence behi
 
 - each new class's IoU at the step that taught it and at the last step (learned, then kept?);
 - where a new class's pixels go at the last step: itself, background, its texture twin (the
-  same shape with the other texture, ``shapes``' nearest class) or another class;
-  with ``dataset.generator.classes=shapes`` (a class is a shape, texture is per object) there
-  are no twins and no texture classes: those columns read ``-`` and such pixels count as other;
+  same shape with the other texture, ``shapes``' nearest class), a class of another shape with
+  the same texture, a class whose typical hue band is the same as or next to its own, or
+  another class; with ``dataset.generator.classes=shapes`` (a class is a shape, texture is per
+  object) there are no twins and no texture classes: those columns read ``-``;
 - where the old classes' pixels go: kept, background, taken over by a new class.
 """
 
@@ -21,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from incseg.data.shapes_draw import class_hue_group
 from incseg.report.discovery import pretrained_label
 
 METHOD_ORDER = ("mib", "plop", "dkd", "joint")
@@ -41,6 +43,21 @@ def design(run: dict) -> str:
     """The run's ``shapes`` class design (absent from the recorded config: ``twins``)."""
     cfg = (run.get("provenance") or {}).get("config") or {}
     return ((cfg.get("dataset") or {}).get("generator") or {}).get("classes") or "twins"
+
+
+def hue_bands(run: dict) -> int:
+    """The run's ``shapes`` hue bands (the generator's default when the config has none)."""
+    cfg = (run.get("provenance") or {}).get("config") or {}
+    return int(((cfg.get("dataset") or {}).get("generator") or {}).get("hue_bands") or 10)
+
+
+def hue_neighbours(a: int, b: int, bands: int, design_: str) -> bool:
+    """Two foreground classes whose typical hue bands are the same or next to each other on the
+    hue circle: what a model that reads colour rather than shape confuses."""
+    if bands < 3:
+        return False  # one or two bands: every class is a neighbour, the column says nothing
+    d = abs(class_hue_group(a, bands, design_) - class_hue_group(b, bands, design_))
+    return min(d, bands - d) <= 1
 
 
 def pretraining(folder: Path) -> str:
@@ -73,45 +90,67 @@ def _confusion(step: dict) -> tuple[list[int], list[list[int]]]:
     return conf["classes"], conf["counts"]
 
 
-def where(step: dict, cls: list[int], twins: bool = True) -> dict[str, float]:
+KINDS = ("self", "background", "texture", "twin", "hue", "other")
+
+
+def where(step: dict, cls: list[int], twins: bool = True, bands: int = 10) -> dict[str, float]:
     """Fractions of the ground-truth pixels of ``cls`` predicted as: the class itself,
     background, a class of another shape with the same texture, the same shape with the other
-    texture (the twin), anything else (the last three: other, when not ``twins``)."""
+    texture (the twin), a class of the same or the next hue band, anything else (texture and
+    twin: none, when not ``twins``)."""
     classes, counts = _confusion(step)
     idx = {c: i for i, c in enumerate(classes)}
-    tot = {"self": 0, "background": 0, "texture": 0, "twin": 0, "other": 0}
+    tot = dict.fromkeys(KINDS, 0)
     for c in cls:
         if c not in idx:
             continue
         for p, k in zip(classes, counts[idx[c]]):
-            tot[_kind(c, p, twins)] += k
+            tot[_kind(c, p, twins, bands)] += k
     n = sum(tot.values())
     return {k: v / n if n else float("nan") for k, v in tot.items()}
 
 
-def _kind(truth: int, pred: int, twins: bool = True) -> str:
+def _kind(truth: int, pred: int, twins: bool = True, bands: int = 10) -> str:
     if truth == pred:
         return "self"
     if pred == 0 or truth == 0:
         return "background"
-    if not twins:
-        return "other"
-    if same_texture(truth, pred):
+    if twins and same_texture(truth, pred):
         return "texture"
-    return "twin" if pred == twin(truth) else "other"
+    if twins and pred == twin(truth):
+        return "twin"
+    if hue_neighbours(truth, pred, bands, "twins" if twins else "shapes"):
+        return "hue"
+    return "other"
 
 
-def came_from(step: dict, cls: list[int], twins: bool = True) -> dict[str, float]:
+def came_from(step: dict, cls: list[int], twins: bool = True,
+              bands: int = 10) -> dict[str, float]:
     """Fractions of the pixels predicted as one of ``cls`` whose ground truth is: that class,
-    background, a same-texture class, the twin, another class (void is not counted)."""
+    background, a same-texture class, the twin, a hue neighbour, another class (void is not
+    counted)."""
     classes, counts = _confusion(step)
-    tot = {"self": 0, "background": 0, "texture": 0, "twin": 0, "other": 0}
+    tot = dict.fromkeys(KINDS, 0)
     for g, row in zip(classes, counts):
         for p, k in zip(classes, row):
             if p in cls:
-                tot[_kind(g, p, twins)] += k
+                tot[_kind(g, p, twins, bands)] += k
     n = sum(tot.values())
     return {k: v / n if n else float("nan") for k, v in tot.items()}
+
+
+def texture_by_hue(step: dict, cls: list[int], bands: int) -> float | None:
+    """Of the pixels of ``cls`` predicted as a same-texture class of another shape, the
+    fraction whose predicted class is also a hue neighbour of the true one (``twins`` only)."""
+    classes, counts = _confusion(step)
+    idx = {c: i for i, c in enumerate(classes)}
+    tex = near = 0
+    for c in cls:
+        for p, k in zip(classes, counts[idx[c]] if c in idx else []):
+            if p != 255 and same_texture(c, p):
+                tex += k
+                near += k if hue_neighbours(c, p, bands, "twins") else 0
+    return near / tex if tex else None
 
 
 def summarise(run: dict) -> dict:
@@ -130,6 +169,7 @@ def summarise(run: dict) -> dict:
         new = {c for c in range(16, 21)}
         old = {c for c in range(1, 16)}
     twins = design(run) == "twins"
+    bands = hue_bands(run)
     per_new = {}
     for c in sorted(new):
         learned = next((s for s in steps if s["step"] == new_by_step.get(c)), final)
@@ -138,10 +178,11 @@ def summarise(run: dict) -> dict:
         "old": final["miou_old"], "new": final["miou_new"], "all": final["miou_all"],
         "step0_old": steps[0]["miou_all"],
         "per_new": per_new,
-        "new_go": where(final, sorted(new), twins),
-        "old_go": where(final, sorted(old), twins),
-        "new_from": came_from(final, sorted(new), twins),
+        "new_go": where(final, sorted(new), twins, bands),
+        "old_go": where(final, sorted(old), twins, bands),
+        "new_from": came_from(final, sorted(new), twins, bands),
         "twins": twins,
+        "texture_hue": texture_by_hue(final, sorted(new), bands) if twins else None,
     }
 
 
@@ -166,23 +207,26 @@ def fmt(x) -> str:
 
 def report(data: dict[str, dict[str, dict]]) -> str:
     lines = ["| condition | method | step 0 all | old | new | all | new classes' IoU when learned "
-             "-> at the end (16..20) |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    go = ["| condition | method | new classes' pixels: right | bg | same texture | twin | "
-          "other | old classes' pixels: right | bg | same texture | twin | other | predicted "
-          "new: right | bg | same texture | twin | other |",
-          "|---|---|" + "---:|" * 15]
+             "-> at the end (16..20) | new pixels taken by a same-texture class: share in the "
+             "same or next hue band |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    cols = "right | bg | same texture | twin | hue band | other"
+    go = [f"| condition | method | new classes' pixels: {cols} | old classes' pixels: {cols} | "
+          f"predicted new: {cols} |",
+          "|---|---|" + "---:|" * (3 * len(KINDS))]
     for runs in data.values():
         for m in sorted(runs, key=lambda k: METHOD_ORDER.index(k) if k in METHOD_ORDER else 99):
             s = summarise(runs[m])
             trail = " ".join(f"{fmt(v['learned'])}->{fmt(v['final'])}" for v in
                              s["per_new"].values())
             label = condition(runs[m])
+            hue = "-" if s["texture_hue"] is None else f"{s['texture_hue']:.2f}"
             lines.append(f"| {label} | {m} | {fmt(s['step0_old'])} | "
-                         f"{fmt(s['old'])} | {fmt(s['new'])} | {fmt(s['all'])} | {trail} |")
+                         f"{fmt(s['old'])} | {fmt(s['new'])} | {fmt(s['all'])} | {trail} | "
+                         f"{hue} |")
             cells = [f"{part[k]:.2f}" if s["twins"] or k not in ("texture", "twin") else "-"
                      for part in (s["new_go"], s["old_go"], s["new_from"])
-                     for k in ("self", "background", "texture", "twin", "other")]
+                     for k in KINDS]
             go.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(go) + "\n"
 
