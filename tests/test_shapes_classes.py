@@ -294,8 +294,16 @@ def test_the_diagnosis_has_no_twins_in_the_shapes_design():
     assert diag.design(twins) == "twins" and diag.design(shapes_run) == "shapes"
     got = diag.summarise(twins)["new_go"]
     assert got["twin"] == pytest.approx(3 / 11) and got["texture"] == pytest.approx(2 / 11)
+    assert got["hue"] == got["other"] == 0
+    # 16 (diamond, striped) has band (7 + 2) mod 10 = 9, 18 (crescent, striped) band 0: the
+    # same-texture pixels all went to a hue neighbour
+    assert diag.summarise(twins)["texture_hue"] == 1.0
+    assert diag.summarise(shapes_run)["texture_hue"] is None
     got = diag.summarise(shapes_run)["new_go"]
-    assert got["twin"] == got["texture"] == 0 and got["other"] == pytest.approx(5 / 11)
+    # no twins or textures there: 15 shares 16's hue neighbourhood (bands 4 and 5 of 10), 18
+    # (band 7) does not
+    assert got["twin"] == got["texture"] == 0
+    assert got["hue"] == pytest.approx(3 / 11) and got["other"] == pytest.approx(2 / 11)
     text = diag.report({"c": {"mib": shapes_run}})
     assert "shapes classes" in text and "| - |" in text
     assert "shapes classes" not in diag.report({"c": {"mib": twins}})

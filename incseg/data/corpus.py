@@ -144,7 +144,7 @@ def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, np.ndarray]:
 def corpus_grid(out_png: str | os.PathLike, params: CorpusParams | None = None, n: int = 24,
                 cols: int = 8, zoom: int = 3) -> Path:
     """A PNG grid of the corpus' first ``n`` images (what ``docs/data.md`` shows)."""
-    from incseg.data.shapes_draw import _save_small_png
+    from incseg.data.shapes_figures import _save_small_png
 
     p = params or CorpusParams()
     gap, h = 4, p.size

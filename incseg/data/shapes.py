@@ -35,8 +35,9 @@ contrast finer ones (the measurements are in ``experiments/calibration.md``).
 ``generate`` writes the VOC layout; ``ensure_shapes`` keeps it in the content-keyed cache.
 Every image's random generator is seeded from ``(seed, split, index)`` only, so generation is
 deterministic (byte-identical files) whatever the order or number of worker processes.
-Drawing (the class taxonomy, shapes, textures, figures) lives in ``incseg.data.shapes_draw``,
-the parameters in ``incseg.data.shapes_params``; their public names are re-exported here.
+Drawing (the class taxonomy, shapes, textures) lives in ``incseg.data.shapes_draw``, the docs'
+figures in ``incseg.data.shapes_figures``, the parameters in ``incseg.data.shapes_params``;
+their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -74,11 +75,10 @@ from incseg.data.shapes_draw import (
     class_hue_group,
     class_names,
     class_shape,
-    class_sheet,
     class_striped,
     render,
-    sample_grid,
 )
+from incseg.data.shapes_figures import class_sheet, sample_grid
 from incseg.data.shapes_params import CLASS_DESIGNS, HUE_BANDS, ShapesParams
 from incseg.io import atomic_dir, atomic_write_json, content_key, entry_lock
 
