@@ -250,14 +250,40 @@ def bench_adaptive() -> str:
                     ["---"] + ["---:"] * 8, body)
 
 
+_ADAPTIVE_ROWS = (("15-5", "cpu"), ("15-5s", "cpu_small"))
+
+
 def adaptive_downstream() -> str:
     """MiB + DeepInversion (KL) with each budget (``experiment=cpu/adaptive*``), 3 seeds."""
-    rows = []
-    for task, preset in (("15-5", "cpu"), ("15-5s", "cpu_small")):
-        for budget in ("fixed", "adaptive"):
-            rows.append((f"{task}, `{preset}`, {budget}",
-                         Sel(ADAPTIVE, task, path=f"/{budget}/")))
+    rows = [(f"{task}, `{preset}`, {budget}", Sel(ADAPTIVE, task, path=f"/{budget}/"))
+            for task, preset in _ADAPTIVE_ROWS for budget in ("fixed", "adaptive")]
     return _seed_rows("MiB + DI (kl)", rows)
+
+
+def adaptive_sets() -> str:
+    """What those runs' replay sets cost (``experiments/replay_sets.py``'s records)."""
+    import statistics
+
+    records = json.loads((RESULTS / ADAPTIVE / "replay_sets.json").read_text())
+    body = []
+    for task, preset in _ADAPTIVE_ROWS:
+        for budget in ("fixed", "adaptive"):
+            rs = [r for r in records if r["task"] == task and r["budget"] == budget]
+            timed = [r for r in rs if r["seconds"] is not None]
+            per_run = {}
+            for r in timed:
+                per_run[r["seed"]] = per_run.get(r["seed"], 0.0) + r["seconds"]
+            body.append([
+                f"{task}, `{preset}`, {budget}", str(len(rs)),
+                f"{statistics.median(r['iterations']['median'] for r in rs):g}",
+                f"{min(r['iterations']['min'] for r in rs)}-"
+                f"{max(r['iterations']['max'] for r in rs)}",
+                f"{sum(r['seconds'] for r in timed) / sum(r['images'] for r in timed):.2f}",
+                " / ".join(f"{v:.0f}" for _, v in sorted(per_run.items())),
+            ])
+    return markdown(["MiB + DI (kl)", "sets", "iterations an image (median of the sets' "
+                     "medians)", "range", "seconds an image", "seconds of generation a run "
+                     "(per seed)"], ["---"] + ["---:"] * 5, body)
 
 
 def readme_quickstart() -> str:
