@@ -338,6 +338,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench_methods": bench_methods,
     "bench_models": bench_models,
     "bench_adaptive": bench_adaptive,
+    "adaptive_downstream": adaptive_downstream,
+    "adaptive_sets": adaptive_sets,
 }
 
 
