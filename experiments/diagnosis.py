@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 
 from incseg.data.shapes_draw import class_hue_group
+from incseg.data.shapes_params import ShapesParams
 from incseg.report.discovery import pretrained_label
 
 METHOD_ORDER = ("mib", "plop", "dkd", "joint")
+_DEFAULTS = ShapesParams()  # what a config without a generator key generated
 
 
 def twin(c: int) -> int:
@@ -39,16 +41,20 @@ def same_texture(a: int, b: int) -> bool:
     return a != b and a > 0 and b > 0 and a % 2 == b % 2
 
 
-def design(run: dict) -> str:
-    """The run's ``shapes`` class design (absent from the recorded config: ``twins``)."""
+def _generator(run: dict) -> dict:
+    """The ``dataset.generator`` block of the run's recorded config ({} when it has none)."""
     cfg = (run.get("provenance") or {}).get("config") or {}
-    return ((cfg.get("dataset") or {}).get("generator") or {}).get("classes") or "twins"
+    return (cfg.get("dataset") or {}).get("generator") or {}
+
+
+def design(run: dict) -> str:
+    """The run's ``shapes`` class design (absent from the recorded config: the default)."""
+    return _generator(run).get("classes") or _DEFAULTS.classes
 
 
 def hue_bands(run: dict) -> int:
     """The run's ``shapes`` hue bands (the generator's default when the config has none)."""
-    cfg = (run.get("provenance") or {}).get("config") or {}
-    return int(((cfg.get("dataset") or {}).get("generator") or {}).get("hue_bands") or 10)
+    return int(_generator(run).get("hue_bands") or _DEFAULTS.hue_bands)
 
 
 def hue_neighbours(a: int, b: int, bands: int, design_: str) -> bool:

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -262,8 +263,6 @@ def adaptive_downstream() -> str:
 
 def adaptive_sets() -> str:
     """What those runs' replay sets cost (``experiments/replay_sets.py``'s records)."""
-    import statistics
-
     records = json.loads((RESULTS / ADAPTIVE / "replay_sets.json").read_text())
     body = []
     for task, preset in _ADAPTIVE_ROWS:
