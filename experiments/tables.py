@@ -324,8 +324,55 @@ def diagnosis() -> str:
             + diag.pretraining(RESULTS / DIAGNOSIS))
 
 
+def _ranking():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import ranking
+    finally:
+        sys.path.pop(0)
+    return ranking
+
+
+def ranking_methods() -> str:
+    """The 10-1 methods table against the published VOC 10-1 figures, and Kendall's tau-b."""
+    from incseg.report.tables import mean_std
+    rk = _ranking()
+    rows = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "PI", "RW", "MiB", "MiB-M", "PLOP", "PLOP-M",
+            "DKD", "DKD-M", "Joint"]
+    means = {r: mean_std(metric(x, "all") for x in Sel(METHODS, "10-1", row=r).runs())[0]
+             for r in rows}
+    tau, over = rk.against_voc("10-1", means)
+    body = [[r, seeds(Sel(METHODS, "10-1", row=r)), cell(Sel(METHODS, "10-1", row=r), "all"),
+             rk.published_cell("10-1", r)] for r in rows]
+    body.append([f"Kendall's tau-b over {', '.join(over)}", "", f"{tau:.2f}", ""])
+    return markdown(["10-1", "seeds", "`shapes` all", "VOC 10-1 all, published (%)"],
+                    ["---", "---:", "---:", "---:"], body)
+
+
+def diagnosis_ranking() -> str:
+    """Each diagnosis condition's all-mIoU per method and its tau-b against VOC 15-1."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import diagnosis as diag
+    finally:
+        sys.path.pop(0)
+    rk = _ranking()
+    labels = {"mib": "MiB", "plop": "PLOP", "dkd": "DKD", "joint": "Joint"}
+    body = []
+    for runs in diag.load(RESULTS / DIAGNOSIS).values():
+        suite = {labels[m]: r["final"]["all"] for m, r in runs.items() if m in labels}
+        tau, over = rk.against_voc("15-5s", suite)
+        body.append([diag.condition(next(iter(runs.values()))),
+                     *(f"{suite[k]:.3f}" if k in suite else "" for k in labels.values()),
+                     f"{tau:.2f} ({len(over)})"])
+    head = ["condition", *labels.values(), "tau-b against VOC 15-1 (methods)"]
+    return markdown(head, ["---"] + ["---:"] * 5, body)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "diagnosis": diagnosis,
+    "diagnosis_ranking": diagnosis_ranking,
+    "ranking_methods": ranking_methods,
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
