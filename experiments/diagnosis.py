@@ -183,6 +183,8 @@ def summarise(run: dict) -> dict:
     return {
         "old": final["miou_old"], "new": final["miou_new"], "all": final["miou_all"],
         "step0_old": steps[0]["miou_all"],
+        # how much of step 0's mIoU the old classes keep at the end (Joint has no step 1)
+        "kept": final["miou_old"] / steps[0]["miou_all"] if len(steps) > 1 else None,
         "per_new": per_new,
         "new_go": where(final, sorted(new), twins, bands),
         "old_go": where(final, sorted(old), twins, bands),
@@ -212,10 +214,10 @@ def fmt(x) -> str:
 
 
 def report(data: dict[str, dict[str, dict]]) -> str:
-    lines = ["| condition | method | step 0 all | old | new | all | new classes' IoU when learned "
-             "-> at the end (16..20) | new pixels taken by a same-texture class: share in the "
-             "same or next hue band |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| condition | method | step 0 all | old | old / step 0 | new | all | new classes' "
+             "IoU when learned -> at the end (16..20) | new pixels taken by a same-texture class: "
+             "share in the same or next hue band |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     cols = "right | bg | same texture | twin | hue band | other"
     go = [f"| condition | method | new classes' pixels: {cols} | old classes' pixels: {cols} | "
           f"predicted new: {cols} |",
@@ -227,8 +229,9 @@ def report(data: dict[str, dict[str, dict]]) -> str:
                              s["per_new"].values())
             label = condition(runs[m])
             hue = "-" if s["texture_hue"] is None else f"{s['texture_hue']:.2f}"
-            lines.append(f"| {label} | {m} | {fmt(s['step0_old'])} | "
-                         f"{fmt(s['old'])} | {fmt(s['new'])} | {fmt(s['all'])} | {trail} | "
+            kept = "-" if s["kept"] is None else f"{s['kept']:.2f}"
+            lines.append(f"| {label} | {m} | {fmt(s['step0_old'])} | {fmt(s['old'])} | {kept} | "
+                         f"{fmt(s['new'])} | {fmt(s['all'])} | {trail} | "
                          f"{hue} |")
             cells = [f"{part[k]:.2f}" if s["twins"] or k not in ("texture", "twin") else "-"
                      for part in (s["new_go"], s["old_go"], s["new_from"])
