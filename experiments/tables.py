@@ -369,7 +369,34 @@ def diagnosis_ranking() -> str:
     return markdown(head, ["---"] + ["---:"] * 5, body)
 
 
+def diagnosis_probe() -> str:
+    """The linear probes of each condition's frozen backbones (``experiments/probe.py``)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import diagnosis as diag
+    finally:
+        sys.path.pop(0)
+    data = diag.load(RESULTS / DIAGNOSIS)
+    probes = json.loads((RESULTS / DIAGNOSIS / "probe.json").read_text())
+    body = []
+    for cond, entry in probes.items():
+        runs = data[cond]
+        label = diag.condition(next(iter(runs.values())))
+        names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
+                 "joint": "Joint's", "random": "random init"}
+        order = list(names)
+        for backbone, r in sorted(entry["probes"].items(),
+                                  key=lambda kv: order.index(kv[0].split()[0])):
+            method = backbone.split()[0]
+            own = runs[method]["final"]["new"] if method in runs else None
+            body.append([label, names[method], *(f"{r[k]:.3f}" for k in ("old", "new", "all")),
+                         "" if own is None or method == "joint" else f"{own:.3f}"])
+    return markdown(["condition", "frozen backbone", "probe old", "probe new", "probe all",
+                     "the method's own new at the end"], ["---", "---"] + ["---:"] * 4, body)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "diagnosis_probe": diagnosis_probe,
     "diagnosis": diagnosis,
     "diagnosis_ranking": diagnosis_ranking,
     "ranking_methods": ranking_methods,
