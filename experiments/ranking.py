@@ -41,6 +41,12 @@ PUBLISHED_VOC: dict[str, dict[str, float]] = {
              "STAR-M": 66.60, "Joint": 77.4},
 }
 
+#: published VOC 15-1 old (classes 0-15) / new (16-20) mIoU of the methods the diagnosis
+#: compares: PLOP's Table 1 (MiB rerun by PLOP's authors)
+PUBLISHED_VOC_OLD_NEW: dict[str, dict[str, tuple[float, float]]] = {
+    "15-5s": {"MiB": (35.1, 13.5), "PLOP": (65.1, 21.1)},
+}
+
 
 def _sign(x: float) -> int:
     return (x > 0) - (x < 0)

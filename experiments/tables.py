@@ -369,6 +369,28 @@ def diagnosis_ranking() -> str:
     return markdown(head, ["---"] + ["---:"] * 5, body)
 
 
+def diagnosis_old_new() -> str:
+    """MiB against PLOP, old and new classes: VOC 15-1 as published, then each condition."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import diagnosis as diag
+    finally:
+        sys.path.pop(0)
+    pub = _ranking().PUBLISHED_VOC_OLD_NEW["15-5s"]
+    (mo, mn), (po, pn) = pub["MiB"], pub["PLOP"]
+    body = [["VOC 15-1, published (%)", f"{mo:g}", f"{mn:g}", f"{po:g}", f"{pn:g}",
+             f"{mo / po:.2f}", f"{mn / pn:.2f}"]]
+    for runs in diag.load(RESULTS / DIAGNOSIS).values():
+        if "mib" not in runs or "plop" not in runs:
+            continue
+        m, p = runs["mib"]["final"], runs["plop"]["final"]
+        body.append([diag.condition(runs["mib"]), *(f"{x:.3f}" for x in
+                     (m["old"], m["new"], p["old"], p["new"])),
+                     f"{m['old'] / p['old']:.2f}", f"{m['new'] / p['new']:.2f}"])
+    return markdown(["", "MiB old", "MiB new", "PLOP old", "PLOP new", "MiB / PLOP old",
+                     "MiB / PLOP new"], ["---"] + ["---:"] * 6, body)
+
+
 def diagnosis_probe() -> str:
     """The linear probes of each condition's frozen backbones (``experiments/probe.py``)."""
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -396,6 +418,7 @@ def diagnosis_probe() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {
+    "diagnosis_old_new": diagnosis_old_new,
     "diagnosis_probe": diagnosis_probe,
     "diagnosis": diagnosis,
     "diagnosis_ranking": diagnosis_ranking,
