@@ -1,24 +1,11 @@
 """The linear probe of experiments/probe.py on hand-made tensors."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.experiment_scripts import load
 
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("probe", ROOT / "experiments" / "probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["probe"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pr = _probe()
+pr = load("probe")
 
 
 def test_iou_of_a_hand_confusion_matrix():

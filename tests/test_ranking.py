@@ -1,24 +1,12 @@
 """Kendall's tau-b of the ranking check (experiments/ranking.py) on hand-computed values."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.experiment_scripts import load
 
-
-def _ranking():
-    spec = importlib.util.spec_from_file_location("ranking", ROOT / "experiments" / "ranking.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ranking"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rk = _ranking()
+rk = load("ranking")
 
 
 def test_tau_b_without_ties():
