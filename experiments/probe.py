@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,8 @@ from incseg.checkpoints import model_from_checkpoint, read_model_file
 from incseg.data.shapes import shapes_key
 from incseg.data.shapes_params import ShapesParams
 from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from incseg.io import atomic_write_json, cache_dir
+from incseg.metrics import iou_per_class
 from incseg.models import build_model
 
 N_CLASSES = 21
@@ -122,10 +122,8 @@ def confusion(head: torch.nn.Linear, feat: torch.Tensor, mask: torch.Tensor,
 
 
 def iou(conf: torch.Tensor) -> dict[int, float]:
-    """Per-class IoU of the classes present in the ground truth."""
-    tp = conf.diag().double()
-    gt, pred = conf.sum(1).double(), conf.sum(0).double()
-    return {c: float(tp[c] / (gt[c] + pred[c] - tp[c])) for c in range(len(conf)) if gt[c] > 0}
+    """Per-class IoU of the classes present in the ground truth (the suite's own IoU)."""
+    return {c: v for c, v in enumerate(iou_per_class(conf)) if v is not None}
 
 
 def summary(per_class: dict[int, float]) -> dict[str, float]:
@@ -170,8 +168,7 @@ def models_of(condition: Path, cache: Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", type=Path)
-    ap.add_argument("--cache", type=Path,
-                    default=Path(os.environ.get("INCSEG_CACHE", "~/.cache/incseg")).expanduser())
+    ap.add_argument("--cache", type=Path, default=cache_dir())
     ap.add_argument("--per-class", type=int, default=24)
     ap.add_argument("--only", nargs="*", default=None, help="condition folders to probe")
     ap.add_argument("--out", type=Path, default=None)
@@ -205,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         result[cond.name] = {"per_class_pixels": args.per_class, "probes": rows,
                              "torch_threads": torch.get_num_threads()}
         if args.out:  # after each condition, atomically: an interrupted run keeps the rest
-            fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, args.out)
+            atomic_write_json(args.out, result)
     if not args.out:
         print(json.dumps(result, indent=1))
     return 0

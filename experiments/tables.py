@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import os
@@ -313,37 +314,38 @@ def readme_quickstart() -> str:
             "printed:\n\n```\n" + "\n".join(rows) + "\n```\n")
 
 
+def _script(name: str):
+    """A sibling script of ``experiments/`` (``diagnosis``, ``ranking``) as a module."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@cache
+def _diagnosis_runs() -> dict[str, dict[str, dict]]:
+    """The diagnosis conditions' run files, read once for the four tables that show them."""
+    return _script("diagnosis").load(RESULTS / DIAGNOSIS)
+
+
 def diagnosis() -> str:
     """The diagnosis tables (``experiments/diagnosis.py``) of the conditions' run files."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import diagnosis as diag
-    finally:
-        sys.path.pop(0)
-    return (diag.report(diag.load(RESULTS / DIAGNOSIS)) + "\n"
+    diag = _script("diagnosis")
+    return (diag.report(_diagnosis_runs()) + "\n"
             + diag.pretraining(RESULTS / DIAGNOSIS))
-
-
-def _ranking():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import ranking
-    finally:
-        sys.path.pop(0)
-    return ranking
 
 
 def ranking_methods() -> str:
     """The 10-1 methods table against the published VOC 10-1 figures, and Kendall's tau-b."""
     from incseg.report.tables import mean_std
-    rk = _ranking()
+    rk = _script("ranking")
     rows = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "PI", "RW", "MiB", "MiB-M", "PLOP", "PLOP-M",
             "DKD", "DKD-M", "Joint"]
-    means = {r: mean_std(metric(x, "all") for x in Sel(METHODS, "10-1", row=r).runs())[0]
-             for r in rows}
+    sels = {r: Sel(METHODS, "10-1", row=r) for r in rows}
+    means = {r: mean_std(metric(x, "all") for x in s.runs())[0] for r, s in sels.items()}
     tau, over = rk.against_voc("10-1", means)
-    body = [[r, seeds(Sel(METHODS, "10-1", row=r)), cell(Sel(METHODS, "10-1", row=r), "all"),
-             rk.published_cell("10-1", r)] for r in rows]
+    body = [[r, seeds(s), cell(s, "all"), rk.published_cell("10-1", r)] for r, s in sels.items()]
     body.append([f"Kendall's tau-b over {', '.join(over)}", "", f"{tau:.2f}", ""])
     return markdown(["10-1", "seeds", "`shapes` all", "VOC 10-1 all, published (%)"],
                     ["---", "---:", "---:", "---:"], body)
@@ -351,15 +353,11 @@ def ranking_methods() -> str:
 
 def diagnosis_ranking() -> str:
     """Each diagnosis condition's all-mIoU per method and its tau-b against VOC 15-1."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import diagnosis as diag
-    finally:
-        sys.path.pop(0)
-    rk = _ranking()
+    diag = _script("diagnosis")
+    rk = _script("ranking")
     labels = {"mib": "MiB", "plop": "PLOP", "dkd": "DKD", "joint": "Joint"}
     body = []
-    for runs in diag.load(RESULTS / DIAGNOSIS).values():
+    for runs in _diagnosis_runs().values():
         suite = {labels[m]: r["final"]["all"] for m, r in runs.items() if m in labels}
         tau, over = rk.against_voc("15-5s", suite)
         body.append([diag.condition(next(iter(runs.values()))),
@@ -371,16 +369,12 @@ def diagnosis_ranking() -> str:
 
 def diagnosis_old_new() -> str:
     """MiB against PLOP, old and new classes: VOC 15-1 as published, then each condition."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import diagnosis as diag
-    finally:
-        sys.path.pop(0)
-    pub = _ranking().PUBLISHED_VOC_OLD_NEW["15-5s"]
+    diag = _script("diagnosis")
+    pub = _script("ranking").PUBLISHED_VOC_OLD_NEW["15-5s"]
     (mo, mn), (po, pn) = pub["MiB"], pub["PLOP"]
     body = [["VOC 15-1, published (%)", f"{mo:g}", f"{mn:g}", f"{po:g}", f"{pn:g}",
              f"{mo / po:.2f}", f"{mn / pn:.2f}"]]
-    for runs in diag.load(RESULTS / DIAGNOSIS).values():
+    for runs in _diagnosis_runs().values():
         if "mib" not in runs or "plop" not in runs:
             continue
         m, p = runs["mib"]["final"], runs["plop"]["final"]
@@ -393,20 +387,16 @@ def diagnosis_old_new() -> str:
 
 def diagnosis_probe() -> str:
     """The linear probes of each condition's frozen backbones (``experiments/probe.py``)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import diagnosis as diag
-    finally:
-        sys.path.pop(0)
-    data = diag.load(RESULTS / DIAGNOSIS)
+    diag = _script("diagnosis")
+    data = _diagnosis_runs()
     probes = json.loads((RESULTS / DIAGNOSIS / "probe.json").read_text())
+    names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
+             "joint": "Joint's", "random": "random init"}
+    order = list(names)
     body = []
     for cond, entry in probes.items():
         runs = data[cond]
         label = diag.condition(next(iter(runs.values())))
-        names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
-                 "joint": "Joint's", "random": "random init"}
-        order = list(names)
         for backbone, r in sorted(entry["probes"].items(),
                                   key=lambda kv: order.index(kv[0].split()[0])):
             method = backbone.split()[0]
