@@ -407,7 +407,26 @@ def diagnosis_probe() -> str:
                      "the method's own new at the end"], ["---", "---"] + ["---:"] * 4, body)
 
 
+def diagnosis_curves() -> str:
+    """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
+    diag = _script("diagnosis")
+    data = _diagnosis_runs()
+    names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
+             "joint": "Joint"}
+    body = []
+    for f in sorted((RESULTS / DIAGNOSIS).glob("*/curves.json")):
+        label = diag.condition(next(iter(data[f.parent.name].values())))
+        for method, stages in sorted(json.loads(f.read_text()).items(),
+                                     key=lambda kv: list(names).index(kv[0])):
+            for curve in stages.values():
+                body.append([label, names[method], str(len(curve)),
+                             " ".join(f"{x:.2f}" for x in curve)])
+    return markdown(["condition", "model", "epochs", "val mIoU after each epoch"],
+                    ["---", "---", "---:", "---"], body)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "diagnosis_curves": diagnosis_curves,
     "diagnosis_old_new": diagnosis_old_new,
     "diagnosis_probe": diagnosis_probe,
     "diagnosis": diagnosis,
