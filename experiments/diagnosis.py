@@ -203,6 +203,8 @@ def condition(run: dict) -> str:
         params, recipe = corpus.get("params") or {}, corpus.get("train") or {}
         start = (f"corpus ({params.get('size')} px, {params.get('n_images')} images, "
                  f"{recipe.get('epochs')} ep)")
+    elif start not in ("random init", "imagenet"):
+        start = f"backbone of {start}"      # a model file given as model.pretrained
     train = cfg.get("train") or {}
     classes = "" if design(run) == "twins" else f", {design(run)} classes"
     return (f"{start}, step 0 {train.get('epochs')} ep, steps "
