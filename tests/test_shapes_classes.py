@@ -294,3 +294,20 @@ def test_the_diagnosis_has_no_twins_in_the_shapes_design():
     text = diag.report({"c": {"mib": shapes_run}})
     assert "shapes classes" in text and "| - |" in text
     assert "shapes classes" not in diag.report({"c": {"mib": twins}})
+
+
+def test_the_diagnosis_names_where_each_runs_backbone_started():
+    diag = _diagnosis()
+
+    def run(pretrained, **dataset):
+        return {"provenance": {"config": {
+            "model": {"pretrained": pretrained},
+            "dataset": {"generator": {"classes": "shapes"}, **dataset},
+            "train": {"epochs": 7, "epochs_incremental": 4}}}}
+
+    tail = ", step 0 7 ep, steps 4 ep, shapes classes"
+    assert diag.condition(run(None)) == "random init" + tail
+    corpus = {"corpus": {"params": {"size": 32, "n_images": 20000}, "train": {"epochs": 4}}}
+    assert diag.condition(run("corpus", **corpus)) == "corpus (32 px, 20000 images, 4 ep)" + tail
+    # a model file (another run's model) is named by its file, not its folder
+    assert diag.condition(run("/x/y/joint_e.pt")) == "backbone of joint_e.pt" + tail
