@@ -207,8 +207,9 @@ def condition(run: dict) -> str:
         start = f"backbone of {start}"      # a model file given as model.pretrained
     train = cfg.get("train") or {}
     classes = "" if design(run) == "twins" else f", {design(run)} classes"
+    seed = f", seed {run['seed']}" if run.get("seed") not in (None, 0) else ""
     return (f"{start}, step 0 {train.get('epochs')} ep, steps "
-            f"{train.get('epochs_incremental')} ep{classes}")
+            f"{train.get('epochs_incremental')} ep{classes}{seed}")
 
 
 def fmt(x) -> str:

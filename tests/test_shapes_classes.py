@@ -311,3 +311,5 @@ def test_the_diagnosis_names_where_each_runs_backbone_started():
     assert diag.condition(run("corpus", **corpus)) == "corpus (32 px, 20000 images, 4 ep)" + tail
     # a model file (another run's model) is named by its file, not its folder
     assert diag.condition(run("/x/y/joint_e.pt")) == "backbone of joint_e.pt" + tail
+    # seed 0 is every condition's; another seed is named
+    assert diag.condition({**run(None), "seed": 1}) == "random init" + tail + ", seed 1"
