@@ -385,13 +385,16 @@ def diagnosis_old_new() -> str:
                      "MiB / PLOP new"], ["---"] + ["---:"] * 6, body)
 
 
+#: the diagnosis methods' own step-0 models, as the probe and curve tables name them
+STEP0_MODELS = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0"}
+
+
 def diagnosis_probe() -> str:
     """The linear probes of each condition's frozen backbones (``experiments/probe.py``)."""
     diag = _script("diagnosis")
     data = _diagnosis_runs()
     probes = json.loads((RESULTS / DIAGNOSIS / "probe.json").read_text())
-    names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
-             "joint": "Joint's", "random": "random init"}
+    names = {**STEP0_MODELS, "joint": "Joint's", "random": "random init"}
     order = list(names)
     body = []
     for cond, entry in probes.items():
@@ -411,8 +414,7 @@ def diagnosis_curves() -> str:
     """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
     diag = _script("diagnosis")
     data = _diagnosis_runs()
-    names = {"mib": "MiB's step 0", "plop": "PLOP's step 0", "dkd": "DKD's step 0",
-             "joint": "Joint"}
+    names = {**STEP0_MODELS, "joint": "Joint"}
     body = []
     for f in sorted((RESULTS / DIAGNOSIS).glob("*/curves.json")):
         label = diag.condition(next(iter(data[f.parent.name].values())))

@@ -252,14 +252,9 @@ def test_in_the_shapes_design_the_hue_band_follows_the_shape():
 
 
 def _diagnosis():
-    import importlib.util
-    from pathlib import Path
+    from tests.experiment_scripts import load
 
-    path = Path(__file__).resolve().parent.parent / "experiments" / "diagnosis.py"
-    spec = importlib.util.spec_from_file_location("diagnosis_for_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("diagnosis")
 
 
 def test_the_diagnosis_has_no_twins_in_the_shapes_design():
