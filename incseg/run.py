@@ -56,12 +56,17 @@ def check_data(cfg: DictConfig) -> None:
 def check_pretrained(cfg: DictConfig) -> None:
     """Load ``model.pretrained`` once before anything starts (no dataset generated, no run
     folder made): a file that is not a state dict of the backbone is refused with one line
-    saying what the file is. ``corpus`` is pretrained now if the cache holds none (a progress
-    bar says so), as ``imagenet`` is downloaded now. The config check proves only that a
-    file exists."""
+    saying what the file is. ``corpus`` and ``segmentation`` are pretrained now if the cache
+    holds none (a progress bar says so), as ``imagenet`` is downloaded now. The config check
+    proves only that a file exists."""
     from incseg.models import check_pretrained as check
-    from incseg.protocol.pretrain import resolved_model
+    from incseg.models.backbones import protocol_pretraining
+    from incseg.protocol.teachers import resolved_model
+    from incseg.protocol.trainer import quiet_lightning
 
+    if protocol_pretraining(OmegaConf.select(cfg, "model.pretrained")) == "segmentation":
+        setup_logging()  # the pretraining's lines, before Hydra sets up the job's logging
+        quiet_lightning()
     check(resolved_model(cfg, cache_dir_from_cfg(cfg), bool(cfg.trainer.progress_bar)))
 
 

@@ -26,12 +26,10 @@ from incseg.protocol.pretrain import (
     corpus_manifest,
     corpus_spec,
     holdout_scores,
-    model_weights,
     render_corpus,
-    resolved_model,
 )
 from incseg.protocol.state import fingerprint
-from incseg.protocol.teachers import teacher_key
+from incseg.protocol.teachers import model_weights, resolved_model, teacher_key
 
 TINY = {"params": {"size": 32, "n_images": 16, "seed": 3},
         "train": {"epochs": 1, "batch_size": 8, "holdout": 8, "warmup_iters": 1}}

@@ -280,16 +280,30 @@ def _which_resnet(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+#: ``model.pretrained`` words whose weights the protocol itself makes for ``shapes`` (and caches):
+#: ``corpus`` (an image classifier on the procedural corpus, ``incseg.protocol.pretrain``) and
+#: ``segmentation`` (a Joint segmenter on another generator stream, ``incseg.protocol.teachers``)
+PROTOCOL_PRETRAINING = ("corpus", "segmentation")
+
+
+def protocol_pretraining(pretrained) -> str | None:
+    """The word of :data:`PROTOCOL_PRETRAINING` that ``pretrained`` is, else None."""
+    if isinstance(pretrained, str) and pretrained.strip().lower() in PROTOCOL_PRETRAINING:
+        return pretrained.strip().lower()
+    return None
+
+
 def is_corpus(pretrained) -> bool:
     """``model.pretrained=corpus``: weights the protocol pretrains on the procedural corpus
     (``incseg.protocol.pretrain``) and hands to the model as a file."""
-    return isinstance(pretrained, str) and pretrained.strip().lower() == "corpus"
+    return protocol_pretraining(pretrained) == "corpus"
 
 
 def check_pretrained_value(name: str, pretrained) -> None:
     """A model's config check: the weights ``pretrained`` names exist or can be fetched
-    (``corpus`` is made by the protocol itself, which checks its own settings)."""
-    if not is_corpus(pretrained):
+    (``corpus`` and ``segmentation`` are made by the protocol itself, which checks its own
+    settings)."""
+    if protocol_pretraining(pretrained) is None:
         pretrained_file(name, pretrained)
 
 
@@ -304,10 +318,11 @@ def pretrained_file(name: str, pretrained: str | os.PathLike | None) -> tuple[Pa
     """
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
         return None
-    if is_corpus(pretrained):
-        raise ConfigError("model.pretrained=corpus names the backbone that `python -m "
-                          "incseg.run` pretrains on the shapes corpus and caches; to build the "
-                          "model by hand, pass that file (<cache>/pretrain/<backbone>-<key>.pt)")
+    word = protocol_pretraining(pretrained)
+    if word is not None:
+        raise ConfigError(f"model.pretrained={word} names the backbone that `python -m "
+                          f"incseg.run` pretrains for shapes and caches; to build the model by "
+                          "hand, pass that file (<cache>/pretrain/<backbone>-<key>.pt)")
     if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
         if name not in RESNETS:
             raise ConfigError(f"unknown backbone {name!r}; valid backbones: "

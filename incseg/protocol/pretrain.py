@@ -28,7 +28,7 @@ from incseg.data.corpus import CorpusParams, _render_range
 from incseg.data.shapes import default_workers, map_in_order
 from incseg.errors import ConfigError
 from incseg.io import atomic_path, atomic_write_json, content_key, entry_lock
-from incseg.models.backbones import RESNETS, ResNetBackbone, is_corpus
+from incseg.models.backbones import RESNETS, ResNetBackbone
 
 log = logging.getLogger("incseg.protocol")
 
@@ -206,23 +206,3 @@ def corpus_manifest(path: Path) -> dict | None:
         return json.loads(Path(path).with_suffix(".json").read_text())
     except (OSError, ValueError):
         return None
-
-
-def model_weights(cfg: DictConfig, cache: Path, progress: bool = False):
-    """What to load into ``cfg.model``'s backbone: ``model.pretrained`` as it is, or for
-    ``corpus`` the cached weights file (trained now if the cache holds none). The config keeps
-    the word ``corpus``: run hashes and step-0 keys follow the corpus and its recipe, not a
-    path on this machine."""
-    pretrained = OmegaConf.select(cfg, "model.pretrained")
-    if not is_corpus(pretrained):
-        return pretrained
-    return str(corpus_backbone(cfg, cache, progress))
-
-
-def resolved_model(cfg: DictConfig, cache: Path, progress: bool = True) -> DictConfig:
-    """``cfg.model`` with ``pretrained`` replaced by :func:`model_weights` (for the entry
-    point's check that the weights load)."""
-    node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    if is_corpus(node.get("pretrained")):
-        node.pretrained = str(corpus_backbone(cfg, cache, progress))
-    return node

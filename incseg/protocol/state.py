@@ -83,11 +83,16 @@ def fingerprint(cfg: DictConfig) -> dict:
     for group in ("method", "model"):
         plain.get(group, {}).pop("label", None)  # a display name
     ds = plain.get("dataset")
-    if isinstance(ds, dict) and ds.get("pretrained") is None and "corpus" in ds:
-        # a backbone from random weights: the pretraining corpus is unused, and the run is the
-        # one it was before the corpus existed, under the same hash and caches
-        ds.pop("pretrained", None)
-        ds.pop("corpus")
+    if isinstance(ds, dict):
+        # a pretraining the run does not use is not part of it: a run from random weights is
+        # the one it was before either existed, a corpus run the one it was before the
+        # segmentation pretraining existed, under the same hashes and caches
+        used = str(ds.get("pretrained")).strip().lower()
+        unused = [w for w in ("corpus", "segmentation") if w in ds and used != w]
+        for word in unused:
+            ds.pop(word)
+        if unused and ds.get("pretrained") is None:
+            ds.pop("pretrained", None)
     gen = ds.get("generator") if isinstance(ds, dict) else None
     if isinstance(gen, dict) and gen.get("classes") == "twins":
         # shapes' default class design: the run is the one it was before the choice existed

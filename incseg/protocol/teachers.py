@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from incseg.checkpoints import load_model, safe_load, save_model
-from incseg.config import CONF_DIR
+from incseg.config import CONF_DIR, source_from_cfg, task_from_cfg
 from incseg.config.build import plain
 from incseg.errors import CheckpointError, ConfigError
-from incseg.io import content_key, entry_lock
+from incseg.io import atomic_path, atomic_write_json, content_key, entry_lock
 from incseg.models import build_model
+from incseg.models.backbones import RESNETS, protocol_pretraining
 from incseg.models.norm import freeze
-from incseg.protocol.pretrain import model_weights
+from incseg.protocol.pretrain import corpus_backbone
 from incseg.protocol.state import (
     barrier,
     derive_seed,
@@ -208,3 +212,141 @@ def competition_student(cfg: DictConfig, run_dir: Path, cache: Path, source, tas
     if is_rank_zero():  # trained and cached: its epoch checkpoint has served its purpose
         (run_dir / "checkpoints" / f"{stage}-last.ckpt").unlink(missing_ok=True)
     return freeze(module.model)
+
+
+# -- where a backbone starts -------------------------------------------------------------------
+
+#: ``dataset.segmentation``: the keys and defaults of the segmentation pretraining
+SEGMENTATION_DEFAULTS = {"generator_seed": 1, "epochs": 21, "crop": 64, "lr": 0.05, "seed": 0}
+
+
+def segmentation_spec(node) -> dict:
+    """The ``dataset.segmentation`` node with its defaults; one line on a bad key or value."""
+    given = dict(node or {})
+    unknown = sorted(set(given) - set(SEGMENTATION_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown dataset.segmentation key(s) {', '.join(map(str, unknown))}; "
+                          f"valid: {', '.join(SEGMENTATION_DEFAULTS)}")
+    spec = {**SEGMENTATION_DEFAULTS, **given}
+    try:
+        spec = {k: (float if k == "lr" else int)(v) for k, v in spec.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"dataset.segmentation={given} is invalid: generator_seed, epochs, "
+                          "crop and seed are integers, lr a number") from None
+    if spec["epochs"] < 1 or spec["crop"] < 8 or spec["lr"] <= 0:
+        raise ConfigError("dataset.segmentation needs epochs >= 1, crop >= 8 and lr > 0")
+    return spec
+
+
+#: the keys a method's config sets outside its own node; the pretraining takes the defaults
+_METHOD_SET_KEYS = (("data", "void_as_background"), ("data", "unseen_as"),
+                    ("train", "loss_reduction"))
+
+
+def segmentation_config(cfg: DictConfig, spec: dict) -> DictConfig:
+    """The config of the pretraining run: Joint over every class of the run's ``shapes``
+    generator with its seed replaced by ``generator_seed`` (a disjoint image stream: no
+    benchmark image is seen), from random weights, with the spec's epochs, crop, lr and seed
+    and the run's recipe otherwise. Overlap and the task do not change a Joint model over all
+    classes, so they are fixed: every task and setting of a sweep shares one pretraining."""
+    p = copy.deepcopy(cfg)
+    with open_dict(p):
+        p.pop("hydra", None)  # the entry point's check composes with Hydra's own node
+        p.dataset.generator.seed = spec["generator_seed"]
+        p.dataset.pretrained = None
+        p.model.pretrained = None
+        p.method = OmegaConf.load(CONF_DIR / "method" / "joint.yaml")
+        base = OmegaConf.load(CONF_DIR / "config.yaml")
+        for group, key in _METHOD_SET_KEYS:  # PLOP's, DKD's and STAR's label conventions
+            p[group][key] = base[group][key]
+        p.replay = OmegaConf.load(CONF_DIR / "replay" / "none.yaml")
+        p.logger = OmegaConf.load(CONF_DIR / "logger" / "none.yaml")
+        p.train.epochs = spec["epochs"]
+        p.train.lr = spec["lr"]
+        p.data.crop = spec["crop"]
+        p.seed = spec["seed"]
+        p.overlap = True
+        p.protocol.step0_cache = True
+        if p.get("memory") is not None:
+            p.memory.size = 0
+    return p
+
+
+def segmentation_backbone(cfg: DictConfig, cache: Path, progress: bool = True) -> Path:
+    """``model.pretrained=segmentation``: the backbone of a Joint model trained once on every
+    class of another generator stream of ``shapes`` (:func:`segmentation_config`), as VOC's
+    backbones start from ImageNet, whose classes include VOC's, on images VOC does not hold.
+    The Joint model is an ordinary step-0 cache entry; its backbone is written next to the
+    corpus backbones with a manifest of what it cost and how well the Joint model segments."""
+    backbone = str(cfg.model.get("backbone"))
+    if backbone not in RESNETS:
+        raise ConfigError(f"model.pretrained=segmentation pretrains a ResNet backbone, and "
+                          f"model.backbone={backbone} is not one ({', '.join(sorted(RESNETS))}); "
+                          "pass model.pretrained=null (or imagenet) with this model")
+    if cfg.dataset.name != "shapes" or cfg.data.get("root") not in (None, "", "null"):
+        raise ConfigError("model.pretrained=segmentation trains on another stream of the "
+                          "shapes generator, so it needs the generated shapes dataset (no "
+                          "data.root); pass model.pretrained=null or imagenet for "
+                          f"dataset={cfg.dataset.name}")
+    spec = segmentation_spec(OmegaConf.to_container(
+        OmegaConf.select(cfg, "dataset.segmentation") or OmegaConf.create({}), resolve=True))
+    if spec["generator_seed"] == int(cfg.dataset.generator.seed):
+        raise ConfigError(f"dataset.segmentation.generator_seed={spec['generator_seed']} is the "
+                          "benchmark's own dataset.generator.seed: the pretraining would see "
+                          "its images; choose another seed")
+    pcfg = segmentation_config(cfg, spec)
+    source = source_from_cfg(pcfg, progress=progress)
+    task = task_from_cfg(pcfg)
+    joint = task.joint()
+    key = teacher_key(pcfg, source.cache_identity(), joint.steps[0])
+    path = Path(cache) / "pretrain" / f"{backbone}-segmentation-{key}.pt"
+    with entry_lock(path):
+        if path.is_file():
+            return path
+        log.info("pretraining the %s backbone: Joint segmentation of every class on generator "
+                 "seed %d (%d epochs, %d px crops; once, then cached in %s)", backbone,
+                 spec["generator_seed"], spec["epochs"], spec["crop"], path.parent)
+        work = path.parent / f"work-{key}"  # its epoch checkpoint: a killed pretraining resumes
+        start = time.perf_counter()
+        with isolate_rng():
+            L.seed_everything(derive_seed(pcfg.seed, 0, 1), workers=True, verbose=False)
+            fitted = train_teacher(pcfg, work, cache, source, joint, score_task=task)
+        val = fitted.module.val_summary or {}
+        manifest = {
+            "kind": "segmentation_backbone", "backbone": backbone, "segmentation": spec,
+            "joint_entry": f"{key}.pt", "joint_cache": fitted.cache,
+            "val_miou_all": None if val.get("miou_all") is None else round(val["miou_all"], 4),
+            "total_s": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+        }
+        with atomic_path(path) as tmp:
+            torch.save(fitted.module.model.backbone.state_dict(), tmp)
+        atomic_write_json(path.with_suffix(".json"), manifest)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("segmentation backbone ready in %.0f s (its Joint model's val mIoU %s)",
+                 manifest["total_s"], manifest["val_miou_all"])
+    return path
+
+
+def model_weights(cfg: DictConfig, cache: Path, progress: bool = False):
+    """What to load into ``cfg.model``'s backbone: ``model.pretrained`` as it is, or for
+    ``corpus`` / ``segmentation`` the cached weights file (trained now if the cache holds
+    none). The config keeps the word: run hashes and step-0 keys follow the pretraining and
+    its recipe, not a path on this machine."""
+    pretrained = OmegaConf.select(cfg, "model.pretrained")
+    word = protocol_pretraining(pretrained)
+    if word == "corpus":
+        return str(corpus_backbone(cfg, cache, progress))
+    if word == "segmentation":
+        return str(segmentation_backbone(cfg, cache, progress))
+    return pretrained
+
+
+def resolved_model(cfg: DictConfig, cache: Path, progress: bool = True) -> DictConfig:
+    """``cfg.model`` with ``pretrained`` replaced by :func:`model_weights` (for the entry
+    point's check that the weights load)."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    if protocol_pretraining(node.get("pretrained")) is not None:
+        node.pretrained = model_weights(cfg, cache, progress)
+    return node
+
