@@ -40,6 +40,7 @@ NEWCLASS = "table3_amd-epyc_2026-12-04"   # teacher-label CE, linear decay, comp
 METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s runs kept)
 QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, empty cache
 DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
+SEGMENTATION = "segmentation_amd-epyc_2026-12-06"  # the shapes design + segmentation pretraining
 ADAPTIVE = "adaptive_amd-epyc_2026-12-06"      # cpu/adaptive*: fixed vs adaptive inversion budget
 ADAPTIVE_BENCH = "adaptive_amd-epyc_2thread_quick.json"  # bench/run.py --quick --only adaptive
 
@@ -410,6 +411,30 @@ def diagnosis_probe() -> str:
                      "the method's own new at the end"], ["---", "---"] + ["---:"] * 4, body)
 
 
+def segmentation_ranking() -> str:
+    """MiB, PLOP and DKD under the ``shapes`` design with the segmentation-pretrained backbone,
+    per task: mean +- std over the seeds there are, the published VOC figure, and tau-b."""
+    from incseg.report.tables import mean_std
+    rk = _script("ranking")
+    body = []
+    for task, voc in (("15-5s", "15-1"), ("10-1", "10-1")):
+        sels = {r: Sel(SEGMENTATION, task, row=r) for r in ("MiB", "PLOP", "DKD")}
+        sels = {r: s for r, s in sels.items() if s.runs()}
+        if not sels:
+            continue
+        means = {r: mean_std(metric(x, "all") for x in s.runs())[0] for r, s in sels.items()}
+        tau, over = rk.against_voc(task, means)
+        for r, sel in sels.items():
+            body.append([task, r, seeds(sel), cell(sel, "old"), cell(sel, "new"),
+                         cell(sel, "all"), cell(sel, "hiou"), f"VOC {voc}: "
+                         + rk.published_cell(task, r)])
+        body.append([task, f"Kendall's tau-b over {', '.join(over)}", "", "", "", f"{tau:.2f}",
+                     "", ""])
+    return markdown(["task", "method", "seeds", "old", "new", "all", "hIoU",
+                     "published all (%)"], ["---", "---", "---:"] + ["---:"] * 4 + ["---"],
+                    body)
+
+
 def diagnosis_curves() -> str:
     """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
     diag = _script("diagnosis")
@@ -434,6 +459,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "diagnosis": diagnosis,
     "diagnosis_ranking": diagnosis_ranking,
     "ranking_methods": ranking_methods,
+    "segmentation_ranking": segmentation_ranking,
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
