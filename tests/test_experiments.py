@@ -163,7 +163,31 @@ def test_methods_sweeps_cover_the_table():
         assert {o for job in runs(name) for o in job if o.startswith("seed=")} == {"seed=0"}
 
 
-@pytest.mark.parametrize("name", [n for n in METHOD_SWEEPS if "regularizers" in n])
+PRETRAINED_SWEEPS = ("cpu/pretrained_methods", "cpu/pretrained_regularizers",
+                     "cpu/pretrained_memory")
+
+
+def test_pretrained_sweeps_cover_the_table_on_the_pretrained_benchmark():
+    """The methods table on the pretrained shapes benchmark: 14 rows (11 methods, 3 -M) x 15-5s
+    and 10-1 x 3 seeds, every job with the shapes class design and the segmentation
+    pretraining, under one runs folder without two jobs in one directory."""
+    dirs, rows = set(), set()
+    for name in PRETRAINED_SWEEPS:
+        for overrides in _jobs(name):
+            cfg = compose([f"experiment={name}", *overrides], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            assert str(cfg.hydra.sweep.dir) == "runs/cpu/pretrained"
+            assert cfg.dataset.pretrained == "segmentation" == cfg.model.pretrained
+            assert cfg.dataset.generator.classes == "shapes"
+            dirs.add(str(cfg.hydra.sweep.subdir))
+            check_run(cfg)
+            memory = "-M" if int(cfg.memory.size) > 0 else ""
+            rows.add((cfg.method.name + memory, str(cfg.task.name), int(cfg.seed)))
+    assert len(dirs) == len(rows) == 14 * 2 * 3
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_SWEEPS if "regularizers" in n]
+                         + ["cpu/pretrained_regularizers"])
 def test_regularizer_sweeps_train_at_an_lr_their_weights_can_follow(name):
     """EWC / PI / RW at MiB's weights: the penalty's largest curvature (2 w, 4 w for RW's two
     normalised importances) below the bound of the sweep's SGD, so no job is refused at its
