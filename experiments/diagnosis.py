@@ -203,6 +203,10 @@ def condition(run: dict) -> str:
         params, recipe = corpus.get("params") or {}, corpus.get("train") or {}
         start = (f"corpus ({params.get('size')} px, {params.get('n_images')} images, "
                  f"{recipe.get('epochs')} ep)")
+    elif start == "segmentation":
+        seg = (cfg.get("dataset") or {}).get("segmentation") or {}
+        start = (f"segmentation pretraining (generator seed {seg.get('generator_seed')}, "
+                 f"{seg.get('epochs')} ep)")
     elif start not in ("random init", "imagenet"):
         start = f"backbone of {start}"      # a model file given as model.pretrained
     train = cfg.get("train") or {}

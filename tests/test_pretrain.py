@@ -142,6 +142,7 @@ def test_results_say_where_the_backbone_started_and_the_report_splits_tables():
         == "corpus"
     assert "pretrained" not in conventions(compose(["logger=none"]))
     assert pretrained_label("corpus") == "corpus" and pretrained_label(None) is None
+    assert pretrained_label("segmentation") == "segmentation"
     assert pretrained_label("/x/y/r18.pth") == "r18.pth" and pretrained_label("null") is None
 
 

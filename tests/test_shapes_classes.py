@@ -304,6 +304,9 @@ def test_the_diagnosis_names_where_each_runs_backbone_started():
     assert diag.condition(run(None)) == "random init" + tail
     corpus = {"corpus": {"params": {"size": 32, "n_images": 20000}, "train": {"epochs": 4}}}
     assert diag.condition(run("corpus", **corpus)) == "corpus (32 px, 20000 images, 4 ep)" + tail
+    seg = {"segmentation": {"generator_seed": 1, "epochs": 21}}
+    assert diag.condition(run("segmentation", **seg)) == (
+        "segmentation pretraining (generator seed 1, 21 ep)" + tail)
     # a model file (another run's model) is named by its file, not its folder
     assert diag.condition(run("/x/y/joint_e.pt")) == "backbone of joint_e.pt" + tail
     # seed 0 is every condition's; another seed is named

@@ -128,12 +128,12 @@ def _sub(cfg: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def pretrained_label(value: Any) -> str | None:
-    """How a run's backbone started, for its table's title: corpus, imagenet, the file's name,
-    or None from random weights."""
+    """How a run's backbone started, for its table's title: segmentation, corpus, imagenet, the
+    file's name, or None from random weights."""
     if value in (None, "", "none", "null"):
         return None
     text = str(value)
-    return text if text in ("corpus", "imagenet") else Path(text).name
+    return text if text in ("segmentation", "corpus", "imagenet") else Path(text).name
 
 
 def method_label(results: dict[str, Any]) -> str:
