@@ -60,6 +60,10 @@ def test_the_pretraining_is_the_joint_run_on_the_other_generator_seed():
         assert p.method.name == "joint" and cfg.method.name != "joint"  # the run's is kept
         keys.add(teacher_key(p, "root", task_from_cfg(p).joint().steps[0]))
     assert keys == {teacher_key(by_hand, "root", task_from_cfg(by_hand).joint().steps[0])}
+    # under DDP the pretraining still runs in the one process that starts the ranks
+    ddp = segmentation_config(compose(TINY + ["trainer=ddp"]), spec)
+    assert ddp.trainer.strategy == "auto" and ddp.trainer.devices == 1
+    assert "num_nodes" not in ddp.trainer
 
 
 def test_refusals_name_what_to_pass(tmp_path):

@@ -247,8 +247,9 @@ def segmentation_config(cfg: DictConfig, spec: dict) -> DictConfig:
     """The config of the pretraining run: Joint over every class of the run's ``shapes``
     generator with its seed replaced by ``generator_seed`` (a disjoint image stream: no
     benchmark image is seen), from random weights, with the spec's epochs, crop, lr and seed
-    and the run's recipe otherwise. Overlap and the task do not change a Joint model over all
-    classes, so they are fixed: every task and setting of a sweep shares one pretraining."""
+    and the run's recipe otherwise, in one process. Overlap and the task do not change a Joint
+    model over all classes, so they are fixed: every task and setting of a sweep shares one
+    pretraining."""
     p = copy.deepcopy(cfg)
     with open_dict(p):
         p.pop("hydra", None)  # the entry point's check composes with Hydra's own node
@@ -267,6 +268,10 @@ def segmentation_config(cfg: DictConfig, spec: dict) -> DictConfig:
         p.seed = spec["seed"]
         p.overlap = True
         p.protocol.step0_cache = True
+        # one process: the entry point makes it before DDP starts its ranks, which would
+        # relaunch the command and wait on this entry's lock
+        p.trainer.strategy, p.trainer.devices = "auto", 1
+        p.trainer.pop("num_nodes", None)
         if p.get("memory") is not None:
             p.memory.size = 0
     return p
