@@ -293,12 +293,6 @@ def protocol_pretraining(pretrained) -> str | None:
     return None
 
 
-def is_corpus(pretrained) -> bool:
-    """``model.pretrained=corpus``: weights the protocol pretrains on the procedural corpus
-    (``incseg.protocol.pretrain``) and hands to the model as a file."""
-    return protocol_pretraining(pretrained) == "corpus"
-
-
 def check_pretrained_value(name: str, pretrained) -> None:
     """A model's config check: the weights ``pretrained`` names exist or can be fetched
     (``corpus`` and ``segmentation`` are made by the protocol itself, which checks its own
