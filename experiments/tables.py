@@ -337,17 +337,24 @@ def diagnosis() -> str:
             + diag.pretraining(RESULTS / DIAGNOSIS))
 
 
+def tau_against_voc(task: str, sels: dict[str, Sel]) -> tuple[str, str]:
+    """(row label, tau-b cell): Kendall's tau-b between the mean all-mIoU of each row's runs
+    and the published VOC figures of ``task`` (``experiments/ranking.py``)."""
+    from incseg.report.tables import mean_std
+    means = {r: mean_std(metric(x, "all") for x in s.runs())[0] for r, s in sels.items()}
+    tau, over = _script("ranking").against_voc(task, means)
+    return f"Kendall's tau-b over {', '.join(over)}", f"{tau:.2f}"
+
+
 def ranking_methods() -> str:
     """The 10-1 methods table against the published VOC 10-1 figures, and Kendall's tau-b."""
-    from incseg.report.tables import mean_std
     rk = _script("ranking")
     rows = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "PI", "RW", "MiB", "MiB-M", "PLOP", "PLOP-M",
             "DKD", "DKD-M", "Joint"]
     sels = {r: Sel(METHODS, "10-1", row=r) for r in rows}
-    means = {r: mean_std(metric(x, "all") for x in s.runs())[0] for r, s in sels.items()}
-    tau, over = rk.against_voc("10-1", means)
     body = [[r, seeds(s), cell(s, "all"), rk.published_cell("10-1", r)] for r, s in sels.items()]
-    body.append([f"Kendall's tau-b over {', '.join(over)}", "", f"{tau:.2f}", ""])
+    label, tau = tau_against_voc("10-1", sels)
+    body.append([label, "", tau, ""])
     return markdown(["10-1", "seeds", "`shapes` all", "VOC 10-1 all, published (%)"],
                     ["---", "---:", "---:", "---:"], body)
 
@@ -414,7 +421,6 @@ def diagnosis_probe() -> str:
 def segmentation_ranking() -> str:
     """MiB, PLOP and DKD under the ``shapes`` design with the segmentation-pretrained backbone,
     per task: mean +- std over the seeds there are, the published VOC figure, and tau-b."""
-    from incseg.report.tables import mean_std
     rk = _script("ranking")
     body = []
     for task, voc in (("15-5s", "15-1"), ("10-1", "10-1")):
@@ -422,14 +428,12 @@ def segmentation_ranking() -> str:
         sels = {r: s for r, s in sels.items() if s.runs()}
         if not sels:
             continue
-        means = {r: mean_std(metric(x, "all") for x in s.runs())[0] for r, s in sels.items()}
-        tau, over = rk.against_voc(task, means)
         for r, sel in sels.items():
             body.append([task, r, seeds(sel), cell(sel, "old"), cell(sel, "new"),
                          cell(sel, "all"), cell(sel, "hiou"), f"VOC {voc}: "
                          + rk.published_cell(task, r)])
-        body.append([task, f"Kendall's tau-b over {', '.join(over)}", "", "", "", f"{tau:.2f}",
-                     "", ""])
+        label, tau = tau_against_voc(task, sels)
+        body.append([task, label, "", "", "", tau, "", ""])
     return markdown(["task", "method", "seeds", "old", "new", "all", "hIoU",
                      "published all (%)"], ["---", "---", "---:"] + ["---:"] * 4 + ["---"],
                     body)

@@ -293,8 +293,8 @@ def segmentation_backbone(cfg: DictConfig, cache: Path, progress: bool = True) -
                           "shapes generator, so it needs the generated shapes dataset (no "
                           "data.root); pass model.pretrained=null or imagenet for "
                           f"dataset={cfg.dataset.name}")
-    spec = segmentation_spec(OmegaConf.to_container(
-        OmegaConf.select(cfg, "dataset.segmentation") or OmegaConf.create({}), resolve=True))
+    node = OmegaConf.select(cfg, "dataset.segmentation")
+    spec = segmentation_spec(None if node is None else OmegaConf.to_container(node, resolve=True))
     if spec["generator_seed"] == int(cfg.dataset.generator.seed):
         raise ConfigError(f"dataset.segmentation.generator_seed={spec['generator_seed']} is the "
                           "benchmark's own dataset.generator.seed: the pretraining would see "
