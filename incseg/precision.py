@@ -111,6 +111,21 @@ def resolve_channels_last(requested, precision: str, *, device: str = "other",
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere platform's processor string):
+    CPU results agree only between runs on the same CPU kind, so a result file names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU has AMX-BF16 tiles (Linux: the ``amx_bf16`` flag of /proc/cpuinfo;
     elsewhere torch's capability string is the only portable hint)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,10 @@ def test_smoke_joint_writes_results_per_spec(tmp_path):
     assert step["miou_new"] is not None  # Joint is scored with the task's split (16-20 new)
     assert on_disk["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0]
     assert on_disk["provenance"]["config"]["method"]["name"] == "joint"
+    # CPU figures agree only on one CPU kind: the file names it (None only off Linux)
+    from incseg.precision import cpu_model
+    assert on_disk["provenance"]["cpu"] == cpu_model()
+    assert os.path.isfile("/proc/cpuinfo") <= bool(on_disk["provenance"]["cpu"])
     assert (run / "results.csv").read_text().startswith("step,class,iou")
     ious = [v for v in step["iou"].values() if v is not None]
     assert step["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)
