@@ -41,6 +41,7 @@ METHODS = "methods_amd-epyc_2026-12-04"   # cpu/methods* (10-1 and the 15-5s run
 QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, empty cache
 DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
 SEGMENTATION = "segmentation_amd-epyc_2026-12-06"  # the shapes design + segmentation pretraining
+SEGMENTATION_INTEL = "segmentation_intel-xeon_2026-12-07"  # the same, on an Intel Xeon
 ADAPTIVE = "adaptive_amd-epyc_2026-12-06"      # cpu/adaptive*: fixed vs adaptive inversion budget
 ADAPTIVE_BENCH = "adaptive_amd-epyc_2thread_quick.json"  # bench/run.py --quick --only adaptive
 
@@ -418,13 +419,19 @@ def diagnosis_probe() -> str:
                      "the method's own new at the end"], ["---", "---"] + ["---:"] * 4, body)
 
 
-def segmentation_ranking() -> str:
-    """MiB, PLOP and DKD under the ``shapes`` design with the segmentation-pretrained backbone,
-    per task: mean +- std over the seeds there are, the published VOC figure, and tau-b."""
+#: the rows of a methods table, in the order of the field's tables (older methods first)
+METHOD_ROWS = ("FT", "EWC", "PI", "RW", "LwF", "LwF-MC", "ILT", "MiB", "PLOP", "DKD", "MiB-M",
+               "PLOP-M", "DKD-M", "Joint")
+
+
+def pretrained_methods(folder: str) -> str:
+    """Every method a folder of the segmentation-pretrained ``shapes`` benchmark holds, per
+    task: mean +- std over the seeds there are, the published VOC figure, and tau-b. One
+    folder is one CPU kind: figures agree only between runs on the same kind."""
     rk = _script("ranking")
     body = []
     for task, voc in (("15-5s", "15-1"), ("10-1", "10-1")):
-        sels = {r: Sel(SEGMENTATION, task, row=r) for r in ("MiB", "PLOP", "DKD")}
+        sels = {r: Sel(folder, task, row=r) for r in METHOD_ROWS}
         sels = {r: s for r, s in sels.items() if s.runs()}
         if not sels:
             continue
@@ -463,7 +470,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "diagnosis": diagnosis,
     "diagnosis_ranking": diagnosis_ranking,
     "ranking_methods": ranking_methods,
-    "segmentation_ranking": segmentation_ranking,
+    "segmentation_ranking": lambda: pretrained_methods(SEGMENTATION),
+    "segmentation_intel": lambda: pretrained_methods(SEGMENTATION_INTEL),
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,

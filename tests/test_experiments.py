@@ -186,6 +186,35 @@ def test_pretrained_sweeps_cover_the_table_on_the_pretrained_benchmark():
     assert len(dirs) == len(rows) == 14 * 2 * 3
 
 
+PRETRAINED_OTHER = ("cpu/pretrained_table2", "cpu/pretrained_replay", "cpu/pretrained_star")
+
+
+def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
+    """Table 2, the replay rows and STAR against DKD with and without image replay on the
+    pretrained benchmark: every job valid; a run directory two sweeps share holds one config
+    (the 15-5s Table 2 rows and plain DKD are the methods table's own runs, not run twice)."""
+    where: dict[str, tuple] = {}
+    rows = set()
+    for name in PRETRAINED_SWEEPS + PRETRAINED_OTHER:
+        for overrides in _jobs(name):
+            cfg = compose([f"experiment={name}", *overrides], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            assert str(cfg.hydra.sweep.dir) == "runs/cpu/pretrained"
+            assert cfg.dataset.pretrained == "segmentation"
+            check_run(cfg)
+            what = (cfg.method.name, int(cfg.memory.size), str(cfg.task.name), int(cfg.seed),
+                    cfg.replay.name, OmegaConf.select(cfg, "replay.loss"))
+            assert where.setdefault(str(cfg.hydra.sweep.subdir), what) == what, overrides
+            if name in PRETRAINED_OTHER:
+                rows.add(what[:3] + what[4:])
+    tasks = {r[2] for r in rows}
+    assert tasks == {"15-5", "15-5s", "10-1"}
+    replayed = {(m, t) for m, _, t, r, _ in rows if r == "deepinversion"}
+    assert replayed >= {("mib", "15-5"), ("mib", "15-5s"), ("mib", "10-1"), ("dkd", "15-5s"),
+                        ("dkd", "10-1"), ("star", "15-5s"), ("star", "10-1")}
+    assert {r[0] for r in rows if r[2] == "15-5"} == {"ft", "lwf", "ilt", "mib", "joint"}
+
+
 @pytest.mark.parametrize("name", [n for n in METHOD_SWEEPS if "regularizers" in n]
                          + ["cpu/pretrained_regularizers"])
 def test_regularizer_sweeps_train_at_an_lr_their_weights_can_follow(name):
