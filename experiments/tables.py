@@ -446,6 +446,42 @@ def pretrained_methods(folder: str) -> str:
                     body)
 
 
+def _learned_and_kept(run: dict) -> tuple[float, float, float, float]:
+    """(step-0 mIoU, old at the end / step 0's old, a new class's mean IoU at the step that
+    taught it, the same classes' mean IoU at the end): what is forgotten, what is never
+    learned, what is learned and then lost."""
+    steps, last = run["steps"], run["steps"][-1]["iou"]
+    taught = [(c, st["iou"][str(c)]) for st in steps[1:] for c in st["classes"]]
+    at_step = [v for _, v in taught if v is not None]
+    at_end = [last[str(c)] for c, _ in taught if last.get(str(c)) is not None]
+    return (steps[0]["miou_all"], run["final"]["old"] / steps[0]["miou_old"],
+            sum(at_step) / len(at_step), sum(at_end) / len(at_end))
+
+
+def pretrained_forgetting(folder: str) -> str:
+    """Per task and method of a pretrained-benchmark folder, mean +- std over seeds: the step-0
+    model, the share of its old-class mIoU kept at the end, and the new classes when learned
+    and at the end (``_learned_and_kept``)."""
+    from incseg.report.tables import fmt_cell, mean_std
+    labels = {"ft": "FT", "ewc": "EWC", "pi": "PI", "rw": "RW", "lwf": "LwF",
+              "lwf_mc": "LwF-MC", "ilt": "ILT", "mib": "MiB", "plop": "PLOP", "dkd": "DKD",
+              "mib_m": "MiB-M", "plop_m": "PLOP-M", "dkd_m": "DKD-M"}
+    body = []
+    for task in ("15-5s", "10-1"):
+        for method, label in labels.items():
+            files = sorted((RESULTS / folder / "per_run" / "shapes" / task / method)
+                           .glob("seed*/results.json"))
+            if not files:
+                continue
+            runs = [json.loads(f.read_text()) for f in files]
+            cols = list(zip(*(_learned_and_kept(r) for r in runs)))
+            body.append([task, label, ",".join(str(r["seed"]) for r in runs),
+                         *(fmt_cell(*mean_std(c)[:2]) for c in cols)])
+    return markdown(["task", "method", "seeds", "step 0 all", "old at the end / step 0 old",
+                     "new class at its step", "new classes at the end"],
+                    ["---", "---", "---:"] + ["---:"] * 4, body)
+
+
 def diagnosis_curves() -> str:
     """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
     diag = _script("diagnosis")
@@ -472,6 +508,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "ranking_methods": ranking_methods,
     "segmentation_ranking": lambda: pretrained_methods(SEGMENTATION),
     "segmentation_intel": lambda: pretrained_methods(SEGMENTATION_INTEL),
+    "segmentation_forgetting": lambda: pretrained_forgetting(SEGMENTATION),
+    "segmentation_forgetting_intel": lambda: pretrained_forgetting(SEGMENTATION_INTEL),
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
