@@ -458,6 +458,47 @@ def _learned_and_kept(run: dict) -> tuple[float, float, float, float]:
             sum(at_step) / len(at_step), sum(at_end) / len(at_end))
 
 
+def _new_at_step(run: dict) -> tuple[float, ...]:
+    """Each step's new classes on that step's test confusion, averaged over the steps' new
+    classes: of a new class's pixels, the share predicted right, as background, as an old
+    class; of the pixels predicted as it, the share that are right and that are background."""
+    sums = [0.0] * 5
+    n = 0
+    for st in run["steps"][1:]:
+        classes, counts = st["confusion"]["classes"], st["confusion"]["counts"]
+        bg = classes.index(0)
+        for c in st["classes"]:
+            i = classes.index(c)
+            row, col = counts[i], [r[i] for r in counts]
+            old = sum(row[j] for j, k in enumerate(classes) if 0 < k and k not in st["classes"])
+            if not sum(row) or not sum(col):
+                continue
+            for k, v in enumerate((row[i] / sum(row), row[bg] / sum(row), old / sum(row),
+                                   row[i] / sum(col), col[bg] / sum(col))):
+                sums[k] += v
+            n += 1
+    return tuple(v / n for v in sums)
+
+
+def pretrained_new_at_step(folder: str, task: str) -> str:
+    """Where a new class's pixels go at the step that teaches it, and where the pixels
+    predicted as it come from (``_new_at_step``), mean +- std over seeds."""
+    from incseg.report.tables import fmt_cell, mean_std
+    body = []
+    for method, label in (("mib", "MiB"), ("plop", "PLOP"), ("dkd", "DKD")):
+        files = sorted((RESULTS / folder / "per_run" / "shapes" / task / method)
+                       .glob("seed*/results.json"))
+        if not files:
+            continue
+        runs = [json.loads(f.read_text()) for f in files]
+        cols = list(zip(*(_new_at_step(r) for r in runs)))
+        body.append([task, label, ",".join(str(r["seed"]) for r in runs),
+                     *(fmt_cell(*mean_std(c)[:2]) for c in cols)])
+    return markdown(["task", "method", "seeds", "new pixels: right", "as background",
+                     "as an old class", "predicted new: right", "predicted new: background"],
+                    ["---", "---", "---:"] + ["---:"] * 5, body)
+
+
 def pretrained_forgetting(folder: str) -> str:
     """Per task and method of a pretrained-benchmark folder, mean +- std over seeds: the step-0
     model, the share of its old-class mIoU kept at the end, and the new classes when learned
@@ -510,6 +551,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "segmentation_intel": lambda: pretrained_methods(SEGMENTATION_INTEL),
     "segmentation_forgetting": lambda: pretrained_forgetting(SEGMENTATION),
     "segmentation_forgetting_intel": lambda: pretrained_forgetting(SEGMENTATION_INTEL),
+    "segmentation_new_at_step": lambda: pretrained_new_at_step(SEGMENTATION, "10-1"),
+    "segmentation_new_at_step_intel": lambda: pretrained_new_at_step(SEGMENTATION_INTEL,
+                                                                     "10-1"),
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
