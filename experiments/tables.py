@@ -480,20 +480,35 @@ def _new_at_step(run: dict) -> tuple[float, ...]:
     return tuple(v / n for v in sums)
 
 
+#: per_run folder name of a method (``_m``: with a labelled memory) -> its row label
+RUN_LABELS = {"ft": "FT", "ewc": "EWC", "pi": "PI", "rw": "RW", "lwf": "LwF", "lwf_mc": "LwF-MC",
+              "ilt": "ILT", "mib": "MiB", "plop": "PLOP", "dkd": "DKD", "mib_m": "MiB-M",
+              "plop_m": "PLOP-M", "dkd_m": "DKD-M"}
+
+
+def _per_method_rows(folder: str, tasks: Sequence[str], methods: Sequence[str],
+                     measure: Callable[[dict], tuple[float, ...]]) -> list[list[str]]:
+    """[task, method, seeds, mean +- std of each of ``measure``'s figures] per task and method
+    of a per_run folder, over the seeds it holds."""
+    from incseg.report.tables import fmt_cell, mean_std
+    body = []
+    for task in tasks:
+        for method in methods:
+            files = sorted((RESULTS / folder / "per_run" / "shapes" / task / method)
+                           .glob("seed*/results.json"))
+            if not files:
+                continue
+            runs = [json.loads(f.read_text()) for f in files]
+            cols = list(zip(*(measure(r) for r in runs)))
+            body.append([task, RUN_LABELS[method], ",".join(str(r["seed"]) for r in runs),
+                         *(fmt_cell(*mean_std(c)[:2]) for c in cols)])
+    return body
+
+
 def pretrained_new_at_step(folder: str, task: str) -> str:
     """Where a new class's pixels go at the step that teaches it, and where the pixels
     predicted as it come from (``_new_at_step``), mean +- std over seeds."""
-    from incseg.report.tables import fmt_cell, mean_std
-    body = []
-    for method, label in (("mib", "MiB"), ("plop", "PLOP"), ("dkd", "DKD")):
-        files = sorted((RESULTS / folder / "per_run" / "shapes" / task / method)
-                       .glob("seed*/results.json"))
-        if not files:
-            continue
-        runs = [json.loads(f.read_text()) for f in files]
-        cols = list(zip(*(_new_at_step(r) for r in runs)))
-        body.append([task, label, ",".join(str(r["seed"]) for r in runs),
-                     *(fmt_cell(*mean_std(c)[:2]) for c in cols)])
+    body = _per_method_rows(folder, [task], ["mib", "plop", "dkd"], _new_at_step)
     return markdown(["task", "method", "seeds", "new pixels: right", "as background",
                      "as an old class", "predicted new: right", "predicted new: background"],
                     ["---", "---", "---:"] + ["---:"] * 5, body)
@@ -503,21 +518,7 @@ def pretrained_forgetting(folder: str) -> str:
     """Per task and method of a pretrained-benchmark folder, mean +- std over seeds: the step-0
     model, the share of its old-class mIoU kept at the end, and the new classes when learned
     and at the end (``_learned_and_kept``)."""
-    from incseg.report.tables import fmt_cell, mean_std
-    labels = {"ft": "FT", "ewc": "EWC", "pi": "PI", "rw": "RW", "lwf": "LwF",
-              "lwf_mc": "LwF-MC", "ilt": "ILT", "mib": "MiB", "plop": "PLOP", "dkd": "DKD",
-              "mib_m": "MiB-M", "plop_m": "PLOP-M", "dkd_m": "DKD-M"}
-    body = []
-    for task in ("15-5s", "10-1"):
-        for method, label in labels.items():
-            files = sorted((RESULTS / folder / "per_run" / "shapes" / task / method)
-                           .glob("seed*/results.json"))
-            if not files:
-                continue
-            runs = [json.loads(f.read_text()) for f in files]
-            cols = list(zip(*(_learned_and_kept(r) for r in runs)))
-            body.append([task, label, ",".join(str(r["seed"]) for r in runs),
-                         *(fmt_cell(*mean_std(c)[:2]) for c in cols)])
+    body = _per_method_rows(folder, ["15-5s", "10-1"], list(RUN_LABELS), _learned_and_kept)
     return markdown(["task", "method", "seeds", "step 0 all", "old at the end / step 0 old",
                      "new class at its step", "new classes at the end"],
                     ["---", "---", "---:"] + ["---:"] * 4, body)

@@ -77,6 +77,32 @@ def test_hiou_is_the_harmonic_mean_of_old_and_new():
     assert tables.metric({"old": "0.5", "new": "0.25", "hiou": ""}, "hiou") == pytest.approx(1 / 3)
 
 
+def _two_step_run():
+    """Step 0: background and class 1; step 1 teaches class 2. Step 1's test confusion (rows
+    truth, columns prediction; classes 0, 1, 2): class 2's 10 pixels go 6 right, 3 to the
+    background, 1 to class 1; 4 background pixels and 2 of class 1's are predicted as 2."""
+    return {"steps": [
+        {"classes": [0, 1], "iou": {"0": 0.9, "1": 0.5}, "miou_all": 0.7, "miou_old": 0.7},
+        {"classes": [2], "iou": {"0": 0.8, "1": 0.3, "2": 0.4},
+         "confusion": {"classes": [0, 1, 2],
+                       "counts": [[90, 6, 4], [5, 13, 2], [3, 1, 6]]}}],
+        "final": {"old": 0.55}}
+
+
+def test_learned_and_kept_reads_step_0_the_old_share_and_the_new_class_by_step():
+    run = _two_step_run()
+    step0, kept, at_step, at_end = tables._learned_and_kept(run)
+    assert (step0, at_step, at_end) == (0.7, 0.4, 0.4)  # one new class, taught at the last step
+    assert kept == pytest.approx(0.55 / 0.7)
+
+
+def test_new_at_step_splits_a_new_class_s_pixels_and_its_predictions():
+    right, as_bg, as_old, precision, from_bg = tables._new_at_step(_two_step_run())
+    assert (right, as_bg, as_old) == pytest.approx((6 / 10, 3 / 10, 1 / 10))
+    # predicted as class 2: 4 + 2 + 6 = 12 pixels, 6 of them right, 4 background
+    assert (precision, from_bg) == pytest.approx((6 / 12, 4 / 12))
+
+
 def test_an_unknown_table_name_is_one_line():
     with pytest.raises(SystemExit, match=r"unknown table 'nope'"):
         tables.fill("<!-- table:nope -->\n<!-- /table -->")
