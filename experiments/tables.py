@@ -524,6 +524,33 @@ def pretrained_forgetting(folder: str) -> str:
                     ["---", "---", "---:"] + ["---:"] * 4, body)
 
 
+def plop_pod_ablation(folder: str, task: str = "10-1") -> str:
+    """PLOP with and without its POD terms beside MiB, each seed the ablations ran (folder
+    ``ablations/<task>/<name>/seed<N>``): the all-mIoU, the old classes' share kept, a new class
+    at its step, and the share of the pixels predicted as a new class that are background."""
+    root = RESULTS / folder
+    files = []  # per seed: MiB, PLOP, then each ablation of that seed
+    for abl in sorted((root / "ablations" / task).glob("*/seed*/results.json"),
+                      key=lambda f: (f.parent.name, f.parent.parent.name)):
+        files += [root / "per_run" / "shapes" / task / m / abl.parent.name / "results.json"
+                  for m in ("mib", "plop")] + [abl]
+    rows = []
+    for f in dict.fromkeys(files):
+        run = json.loads(f.read_text())
+        m = run["provenance"]["config"]["method"]
+        label = m["label"]
+        if m["name"] == "plop":
+            label += (f" (POD {m['pod_weight']:g} on the features, "
+                      f"{m['pod_logits_weight']:g} on the logits)")
+        _, kept, at_step, _ = _learned_and_kept(run)
+        from_bg = _new_at_step(run)[4]
+        rows.append([task, label, str(run["seed"]), f"{run['final']['all']:.3f}", f"{kept:.3f}",
+                     f"{at_step:.3f}", f"{from_bg:.2f}"])
+    return markdown(["task", "method", "seed", "all", "old at the end / step 0 old",
+                     "new class at its step", "predicted new: background"],
+                    ["---", "---", "---:"] + ["---:"] * 4, rows)
+
+
 def diagnosis_curves() -> str:
     """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
     diag = _script("diagnosis")
@@ -553,6 +580,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "segmentation_forgetting": lambda: pretrained_forgetting(SEGMENTATION),
     "segmentation_forgetting_intel": lambda: pretrained_forgetting(SEGMENTATION_INTEL),
     "segmentation_new_at_step": lambda: pretrained_new_at_step(SEGMENTATION, "10-1"),
+    "plop_pod_intel": lambda: plop_pod_ablation(SEGMENTATION_INTEL),
     "segmentation_new_at_step_intel": lambda: pretrained_new_at_step(SEGMENTATION_INTEL,
                                                                      "10-1"),
     "readme_quickstart": readme_quickstart,
