@@ -192,8 +192,12 @@ PRETRAINED_OTHER = ("cpu/pretrained_table2", "cpu/pretrained_replay", "cpu/pretr
 def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
     """Table 2, the replay rows and STAR against DKD with and without image replay on the
     pretrained benchmark: every job valid; a run directory two sweeps share holds one config
-    (the 15-5s Table 2 rows and plain DKD are the methods table's own runs, not run twice)."""
-    where: dict[str, tuple] = {}
+    fingerprint (the 15-5s Table 2 rows and plain DKD are the methods table's own runs, which
+    the second sweep finds finished instead of running them twice)."""
+    from incseg.protocol.state import fingerprint
+
+    where: dict[str, dict] = {}
+    sweeps: dict[str, set[str]] = {}
     rows = set()
     for name in PRETRAINED_SWEEPS + PRETRAINED_OTHER:
         for overrides in _jobs(name):
@@ -204,7 +208,9 @@ def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
             check_run(cfg)
             what = (cfg.method.name, int(cfg.memory.size), str(cfg.task.name), int(cfg.seed),
                     cfg.replay.name, OmegaConf.select(cfg, "replay.loss"))
-            assert where.setdefault(str(cfg.hydra.sweep.subdir), what) == what, overrides
+            fp = fingerprint(compose([f"experiment={name}", *overrides]))
+            assert where.setdefault(str(cfg.hydra.sweep.subdir), fp) == fp, overrides
+            sweeps.setdefault(str(cfg.hydra.sweep.subdir), set()).add(name)
             if name in PRETRAINED_OTHER:
                 rows.add(what[:3] + what[4:])
     tasks = {r[2] for r in rows}
@@ -213,6 +219,8 @@ def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
     assert replayed >= {("mib", "15-5"), ("mib", "15-5s"), ("mib", "10-1"), ("dkd", "15-5s"),
                         ("dkd", "10-1"), ("star", "15-5s"), ("star", "10-1")}
     assert {r[0] for r in rows if r[2] == "15-5"} == {"ft", "lwf", "ilt", "mib", "joint"}
+    shared = {d for d, names in sweeps.items() if len(names) > 1}
+    assert {"shapes/15-5s/mib/seed0", "shapes/10-1/dkd/seed0"} <= shared
 
 
 @pytest.mark.parametrize("name", [n for n in METHOD_SWEEPS if "regularizers" in n]
