@@ -436,9 +436,10 @@ def pretrained_methods(folder: str) -> str:
         if not sels:
             continue
         for r, sel in sels.items():
+            published = rk.published_cell(task, r)
             body.append([task, r, seeds(sel), cell(sel, "old"), cell(sel, "new"),
-                         cell(sel, "all"), cell(sel, "hiou"), f"VOC {voc}: "
-                         + rk.published_cell(task, r)])
+                         cell(sel, "all"), cell(sel, "hiou"),
+                         f"VOC {voc}: {published}" if published else ""])
         label, tau = tau_against_voc(task, sels)
         body.append([task, label, "", "", "", tau, "", ""])
     return markdown(["task", "method", "seeds", "old", "new", "all", "hIoU",
