@@ -111,18 +111,41 @@ def resolve_channels_last(requested, precision: str, *, device: str = "other",
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere platform's processor string):
-    CPU results agree only between runs on the same CPU kind, so a result file names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() or None
-    except OSError:
-        pass
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name with its family and model numbers (Linux: /proc/cpuinfo; elsewhere
+    platform's processor string): CPU results agree only between runs on the same CPU kind, and
+    a virtual machine's name alone ("AMD EPYC") can hide two generations, so a result file
+    names both."""
     import platform
 
-    return platform.processor() or None
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or None
+    if name and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's CPU kernels dispatch to (``DEFAULT``, ``AVX2``, ``AVX512``):
+    two CPUs that pick different kernels sum in different orders, so their results differ in
+    the last digits even at one thread."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # older torch
+        return "unknown"
 
 
 @functools.lru_cache(maxsize=1)

@@ -48,6 +48,8 @@ def test_smoke_joint_writes_results_per_spec(tmp_path):
     from incseg.precision import cpu_model
     assert on_disk["provenance"]["cpu"] == cpu_model()
     assert os.path.isfile("/proc/cpuinfo") <= bool(on_disk["provenance"]["cpu"])
+    from incseg.precision import cpu_kernels
+    assert on_disk["provenance"]["cpu_kernels"] == cpu_kernels() != ""
     assert (run / "results.csv").read_text().startswith("step,class,iou")
     ious = [v for v in step["iou"].values() if v is not None]
     assert step["miou_all"] == pytest.approx(sum(ious) / len(ious), abs=1e-5)
@@ -389,3 +391,15 @@ def test_replay_decay_reads_the_trainers_progress(monkeypatch):
     module._trainer = fake
     module.training_loss(x, y, replay)
     assert module.replay.progress == pytest.approx(0.75)
+
+
+def test_the_cpu_kind_names_family_and_model_beside_the_name():
+    """A virtual machine's model name alone ("AMD EPYC") can hide two generations whose kernels
+    sum differently: the family and model numbers of the first processor are added."""
+    from incseg.precision import cpu_model
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\n"
+            "model name\t: other\n")
+    assert cpu_model(info) == "AMD EPYC (family 25, model 17)"
+    assert cpu_model("model name\t: Intel(R) Xeon(R) Processor\n") == "Intel(R) Xeon(R) Processor"

@@ -30,7 +30,7 @@ from incseg.checkpoints import (
 from incseg.config.build import instantiate
 from incseg.data.datamodule import IncrementalDataModule
 from incseg.errors import CheckpointError, Interrupted
-from incseg.precision import cpu_model, training_format
+from incseg.precision import cpu_kernels, cpu_model, training_format
 from incseg.protocol.state import derive_seed, fingerprint
 from incseg.systems.base import Recipe
 from incseg.tasks import Task
@@ -214,7 +214,8 @@ def provenance(cfg: DictConfig) -> dict:
         "versions": {p: ver(p) for p in ("incseg", "torch", "torchvision", "lightning",
                                           "hydra-core", "albumentations", "torchmetrics",
                                           "numpy")},
-        "device": device, "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "device": device, "cpu": cpu_model(), "cpu_kernels": cpu_kernels(),
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "training_format": training_format(cfg).as_dict(),
     }
