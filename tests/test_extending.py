@@ -183,3 +183,24 @@ def test_a_method_needing_a_feature_the_model_lacks_is_one_line():
     module = StudentModule(new, old, task, 1, Recipe(), ILT(feat_layer="decoder"))
     with pytest.raises(ConfigError, match="reads the model features decoder, which NoDecoder"):
         module.training_loss(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("form", ["hydra.searchpath", "--config-dir", "--config-dir=", "-cd"])
+def test_a_users_config_folder_adds_choices_however_hydra_is_told_of_it(tmp_path, form):
+    """The one-line check of ``method=NAME`` looks in every folder Hydra searches: the
+    ``hydra.searchpath`` override and Hydra's ``--config-dir`` / ``-cd`` flag alike; a name in
+    neither is still refused."""
+    from incseg.config import check_overrides
+    from incseg.errors import ConfigError
+
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "mine.yaml").write_text("name: mine\n")
+    flag = {"hydra.searchpath": [f"hydra.searchpath=[file://{tmp_path}]"],
+            "--config-dir": ["--config-dir", str(tmp_path)],
+            "--config-dir=": [f"--config-dir={tmp_path}"],
+            "-cd": ["-cd", str(tmp_path)]}[form]
+    check_overrides([*flag, "method=mine"])
+    with pytest.raises(ConfigError, match="unknown method 'mine'"):
+        check_overrides(["method=mine"])
+    with pytest.raises(ConfigError, match="unknown method 'theirs'"):
+        check_overrides([*flag, "method=theirs"])

@@ -151,15 +151,20 @@ GROUPS = ("dataset", "task", "model", "method", "replay", "trainer", "logger", "
 
 
 def search_path_dirs(argv: Sequence[str]) -> list[Path]:
-    """The folders a user adds with ``hydra.searchpath=[file:///path/to/conf]``: their
-    ``method/``, ``model/`` ... YAMLs are choices like the suite's own (docs/extending.md)."""
+    """The folders a user adds with ``hydra.searchpath=[file:///path/to/conf]`` or with Hydra's
+    ``--config-dir DIR`` (``-cd DIR``): their ``method/``, ``model/`` ... YAMLs are choices like
+    the suite's own (docs/extending.md)."""
     dirs = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("hydra.searchpath="):
             for item in arg.split("=", 1)[1].strip("[]").split(","):
                 item = item.strip().strip("'\"")
                 if item.startswith("file://"):
                     dirs.append(Path(item[len("file://"):]))
+        elif arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith(("--config-dir=", "-cd=")):
+            dirs.append(Path(arg.split("=", 1)[1]))
     return dirs
 
 
