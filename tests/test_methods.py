@@ -414,6 +414,37 @@ def test_regulariser_state_survives_a_mid_step_resume(method_cls):
         torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
 
 
+@pytest.mark.parametrize("method_cls", [EWC, PI, RW])
+def test_regulariser_resumed_after_its_last_epoch_hands_over_as_the_uninterrupted_step(
+        method_cls):
+    """Killed after the last epoch checkpoint, the rerun's fit has nothing to train and
+    Lightning runs no on_train_end: the hand-over comes from on_fit_end, from the restored
+    accumulators, equal to the uninterrupted step's (it was empty, and the next step ran
+    without its penalty)."""
+    iterations = [({"w": [1.0, -2.0], "b": [0.5]}, {"w": [0.9, 2.1], "b": [0.4]}),
+                  ({"w": [0.5, -1.0], "b": [0.2]}, {"w": [0.8, 2.2], "b": [0.3]})]
+
+    def start():
+        method, model = method_cls(reg_weight=1), Toy()
+        method.setup(_ctx(num_old=0, step=0, model=model))
+        return method, model
+
+    straight, model = start()
+    for grads, moves in iterations:
+        _iterate(straight, model, grads, moves)
+    state = straight.state_dict()  # the last epoch checkpoint
+    straight.on_step_end(model, None)
+    straight.on_fit_end(model, [])  # after a full fit: changes nothing
+    resumed, fresh = start()
+    fresh.load_state_dict(model.state_dict())
+    resumed.load_state_dict(state)
+    assert resumed.next_step_state() == {}
+    resumed.on_fit_end(fresh, [])
+    a, b = straight.next_step_state(), resumed.next_step_state()
+    assert a and a.keys() == b.keys() and all(
+        torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+
+
 # ---- LwF-MC ------------------------------------------------------------------------------------
 def test_lwf_mc_losses_hand_computed():
     logits = torch.zeros(1, 2, 1, 2)
@@ -616,27 +647,33 @@ def test_a_regulariser_resumed_mid_step_ends_as_the_uninterrupted_run(cache, tmp
     class Killed(Exception):
         pass
 
-    def die_after_first_epoch(path):
-        if "step1-last.ckpt" in str(path):
-            raise Killed
-
-    monkeypatch.setattr(faults, "after_write", die_after_first_epoch)
-    cut = tmp_path / "cut"
-    with pytest.raises(Killed):
-        run_protocol(compose(args), cut)
-    monkeypatch.undo()
-    state = safe_load(cut / "checkpoints" / "step1-last.ckpt")["incseg_method"]
-    assert state["count"] > 0 and state["snapshot"]  # the RW state rides in the checkpoint
-    res = run_protocol(compose(args), cut)
-
     def numbers(r):  # the reference trained the RW step 0 that the cut run finds cached
         return [{k: v for k, v in s.items() if k not in ("wall_time_s", "step0_cache")}
                 for s in r["steps"]]
 
-    assert numbers(res) == numbers(ref) and res["final"] == ref["final"]
-    a, b = _handover(tmp_path / "reference" / "checkpoints" / "step1.pt"), \
-        _handover(cut / "checkpoints" / "step1.pt")
-    assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    # killed after step 1's first epoch (mid-step), and after its last one (the rerun's fit
+    # has nothing left to train: the hand-over comes from the restored state)
+    for kill_at in (1, 2):
+        writes = []
+
+        def die(path, kill_at=kill_at, writes=writes):
+            if "step1-last.ckpt" in str(path):
+                writes.append(path)
+                if len(writes) == kill_at:
+                    raise Killed
+
+        monkeypatch.setattr(faults, "after_write", die)
+        cut = tmp_path / f"cut{kill_at}"
+        with pytest.raises(Killed):
+            run_protocol(compose(args), cut)
+        monkeypatch.undo()
+        state = safe_load(cut / "checkpoints" / "step1-last.ckpt")["incseg_method"]
+        assert state["count"] > 0 and state["snapshot"]  # the RW state rides in the checkpoint
+        res = run_protocol(compose(args), cut)
+        assert numbers(res) == numbers(ref) and res["final"] == ref["final"]
+        a, b = _handover(tmp_path / "reference" / "checkpoints" / "step1.pt"), \
+            _handover(cut / "checkpoints" / "step1.pt")
+        assert a and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
     assert any((a["score"][n] > 0).any() for n in a["score"])  # the score did accumulate
 
 

@@ -115,6 +115,7 @@ class ImportanceRegularizer(Method, ABC):
                              "StepContext must carry the model")
         self.params = dict(ctx.model.named_parameters())
         self.importance, self.anchors = {}, {}
+        self.handover = None
         if ctx.old_model is not None:
             if self.previous:
                 old = dict(ctx.old_model.named_parameters())
@@ -183,6 +184,13 @@ class ImportanceRegularizer(Method, ABC):
         with torch.no_grad():
             final = self._final(self.params)
         self.handover = {kind: to_cpu(t) for kind, t in final.items()}
+
+    def on_fit_end(self, model: nn.Module, train_loader) -> None:
+        """A step killed after its last epoch checkpoint resumes into a fit with nothing left
+        to train, where Lightning runs no ``on_train_end``: the hand-over is made here then,
+        from the accumulators the checkpoint restored, so the next step keeps its penalty."""
+        if self.handover is None:
+            self.on_step_end(model, None)
 
     def next_step_state(self) -> dict[str, Any]:
         return self.handover or {}
