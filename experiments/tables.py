@@ -42,6 +42,9 @@ QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, em
 DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
 SEGMENTATION = "segmentation_amd-epyc_2026-12-06"  # the shapes design + segmentation pretraining
 SEGMENTATION_INTEL = "segmentation_intel-xeon_2026-12-07"  # the same, on an Intel Xeon
+# the same again on an AMD EPYC whose pretraining differs from the 2026-12-06 one (family 25,
+# model 17, AVX512 kernels; val mIoU 0.437628 against 0.437895): not pooled with it
+SEGMENTATION_AMD2 = "segmentation_amd-epyc_2026-12-07"
 ADAPTIVE = "adaptive_amd-epyc_2026-12-06"      # cpu/adaptive*: fixed vs adaptive inversion budget
 ADAPTIVE_BENCH = "adaptive_amd-epyc_2thread_quick.json"  # bench/run.py --quick --only adaptive
 
@@ -584,6 +587,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "plop_pod_intel": lambda: plop_pod_ablation(SEGMENTATION_INTEL),
     "segmentation_new_at_step_intel": lambda: pretrained_new_at_step(SEGMENTATION_INTEL,
                                                                      "10-1"),
+    "segmentation_amd2": lambda: pretrained_methods(SEGMENTATION_AMD2),
+    "segmentation_forgetting_amd2": lambda: pretrained_forgetting(SEGMENTATION_AMD2),
+    "segmentation_new_at_step_amd2": lambda: pretrained_new_at_step(SEGMENTATION_AMD2, "10-1"),
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,
