@@ -385,17 +385,27 @@ def test_rw_score_every_iterations_with_the_fisher_before_the_update():
     assert rw.next_step_state()["score"]["w"].tolist() == pytest.approx([1 / 0.875, 0.0])
 
 
+#: three iterations of step 0: the task gradients, then the weights' moves
+RESUME_ITERATIONS = [({"w": [1.0, -2.0], "b": [0.5]}, {"w": [0.9, 2.1], "b": [0.4]}),
+                     ({"w": [0.5, -1.0], "b": [0.2]}, {"w": [0.8, 2.2], "b": [0.3]}),
+                     ({"w": [0.3, -0.5], "b": [0.1]}, {"w": [0.7, 2.3], "b": [0.2]})]
+
+
+def _started(method_cls):
+    method, model = method_cls(reg_weight=1), Toy()
+    method.setup(_ctx(num_old=0, step=0, model=model))
+    return method, model
+
+
+def _same_handover(a: dict, b: dict) -> bool:
+    return bool(a) and a.keys() == b.keys() and all(
+        torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+
+
 @pytest.mark.parametrize("method_cls", [EWC, PI, RW])
 def test_regulariser_state_survives_a_mid_step_resume(method_cls):
-    iterations = [({"w": [1.0, -2.0], "b": [0.5]}, {"w": [0.9, 2.1], "b": [0.4]}),
-                  ({"w": [0.5, -1.0], "b": [0.2]}, {"w": [0.8, 2.2], "b": [0.3]}),
-                  ({"w": [0.3, -0.5], "b": [0.1]}, {"w": [0.7, 2.3], "b": [0.2]})]
-
-    def start():
-        method, model = method_cls(reg_weight=1), Toy()
-        method.setup(_ctx(num_old=0, step=0, model=model))
-        return method, model
-
+    iterations = RESUME_ITERATIONS
+    start = lambda: _started(method_cls)  # noqa: E731
     straight, model = start()
     for grads, moves in iterations:
         _iterate(straight, model, grads, moves)
@@ -409,9 +419,7 @@ def test_regulariser_state_survives_a_mid_step_resume(method_cls):
     for grads, moves in iterations[1:]:
         _iterate(resumed, fresh, grads, moves)
     resumed.on_step_end(fresh, None)
-    a, b = straight.next_step_state(), resumed.next_step_state()
-    assert a.keys() == b.keys() and all(
-        torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    assert _same_handover(straight.next_step_state(), resumed.next_step_state())
 
 
 @pytest.mark.parametrize("method_cls", [EWC, PI, RW])
@@ -421,28 +429,18 @@ def test_regulariser_resumed_after_its_last_epoch_hands_over_as_the_uninterrupte
     Lightning runs no on_train_end: the hand-over comes from on_fit_end, from the restored
     accumulators, equal to the uninterrupted step's (it was empty, and the next step ran
     without its penalty)."""
-    iterations = [({"w": [1.0, -2.0], "b": [0.5]}, {"w": [0.9, 2.1], "b": [0.4]}),
-                  ({"w": [0.5, -1.0], "b": [0.2]}, {"w": [0.8, 2.2], "b": [0.3]})]
-
-    def start():
-        method, model = method_cls(reg_weight=1), Toy()
-        method.setup(_ctx(num_old=0, step=0, model=model))
-        return method, model
-
-    straight, model = start()
-    for grads, moves in iterations:
+    straight, model = _started(method_cls)
+    for grads, moves in RESUME_ITERATIONS[:2]:
         _iterate(straight, model, grads, moves)
     state = straight.state_dict()  # the last epoch checkpoint
     straight.on_step_end(model, None)
     straight.on_fit_end(model, [])  # after a full fit: changes nothing
-    resumed, fresh = start()
+    resumed, fresh = _started(method_cls)
     fresh.load_state_dict(model.state_dict())
     resumed.load_state_dict(state)
     assert resumed.next_step_state() == {}
     resumed.on_fit_end(fresh, [])
-    a, b = straight.next_step_state(), resumed.next_step_state()
-    assert a and a.keys() == b.keys() and all(
-        torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    assert _same_handover(straight.next_step_state(), resumed.next_step_state())
 
 
 # ---- LwF-MC ------------------------------------------------------------------------------------
@@ -633,44 +631,26 @@ def _check_student_takes_over(cfg, run):
 @pytest.mark.slow  # two runs of a regulariser; exact resume is covered fast by test_resume
 def test_a_regulariser_resumed_mid_step_ends_as_the_uninterrupted_run(cache, tmp_path,
                                                                      monkeypatch):
-    from incseg import faults
     from incseg.checkpoints import safe_load
     from incseg.config import compose
     from incseg.protocol import run_protocol
+    from tests.resume_checks import kill_after_step1_epoch, step_numbers
 
     # lr 0.01 moves the weights within two epochs; RW's weight 30 keeps its penalty (curvature
     # 4 x 30) below the 136 that SGD at that lr can follow (MiB's 100 is refused there)
     args = [*TINY, f"paths.cache_dir={cache}", "method=rw", "method.iterations=2",
             "method.reg_weight=30", "train.epochs_incremental=2", "train.lr_incremental=0.01"]
     ref = run_protocol(compose(args), tmp_path / "reference")
-
-    class Killed(Exception):
-        pass
-
-    def numbers(r):  # the reference trained the RW step 0 that the cut run finds cached
-        return [{k: v for k, v in s.items() if k not in ("wall_time_s", "step0_cache")}
-                for s in r["steps"]]
-
     # killed after step 1's first epoch (mid-step), and after its last one (the rerun's fit
     # has nothing left to train: the hand-over comes from the restored state)
     for kill_at in (1, 2):
-        writes = []
-
-        def die(path, kill_at=kill_at, writes=writes):
-            if "step1-last.ckpt" in str(path):
-                writes.append(path)
-                if len(writes) == kill_at:
-                    raise Killed
-
-        monkeypatch.setattr(faults, "after_write", die)
         cut = tmp_path / f"cut{kill_at}"
-        with pytest.raises(Killed):
-            run_protocol(compose(args), cut)
-        monkeypatch.undo()
+        kill_after_step1_epoch(monkeypatch, kill_at, lambda cut=cut: run_protocol(compose(args),
+                                                                                   cut))
         state = safe_load(cut / "checkpoints" / "step1-last.ckpt")["incseg_method"]
         assert state["count"] > 0 and state["snapshot"]  # the RW state rides in the checkpoint
         res = run_protocol(compose(args), cut)
-        assert numbers(res) == numbers(ref) and res["final"] == ref["final"]
+        assert step_numbers(res) == step_numbers(ref) and res["final"] == ref["final"]
         a, b = _handover(tmp_path / "reference" / "checkpoints" / "step1.pt"), \
             _handover(cut / "checkpoints" / "step1.pt")
         assert a and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])

@@ -442,38 +442,19 @@ def test_a_star_run_resumed_after_its_last_epoch_ends_as_the_uninterrupted_run(t
     """Killed after each epoch of step 1 (the plan rides in the epoch checkpoint), or after the
     last one (the fit then has nothing left to train, and the statistics pass runs all the
     same): the same results and the same hand-over."""
-    from incseg import faults
     from incseg.config import compose
     from incseg.protocol import run_protocol
+    from tests.resume_checks import kill_after_step1_epoch, step_numbers
 
     args = [*TINY, f"paths.cache_dir={tmp_path / 'cache'}", "method=star",
             "train.epochs_incremental=2"]
     ref = run_protocol(compose(args), tmp_path / "reference")
-
-    class Killed(Exception):
-        pass
-
     for kill_at in (1, 2):
-        writes = []
-
-        def die(path, kill_at=kill_at, writes=writes):
-            if "step1-last.ckpt" in str(path):
-                writes.append(path)
-                if len(writes) == kill_at:
-                    raise Killed
-
-        monkeypatch.setattr(faults, "after_write", die)
         cut = tmp_path / f"cut{kill_at}"
-        with pytest.raises(Killed):
-            run_protocol(compose(args), cut)
-        monkeypatch.undo()
+        kill_after_step1_epoch(monkeypatch, kill_at, lambda cut=cut: run_protocol(compose(args),
+                                                                                   cut))
         res = run_protocol(compose(args), cut)
-
-        def numbers(r):
-            return [{k: v for k, v in s.items() if k not in ("wall_time_s", "step0_cache")}
-                    for s in r["steps"]]
-
-        assert numbers(res) == numbers(ref) and res["final"] == ref["final"]
+        assert step_numbers(res) == step_numbers(ref) and res["final"] == ref["final"]
         a = _state(tmp_path / "reference" / "checkpoints" / "step1.pt")
         b = _state(cut / "checkpoints" / "step1.pt")
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
