@@ -443,8 +443,9 @@ def pretrained_methods(folder: str) -> str:
             body.append([task, r, seeds(sel), cell(sel, "old"), cell(sel, "new"),
                          cell(sel, "all"), cell(sel, "hiou"),
                          f"VOC {voc}: {published}" if published else ""])
-        label, tau = tau_against_voc(task, sels)
-        body.append([task, label, "", "", "", tau, "", ""])
+        if sum(bool(rk.published_cell(task, r)) for r in sels) >= 2:  # a rank needs a pair
+            label, tau = tau_against_voc(task, sels)
+            body.append([task, label, "", "", "", tau, "", ""])
     return markdown(["task", "method", "seeds", "old", "new", "all", "hIoU",
                      "published all (%)"], ["---", "---", "---:"] + ["---:"] * 4 + ["---"],
                     body)

@@ -117,3 +117,21 @@ def test_check_mode_exits_1_on_a_stale_table(tmp_path, monkeypatch, capsys):
     assert "table 'table3_weight' differs" in capsys.readouterr().out
     assert tables.main([]) == 0 and re.search(r"DI \(kl\) \| 0\.569", readme.read_text())
     assert tables.main(["--check"]) == 0
+
+
+def test_a_task_with_one_published_method_gets_no_rank_row(tmp_path, monkeypatch):
+    """Kendall's tau needs two methods with a published figure: a task whose folder holds only
+    Joint (its 15-5s scoring of the 10-1 Joint models) shows Joint's row and no 'nan' tau."""
+    import shutil
+
+    real = tables.RESULTS / tables.SEGMENTATION_AMD2 / "per_run" / "shapes"
+    for task, method in (("15-5s", "joint"), ("10-1", "mib"), ("10-1", "dkd")):
+        run = tmp_path / "one_joint" / "per_run" / "shapes" / task / method / "seed0"
+        run.mkdir(parents=True)
+        shutil.copy(real / task / method / "seed0" / "results.json", run)
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    rows = [ln.split(" | ")[:2]
+            for ln in tables.pretrained_methods("one_joint").splitlines()[2:]]
+    assert ["| 15-5s", "Joint"] in rows and ["| 10-1", "MiB"] in rows
+    taus = [task for task, label in rows if label.startswith("Kendall")]
+    assert taus == ["| 10-1"]
