@@ -42,8 +42,8 @@ QUICKSTART = "quickstart_amd-epyc_2026-12-06"  # `make run` in a fresh clone, em
 DIAGNOSIS = "diagnosis_amd-epyc_2026-12-06"    # 15-5s seed 0: scratch vs corpus, per condition
 SEGMENTATION = "segmentation_amd-epyc_2026-12-06"  # the shapes design + segmentation pretraining
 SEGMENTATION_INTEL = "segmentation_intel-xeon_2026-12-07"  # the same, on an Intel Xeon
-# the same again on an AMD EPYC whose pretraining differs from the 2026-12-06 one (family 25,
-# model 17, AVX512 kernels; val mIoU 0.437628 against 0.437895): not pooled with it
+# the same again on an AMD EPYC whose pretraining differs from the 2026-12-06 one (its
+# pretraining.json): not pooled with it
 SEGMENTATION_AMD2 = "segmentation_amd-epyc_2026-12-07"
 ADAPTIVE = "adaptive_amd-epyc_2026-12-06"      # cpu/adaptive*: fixed vs adaptive inversion budget
 ADAPTIVE_BENCH = "adaptive_amd-epyc_2thread_quick.json"  # bench/run.py --quick --only adaptive
@@ -438,12 +438,12 @@ def pretrained_methods(folder: str) -> str:
         sels = {r: s for r, s in sels.items() if s.runs()}
         if not sels:
             continue
+        published = {r: rk.published_cell(task, r) for r in sels}
         for r, sel in sels.items():
-            published = rk.published_cell(task, r)
             body.append([task, r, seeds(sel), cell(sel, "old"), cell(sel, "new"),
                          cell(sel, "all"), cell(sel, "hiou"),
-                         f"VOC {voc}: {published}" if published else ""])
-        if sum(bool(rk.published_cell(task, r)) for r in sels) >= 2:  # a rank needs a pair
+                         f"VOC {voc}: {published[r]}" if published[r] else ""])
+        if sum(map(bool, published.values())) >= 2:  # a rank needs a pair
             label, tau = tau_against_voc(task, sels)
             body.append([task, label, "", "", "", tau, "", ""])
     return markdown(["task", "method", "seeds", "old", "new", "all", "hIoU",

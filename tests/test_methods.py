@@ -404,19 +404,17 @@ def _same_handover(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("method_cls", [EWC, PI, RW])
 def test_regulariser_state_survives_a_mid_step_resume(method_cls):
-    iterations = RESUME_ITERATIONS
-    start = lambda: _started(method_cls)  # noqa: E731
-    straight, model = start()
-    for grads, moves in iterations:
+    straight, model = _started(method_cls)
+    for grads, moves in RESUME_ITERATIONS:
         _iterate(straight, model, grads, moves)
     straight.on_step_end(model, None)
-    first, model = start()
-    _iterate(first, model, *iterations[0])
+    first, model = _started(method_cls)
+    _iterate(first, model, *RESUME_ITERATIONS[0])
     state = first.state_dict()
-    resumed, fresh = start()  # the resumed process: weights from the checkpoint
+    resumed, fresh = _started(method_cls)  # the resumed process: weights from the checkpoint
     fresh.load_state_dict(model.state_dict())
     resumed.load_state_dict(state)
-    for grads, moves in iterations[1:]:
+    for grads, moves in RESUME_ITERATIONS[1:]:
         _iterate(resumed, fresh, grads, moves)
     resumed.on_step_end(fresh, None)
     assert _same_handover(straight.next_step_state(), resumed.next_step_state())
@@ -628,9 +626,9 @@ def _check_student_takes_over(cfg, run):
         assert torch.allclose(method.importance[n], expected)
 
 
-@pytest.mark.slow  # two runs of a regulariser; exact resume is covered fast by test_resume
-def test_a_regulariser_resumed_mid_step_ends_as_the_uninterrupted_run(cache, tmp_path,
-                                                                     monkeypatch):
+@pytest.mark.slow  # three runs of a regulariser; exact resume is covered fast by test_resume
+def test_a_regulariser_resumed_mid_step_or_after_its_last_epoch_ends_as_the_uninterrupted_run(
+        cache, tmp_path, monkeypatch):
     from incseg.checkpoints import safe_load
     from incseg.config import compose
     from incseg.protocol import run_protocol
