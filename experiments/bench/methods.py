@@ -64,10 +64,9 @@ def config(entry: str, args, cache: Path):
     return compose([*(TINY if args.tiny else ()), *over])
 
 
-def prepare(entry: str, args, cache: Path, work: Path):
+def prepare(entry: str, cfg, cache: Path, work: Path):
     """Step 0 of ``entry`` (from the bench's cache when another entry trained it) saved in its
     run directory as the protocol saves it; returns (cfg, source, task, run_dir)."""
-    cfg = config(entry, args, cache)
     source, task = source_from_cfg(cfg, progress=False), task_from_cfg(cfg)
     run_dir = work / entry
     out = run_step(cfg, run_dir, cache, source, task, 0)
@@ -81,31 +80,45 @@ def prepare(entry: str, args, cache: Path, work: Path):
     return cfg, source, task, run_dir
 
 
-def time_step(cfg, source, task, run_dir: Path, cache: Path, warmup: int) -> dict:
-    """One epoch of step 1: the pass before it and the per-iteration time after warm-up."""
-    student = build_student(cfg, run_dir, cache, source, task, 1)
-    method = student.module.method
-    timed = {"pass_s": 0.0}
-    start_pass = method.on_step_start
+def _timed(method, hook: str, timed: dict, key: str) -> None:
+    """Wrap ``method.<hook>`` so that its wall time lands in ``timed[key]``."""
+    inner = getattr(method, hook)
 
-    def on_step_start(*a, **k):
+    def wrapper(*a, **k):
         t = time.perf_counter()
-        start_pass(*a, **k)
-        timed["pass_s"] = time.perf_counter() - t
+        inner(*a, **k)
+        timed[key] = time.perf_counter() - t
 
-    method.on_step_start = on_step_start
+    setattr(method, hook, wrapper)
+
+
+def time_step(cfg, source, task, run_dir: Path, cache: Path, warmup: int,
+              batches: int | None = None) -> dict:
+    """One epoch of step 1 (``batches``: only that many after the warm-up): the pass before it,
+    the per-iteration time after warm-up, and, apart, the building of the step (old model,
+    data, the replay set or memory it reads) and the method's pass after its fit."""
+    t = time.perf_counter()
+    student = build_student(cfg, run_dir, cache, source, task, 1)
+    timed = {"build_s": time.perf_counter() - t, "pass_s": 0.0, "end_s": 0.0}
+    method = student.module.method
+    _timed(method, "on_step_start", timed, "pass_s")
+    _timed(method, "on_fit_end", timed, "end_s")
     trainer = make_trainer(cfg, Stage(run_dir, "bench", 1, "student", cfg), 1)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EpochCheckpoint)]
     timer = StepTimer(warmup)
     trainer.callbacks.append(timer)
     trainer.limit_val_batches = 0
+    if batches:
+        trainer.limit_train_batches = warmup + batches
     trainer.fit(student.module, datamodule=student.datamodule)
     if timer.start is None or not timer.steps:
         raise SystemExit(f"{cfg.method.name}: the epoch ended before its timed batches; the "
                          f"step has {trainer.num_training_batches} batches, warm-up {warmup}")
-    batches = int(trainer.num_training_batches)
+    # a limited epoch still reports the whole step's batches (``step_s`` is the whole step)
+    batches = (len(student.datamodule.train_dataloader()) if batches
+               else int(trainer.num_training_batches))
     it = (timer.end - timer.start) / timer.steps
-    return {"pass_s": timed["pass_s"], "iteration_s": it, "batches": batches,
+    return {**timed, "iteration_s": it, "batches": batches,
             "step_s": timed["pass_s"] + int(cfg.train.epochs_incremental) * batches * it}
 
 
@@ -117,7 +130,7 @@ def run(args) -> dict:
         prepared = {}
         for entry in args.methods:
             print(f"[bench] {entry}: step 0", file=sys.stderr, flush=True)
-            prepared[entry] = prepare(entry, args, cache, work)
+            prepared[entry] = prepare(entry, config(entry, args, cache), cache, work)
         times: dict[str, list[dict]] = {e: [] for e in args.methods}
         for r in range(args.repeats):
             order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
