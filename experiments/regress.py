@@ -41,13 +41,11 @@ CASES: dict[str, list[str]] = {
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU with its family and model (``AMD EPYC (family 25, model 17)``): a VM's model name
+    alone can hide two generations whose last digits differ."""
+    from incseg.precision import cpu_model
+
+    return cpu_model() or platform.machine()
 
 
 def cpu_slug(name: str) -> str:

@@ -43,4 +43,5 @@ def test_an_added_figure_is_not_a_difference_but_a_lost_one_is(capsys):
 
 def test_cpu_slug():
     assert regress.cpu_slug("AMD EPYC 7B13") == "amd-epyc"
+    assert regress.cpu_slug("AMD EPYC (family 25, model 17)") == "amd-epyc"
     assert regress.cpu_slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
