@@ -225,6 +225,28 @@ def bench_methods() -> str:
                      "step / MiB's"], ["---"] + ["---:"] * 4, body)
 
 
+REPLAY_COST = "replay_cost_amd-epyc_1thread_15-5s.json"
+
+
+def bench_replay_cost() -> str:
+    """What each replay keeps per old class and adds to a step (bench/replay_cost.py)."""
+    res = _bench(REPLAY_COST)["results"]
+    names = {"dkd": "DKD", "star": "STAR", "mib": "MiB"}
+
+    def label(entry: str) -> str:
+        for sep, suffix in (("+DI", " + DI"), ("-M", "-M")):
+            if entry.endswith(sep):
+                return names.get(entry[:-len(sep)], entry) + suffix
+        return names.get(entry, entry)
+
+    body = [[label(k), f"{v['kept_bytes_per_class']:,.0f}", f"{v['making_s']:.0f}",
+             f"{v['pass_s'] + v['end_s']:.1f}", str(v["batches"]), f"{v['iteration_s']:.3f}",
+             f"{v['step_s']:.0f}", f"{v['step_vs_plain']:.2f}"] for k, v in res.items()]
+    return markdown(["entry", "kept per old class (bytes)", "making the set (s)",
+                     "passes (s)", "batches", "iteration (s)", "step (s)",
+                     "step / the method alone's"], ["---"] + ["---:"] * 7, body)
+
+
 def bench_models() -> str:
     models = _bench("models_amd-epyc_1thread_64px.json")["models"]
     names = {"bisenet_r18": "BiSeNet-R18", "bisenet_r50": "BiSeNet-R50",
@@ -600,6 +622,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "methods_10-1": methods_10_1,
     "methods_15-5s": methods_15_5s,
     "bench_methods": bench_methods,
+    "bench_replay_cost": bench_replay_cost,
     "bench_models": bench_models,
     "bench_adaptive": bench_adaptive,
     "adaptive_downstream": adaptive_downstream,

@@ -49,6 +49,7 @@ from methods import TINY, prepare, time_step  # noqa: E402
 
 from incseg.config import compose  # noqa: E402
 from incseg.io import atomic_write_json  # noqa: E402
+from incseg.precision import cpu_model  # noqa: E402
 from incseg.protocol.loop import build_student  # noqa: E402
 
 ENTRIES = ("dkd", "dkd+DI", "dkd-M", "star", "star+DI", "star-M", "mib", "mib+DI", "mib-M")
@@ -148,7 +149,8 @@ def run(args) -> dict:
         if plain:
             res["added_s"] = res["step_s"] - plain["step_s"]
             res["step_vs_plain"] = res["step_s"] / plain["step_s"]
-    return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+    return {"machine": {"platform": platform.platform(), "cpu": cpu_model(),
+                        "cpus": os.cpu_count(),
                         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                         "torch_threads": torch.get_num_threads(), "task": args.task, "step": 1,
                         "repeats": args.repeats, "step0_epochs": args.step0_epochs,
