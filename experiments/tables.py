@@ -449,14 +449,18 @@ METHOD_ROWS = ("FT", "EWC", "PI", "RW", "LwF", "LwF-MC", "ILT", "MiB", "PLOP", "
                "PLOP-M", "DKD-M", "Joint")
 
 
-def pretrained_methods(folder: str) -> str:
-    """Every method a folder of the segmentation-pretrained ``shapes`` benchmark holds, per
-    task: mean +- std over the seeds there are, the published VOC figure, and tau-b. One
-    folder is one CPU kind: figures agree only between runs on the same kind."""
+#: image replay against prototype replay (STAR, Chen et al., NeurIPS 2023): the report's labels
+REPLAY_ROWS = ("MiB + DI (kl)", "DKD", "DKD + DI (kl)", "STAR", "STAR + DI (kl)", "STAR-M")
+
+
+def pretrained_methods(folder: str, rows: Sequence[str] = METHOD_ROWS) -> str:
+    """Every method of ``rows`` a folder of the segmentation-pretrained ``shapes`` benchmark
+    holds, per task: mean +- std over the seeds there are, the published VOC figure, and tau-b.
+    One folder is one CPU kind: figures agree only between runs on the same kind."""
     rk = _script("ranking")
     body = []
     for task, voc in (("15-5s", "15-1"), ("10-1", "10-1")):
-        sels = {r: Sel(folder, task, row=r) for r in METHOD_ROWS}
+        sels = {r: Sel(folder, task, row=r) for r in rows}
         sels = {r: s for r, s in sels.items() if s.runs()}
         if not sels:
             continue
@@ -611,6 +615,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "segmentation_new_at_step_intel": lambda: pretrained_new_at_step(SEGMENTATION_INTEL,
                                                                      "10-1"),
     "segmentation_amd2": lambda: pretrained_methods(SEGMENTATION_AMD2),
+    "segmentation_replay_amd2": lambda: pretrained_methods(SEGMENTATION_AMD2, REPLAY_ROWS),
     "segmentation_forgetting_amd2": lambda: pretrained_forgetting(SEGMENTATION_AMD2),
     "segmentation_new_at_step_amd2": lambda: pretrained_new_at_step(SEGMENTATION_AMD2, "10-1"),
     "readme_quickstart": readme_quickstart,

@@ -165,18 +165,24 @@ def table(out: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_bench_arguments(p: argparse.ArgumentParser, task: str, repeats: int) -> None:
+    """The options of a bench that times step 1 of ``task`` per entry (this one and
+    replay_cost.py)."""
     p.add_argument("--out", type=Path, required=True, help="the figures (JSON, atomic)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--task", default="15-5")
+    p.add_argument("--task", default=task)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory", type=int, default=100, help="images of the -M entries' memory")
     p.add_argument("--step0-epochs", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="default: a temporary one")
     p.add_argument("--tiny", action="store_true", help="smoke scale: the script itself")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    step_bench_arguments(p, "15-5", 3)
     args = p.parse_args(argv)
     if args.tiny:
         args.memory = min(args.memory, 20)

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # methods.py: prepare, time_step
 
-from methods import TINY, prepare, time_step  # noqa: E402
+from methods import TINY, prepare, step_bench_arguments, time_step  # noqa: E402
 
 from incseg.config import compose  # noqa: E402
 from incseg.io import atomic_write_json  # noqa: E402
@@ -173,20 +173,12 @@ def table(out: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="the figures (JSON, atomic)")
     p.add_argument("--entries", nargs="+", default=list(ENTRIES))
-    p.add_argument("--task", default="15-5s")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
+    step_bench_arguments(p, "15-5s", 2)
     p.add_argument("--batches", type=int, default=None,
                    help="time this many iterations per repeat (default: the whole epoch)")
-    p.add_argument("--memory", type=int, default=100, help="images of the -M entries' memory")
     p.add_argument("--inversion", default=None,
                    help="the +DI entries' inversion preset (default: cpu; --tiny: smoke's)")
-    p.add_argument("--step0-epochs", type=int, default=1)
-    p.add_argument("--cache", type=Path, default=None, help="default: a temporary one")
-    p.add_argument("--tiny", action="store_true", help="smoke scale: the script itself")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every entry")
     args = p.parse_args(argv)
     if args.tiny:
