@@ -236,7 +236,7 @@ def bench_replay_cost() -> str:
     def label(entry: str) -> str:
         for sep, suffix in (("+DI", " + DI"), ("-M", "-M")):
             if entry.endswith(sep):
-                return names.get(entry[:-len(sep)], entry) + suffix
+                return names.get(entry[:-len(sep)], entry[:-len(sep)]) + suffix
         return names.get(entry, entry)
 
     body = [[label(k), f"{v['kept_bytes_per_class']:,.0f}", f"{v['making_s']:.0f}",

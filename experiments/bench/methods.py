@@ -15,7 +15,9 @@ are medians over repeats:
 - ``iteration_s``: one training iteration (after two warm-up batches), the frozen previous
   model's forward, the method's terms and hooks (EWC / PI / RW's importance update) included;
 - ``step_s``: ``pass_s + epochs_incremental x batches x iteration_s``, the whole step as the
-  recipe runs it (evaluation excluded; it is the same for every method).
+  recipe runs it (evaluation excluded; it is the same for every method);
+- apart, not in ``step_s``: ``build_s``, building the step (old model, data), and ``end_s``,
+  the method's pass after its fit (``Method.on_fit_end``).
 
 ``-M`` entries (``mib-M``) run with a labelled memory of ``--memory`` images (SSUL's half
 batches: the same number of iterations and images per batch as without it). Threads are not
