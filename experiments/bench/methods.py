@@ -181,6 +181,13 @@ def step_bench_arguments(p: argparse.ArgumentParser, task: str, repeats: int) ->
     p.add_argument("--tiny", action="store_true", help="smoke scale: the script itself")
 
 
+def write_and_print(path: Path, out: dict, table) -> int:
+    """The figures to ``path`` (atomic), their table to stdout."""
+    atomic_write_json(path, out)
+    print(table(out))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -188,10 +195,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.memory = min(args.memory, 20)
-    out = run(args)
-    atomic_write_json(args.out, out)
-    print(table(out))
-    return 0
+    return write_and_print(args.out, run(args), table)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # methods.py: prepare, time_step
 
-from methods import TINY, prepare, step_bench_arguments, time_step  # noqa: E402
+from methods import (  # noqa: E402
+    TINY,
+    prepare,
+    step_bench_arguments,
+    time_step,
+    write_and_print,
+)
 
 from incseg.config import compose  # noqa: E402
-from incseg.io import atomic_write_json  # noqa: E402
 from incseg.precision import cpu_model  # noqa: E402
 from incseg.protocol.loop import build_student  # noqa: E402
 
@@ -81,11 +86,11 @@ def _files_bytes(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths)
 
 
-def kept(cfg, run_dir: Path, cache: Path, source, task) -> dict:
-    """What step 1 of this entry holds of the old classes besides the old model, in bytes:
-    ``state_bytes`` (the method's hand-over), ``set_bytes`` (the replay set), ``memory_bytes``
-    (the labelled memory), and ``kept_bytes`` their sum (STAR + DI keeps both replays)."""
-    student = build_student(cfg, run_dir, cache, source, task, 1)
+def kept(student, run_dir: Path) -> dict:
+    """What step 1 of this entry (``student``, as ``build_student`` made it) holds of the old
+    classes besides the old model, in bytes: ``state_bytes`` (the method's hand-over),
+    ``set_bytes`` (the replay set), ``memory_bytes`` (the labelled memory), and ``kept_bytes``
+    their sum (STAR + DI keeps both replays)."""
     state = torch.load(run_dir / "checkpoints" / "step0.pt", weights_only=True)
     tensors = {k: v for k, v in (state.get("method_state") or {}).items()
                if isinstance(v, torch.Tensor)}
@@ -118,10 +123,9 @@ def run(args) -> dict:
         for entry in args.entries:  # the first build makes what the step replays from
             cfg, source, task, run_dir = prepared[entry]
             t = time.perf_counter()
-            build_student(cfg, run_dir, cache, source, task, 1)
+            student = build_student(cfg, run_dir, cache, source, task, 1)
             first = time.perf_counter() - t
-            res = results[entry] = {"first_build_s": first,
-                                    **kept(cfg, run_dir, cache, source, task)}
+            res = results[entry] = {"first_build_s": first, **kept(student, run_dir)}
             res["old_classes"] = old = len(task.classes_before(1)) - 1
             res["kept_bytes_per_class"] = res["kept_bytes"] / old
             print(f"[bench] {entry}: first build {first:.1f} s, keeps {res['kept_bytes']} bytes",
@@ -136,9 +140,8 @@ def run(args) -> dict:
                 t = times[entry][-1]
                 print(f"[bench] repeat {r} {entry}: iteration {t['iteration_s']:.3f} s, passes "
                       f"{t['pass_s']:.2f} + {t['end_s']:.2f} s", file=sys.stderr, flush=True)
-            epochs = int(cfg.train.epochs_incremental)
     for entry, ts in times.items():
-        res = results[entry]
+        res, epochs = results[entry], int(prepared[entry][0].train.epochs_incremental)
         res.update({k: statistics.median(t[k] for t in ts) for k in ts[0]})
         res["batches"] = int(res["batches"])
         res["making_s"] = max(res["first_build_s"] - res["build_s"], 0.0)
@@ -185,10 +188,7 @@ def main(argv=None) -> int:
         args.memory = min(args.memory, 20)
     elif args.inversion is None:
         args.inversion = "cpu"
-    out = run(args)
-    atomic_write_json(args.out, out)
-    print(table(out))
-    return 0
+    return write_and_print(args.out, run(args), table)
 
 
 if __name__ == "__main__":
