@@ -214,8 +214,10 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path):
     assert not list((tmp_path / "runs").rglob("results.json"))
 
 
-def test_wandb_logger_groups_runs_offline(tmp_path):
+def test_wandb_logger_groups_runs_offline(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the tests' own "disabled" leaves W&B out
 
     from incseg.protocol.trainer import Stage, make_loggers
 

@@ -181,15 +181,30 @@ def test_the_quoted_path_reaches_the_config_intact(tmp_path):
 
 # ---- W&B: no deprecation warning ---------------------------------------------------------
 
-def test_wandb_is_not_handed_the_removed_anonymous_setting(tmp_path):
+def test_wandb_is_not_handed_the_removed_anonymous_setting(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
     from incseg.config import compose
     from incseg.protocol.trainer import Stage, make_loggers
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
     loggers = make_loggers(Stage(tmp_path, "step0", 0, "teacher", compose(["logger=wandb"])))
     wb = next(lg for lg in loggers if isinstance(lg, WandbLogger))
     assert "anonymous" not in wb._wandb_init and wb._wandb_init["project"] == "incseg"
+
+
+@pytest.mark.parametrize("mode", ["disabled", "Disabled "])
+def test_wandb_mode_disabled_leaves_the_csv_logger_alone(tmp_path, monkeypatch, mode):
+    """W&B's own "no W&B at all" switch wins over the config's ``offline: true`` (which
+    would otherwise start offline runs): only the CSV logger is made."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from incseg.config import compose
+    from incseg.protocol.trainer import Stage, make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", mode)
+    loggers = make_loggers(Stage(tmp_path, "step0", 0, "teacher", compose(["logger=wandb"])))
+    assert [type(lg) for lg in loggers] == [CSVLogger]
 
 
 @pytest.mark.parametrize("mode", ["offline", pytest.param("disabled", marks=pytest.mark.slow)])
@@ -203,6 +218,8 @@ def test_a_wandb_run_prints_no_deprecation_warning_into_a_non_ascii_run_dir(tmp_
     assert (run / "results.json").is_file()
     if mode == "offline":
         assert list((run / "wandb").glob("offline-run-*"))  # W&B did run
+    else:
+        assert not (run / "wandb").exists()  # W&B's "disabled" starts none, offline either
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("wandb: WARNING")]
     assert not [ln for ln in warned if "anonymous" in ln or "deprecat" in ln.lower()
                 or "will be removed" in ln], warned

@@ -187,7 +187,7 @@ def test_paper_generator_presets_turn_the_competition_on():
     assert compose([]).inversion.competition is False  # the cpu presets leave it off
 
 
-def test_each_replay_set_is_a_logged_inversion_stage(tmp_path):
+def test_each_replay_set_is_a_logged_inversion_stage(tmp_path, monkeypatch):
     """The protocol's Trainers for a set: one logger run per set (stage inversion<t>, W&B
     job_type inversion) shared by its batches, created only when a batch is generated."""
     import csv
@@ -199,6 +199,7 @@ def test_each_replay_set_is_a_logged_inversion_stage(tmp_path):
     from incseg.replay import synthesise
     from tests.test_inversion import Toy, small
 
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the tests' own "disabled" leaves W&B out
     c = compose(["logger=wandb", "task=15-5s", "replay=deepinversion", "seed=2"])
     assert generation_device(c) == torch.device("cpu")
     make = inversion_trainers(c, tmp_path / "run", 3, torch.device("cpu"))

@@ -8,6 +8,7 @@ A finished Trainer is never reused (fitting it again silently does nothing). The
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import signal
 import subprocess
@@ -61,9 +62,13 @@ def csv_logger(stage: Stage):
 
 def wandb_logger(stage: Stage, project: str = "incseg", entity: str | None = None,
                  offline: bool = True):
-    """W&B: group = the protocol run, job_type = teacher / student, name = the stage."""
+    """W&B: group = the protocol run, job_type = teacher / student, name = the stage. None
+    under ``WANDB_MODE=disabled``: W&B's own switch for "no W&B at all" (what CI and tests
+    set), which an explicit ``offline=True`` would otherwise override, leaving offline runs."""
     from lightning.pytorch.loggers import WandbLogger
 
+    if os.environ.get("WANDB_MODE", "").strip().lower() == "disabled":
+        return None
     cfg = stage.cfg
     logger = WandbLogger(
         project=str(project), entity=entity, group=str(stage.run_dir), job_type=stage.job_type,
@@ -85,7 +90,8 @@ def make_loggers(stage: Stage) -> list:
     read then), so the stages made inside a step (the verifier's Joint training, the
     competition student, the inversion runs) would otherwise log into the previous one."""
     finish_wandb()
-    return [instantiate(node, stage=stage) for node in stage.cfg.logger.get("loggers") or []]
+    loggers = (instantiate(node, stage=stage) for node in stage.cfg.logger.get("loggers") or [])
+    return [lg for lg in loggers if lg is not None]
 
 
 def recipe(cfg: DictConfig, step: int) -> Recipe:
