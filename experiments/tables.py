@@ -487,7 +487,8 @@ def pretrained_table2(folder: str) -> str:
     """The paper's Table 2 (FT, LwF, ILT, MiB, Joint on 15-5 and 15-5s) and its replay row
     (MiB + DI (kl)) from a folder of the segmentation-pretrained benchmark: mean +- std over
     the seeds it holds, a row without runs left out, a task without runs left empty."""
-    body = []
+    from incseg.report.tables import mean_std
+    body, pairs = [], ([], [])  # per task: (suite's mean all, the paper's all) of each row
     for label, paper in PAPER_ALL.items():
         sels = [Sel(folder, task, row=label) for task in ("15-5", "15-5s")]
         sels = [s if s.runs() else None for s in sels]
@@ -496,6 +497,14 @@ def pretrained_table2(folder: str) -> str:
         body.append([label, *(x for s in sels for x in (
             seeds(s) if s else "", *(cell(s, m) for m in ("old", "new", "all")))),
             " / ".join(v or "-" for v in paper)])
+        for sel, value, pair in zip(sels, paper, pairs):
+            if sel and value:
+                pair.append((mean_std(metric(r, "all") for r in sel.runs())[0], float(value)))
+    tau = [f"{_script('ranking').kendall_tau_b(*zip(*p)):.2f}" if len(p) >= 2 else ""
+           for p in pairs]
+    if any(tau):
+        body.append(["Kendall's tau-b against the paper's all (rows with both)", "", "", "",
+                     tau[0], "", "", "", tau[1], ""])
     return markdown(["method", "15-5 seeds", "15-5 old", "15-5 new", "15-5 all", "15-5s seeds",
                      "15-5s old", "15-5s new", "15-5s all", "paper all 15-5 / 15-5s"],
                     ["---"] + ["---:"] * 8 + ["---"], body)
