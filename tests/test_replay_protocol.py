@@ -217,3 +217,28 @@ def test_each_replay_set_is_a_logged_inversion_stage(tmp_path, monkeypatch):
         rows = list(csv.DictReader(fh))
     assert [int(r["inversion/batch"]) for r in rows if r["inversion/batch"]] == [0, 1]
     assert any(r["inversion/loss"] for r in rows)
+
+
+def test_the_verifier_is_the_joint_methods_model(tmp_path):
+    """The verifier shares the Joint method's cache key, so it must be the model a
+    ``method=joint`` run trains, weight for weight: each made in a cache of its own here. It
+    once drew its head's initial weights before seeding, and a later Joint run reported it."""
+    import lightning as L
+    import torch
+
+    from incseg.config import source_from_cfg, task_from_cfg
+    from incseg.protocol.teachers import train_teacher, verifier_model
+    from incseg.protocol.state import derive_seed
+
+    c = cfg(tmp_path / "a", "task=15-5s", "replay=deepinversion", "train.epochs=1",
+            "dataset.generator.n_train=40")
+    task, source = task_from_cfg(c), source_from_cfg(c, progress=False)
+    torch.manual_seed(123)  # wherever the run's generator stands, the verifier is the same
+    verifier, channel_of = verifier_model(c, tmp_path / "run_a", tmp_path / "a", source, task)
+    assert channel_of == {k: k for k in range(21)}
+    L.seed_everything(derive_seed(c.seed, 0, 1), workers=True, verbose=False)
+    joint = train_teacher(c, tmp_path / "run_b", tmp_path / "b", source, task.joint(),
+                          score_task=task).module.model
+    mine, theirs = verifier.state_dict(), joint.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

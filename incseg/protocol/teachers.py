@@ -149,15 +149,15 @@ def train_teacher(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Tas
 
 def verifier_model(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Task):
     """An independent judge of synthetic images: the (cached) Joint model over all classes of
-    the task, and its channel of every dataset class. It never trains the student."""
+    the task, and its channel of every dataset class. It never trains the student. Made by the
+    Joint method's own seeding and training, as its cache key says: a verifier that drew its
+    head's initial weights before seeding stored another model under the Joint key, which a
+    later ``method=joint`` run then reported."""
     joint = task.joint()
-    model = build_model(cfg.model, [len(joint.steps[0])], model_weights(cfg, cache))
-    module = TeacherModule(model, joint, 0, recipe(cfg, 0))
     with isolate_rng():  # the student's step draws the same numbers with or without it
         L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
-        fit_teacher(cfg, run_dir, cache, source, module,
-                    make_datamodule(cfg, source, joint, 0, cache), joint, "joint")
-    return freeze(module.model), {c: i for i, c in enumerate(joint.steps[0])}
+        fitted = train_teacher(cfg, run_dir, cache, source, joint, score_task=task)
+    return freeze(fitted.module.model), {c: i for i, c in enumerate(joint.steps[0])}
 
 
 def _model_options() -> dict[str, dict]:
