@@ -227,8 +227,8 @@ def test_the_verifier_is_the_joint_methods_model(tmp_path):
     import torch
 
     from incseg.config import source_from_cfg, task_from_cfg
-    from incseg.protocol.teachers import train_teacher, verifier_model
     from incseg.protocol.state import derive_seed
+    from incseg.protocol.teachers import train_teacher, verifier_model
 
     c = cfg(tmp_path / "a", "task=15-5s", "replay=deepinversion", "train.epochs=1",
             "dataset.generator.n_train=40")
