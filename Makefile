@@ -31,7 +31,8 @@ voc ade: setup
 	$(BIN)/python -m incseg.run experiment=literature/$(or $(EXP),$(if $(filter voc,$@),voc_15-1,ade_100-50)) data.root=$(DATA) $(ARGS)
 
 # One pytest worker per core (pytest-xdist), one torch thread each: most tests are short
-# processes bound by Python and imports, which one core per test runs as fast as two.
+# processes bound by Python and imports, which gain more from running side by side than from
+# a second torch thread.
 test: setup
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
