@@ -186,7 +186,8 @@ def test_pretrained_sweeps_cover_the_table_on_the_pretrained_benchmark():
     assert len(dirs) == len(rows) == 14 * 2 * 3
 
 
-PRETRAINED_OTHER = ("cpu/pretrained_table2", "cpu/pretrained_replay", "cpu/pretrained_star")
+PRETRAINED_OTHER = ("cpu/pretrained_table2", "cpu/pretrained_replay", "cpu/pretrained_star",
+                    "cpu/pretrained_star_replay")
 
 
 def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
@@ -217,6 +218,8 @@ def test_pretrained_table2_and_replay_sweeps_share_the_methods_tables_runs():
     tasks = {r[2] for r in rows}
     assert tasks == {"15-5", "15-5s", "10-1"}
     replayed = {(m, t) for m, _, t, r, _ in rows if r == "deepinversion"}
+    # one distance for every image-replay row, so they compare (the tables' "+ DI (kl)" rows)
+    assert {loss for *_, r, loss in rows if r == "deepinversion"} == {"kl"}
     assert replayed >= {("mib", "15-5"), ("mib", "15-5s"), ("mib", "10-1"), ("dkd", "15-5s"),
                         ("dkd", "10-1"), ("star", "15-5s"), ("star", "10-1")}
     assert {r[0] for r in rows if r[2] == "15-5"} == {"ft", "lwf", "ilt", "mib", "joint"}
