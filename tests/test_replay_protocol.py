@@ -242,3 +242,25 @@ def test_the_verifier_is_the_joint_methods_model(tmp_path):
     mine, theirs = verifier.state_dict(), joint.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_plop_runs_verifier_is_the_joint_methods_cache_entry(tmp_path):
+    """PLOP sets label conventions outside its node (void pixels, loss reduction, unseen
+    classes) that change a Joint model's training or key; its verifier is still the Joint
+    method's model: a ``method=joint`` run finds the entry the verifier made. Before, each such
+    method trained a Joint model of its own under another key (5-6 min a seed on the pretrained
+    benchmark) and PLOP's images were judged by another model than MiB's."""
+    from incseg.config import source_from_cfg, task_from_cfg
+    from incseg.protocol.teachers import train_teacher, verifier_model
+
+    cache, extra = tmp_path / "cache", ("task=15-5s", "train.epochs=1",
+                                        "dataset.generator.n_train=40")
+    plop = cfg(cache, *extra, "method=plop", "replay=deepinversion")
+    assert (plop.data.void_as_background, plop.data.unseen_as) == (False, "background")
+    task, source = task_from_cfg(plop), source_from_cfg(plop, progress=False)
+    verifier_model(plop, tmp_path / "run_a", cache, source, task)
+    joint = cfg(cache, *extra, "method=joint")
+    fitted = train_teacher(joint, tmp_path / "run_b", cache, source, task.joint(),
+                           score_task=task)
+    assert fitted.cache == "hit"
+    assert plop.data.unseen_as == "background"  # the run's own config is left as it was

@@ -152,11 +152,14 @@ def verifier_model(cfg: DictConfig, run_dir: Path, cache: Path, source, task: Ta
     the task, and its channel of every dataset class. It never trains the student. Made by the
     Joint method's own seeding and training, as its cache key says: a verifier that drew its
     head's initial weights before seeding stored another model under the Joint key, which a
-    later ``method=joint`` run then reported."""
+    later ``method=joint`` run then reported. Under PLOP's, DKD's or STAR's label conventions
+    it is still the Joint method's model (:func:`joint_conventions`), so every method's images
+    meet one judge, and the one cache entry."""
     joint = task.joint()
     with isolate_rng():  # the student's step draws the same numbers with or without it
         L.seed_everything(derive_seed(cfg.seed, 0, 1), workers=True, verbose=False)
-        fitted = train_teacher(cfg, run_dir, cache, source, joint, score_task=task)
+        fitted = train_teacher(joint_conventions(cfg), run_dir, cache, source, joint,
+                               score_task=task)
     return freeze(fitted.module.model), {c: i for i, c in enumerate(joint.steps[0])}
 
 
@@ -243,6 +246,19 @@ _METHOD_SET_KEYS = (("data", "void_as_background"), ("data", "unseen_as"),
                     ("train", "loss_reduction"))
 
 
+def joint_conventions(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the label conventions a method sets outside its own node
+    (``_METHOD_SET_KEYS``) back at the defaults, the Joint method's: the config under which a
+    Joint model made for another method (the pretraining, the replay verifier) is the one
+    ``method=joint`` trains and caches."""
+    p = copy.deepcopy(cfg)
+    base = OmegaConf.load(CONF_DIR / "config.yaml")
+    with open_dict(p):
+        for group, key in _METHOD_SET_KEYS:  # PLOP's, DKD's and STAR's label conventions
+            p[group][key] = base[group][key]
+    return p
+
+
 def segmentation_config(cfg: DictConfig, spec: dict) -> DictConfig:
     """The config of the pretraining run: Joint over every class of the run's ``shapes``
     generator with its seed replaced by ``generator_seed`` (a disjoint image stream: no
@@ -250,16 +266,13 @@ def segmentation_config(cfg: DictConfig, spec: dict) -> DictConfig:
     and the run's recipe otherwise, in one process. Overlap and the task do not change a Joint
     model over all classes, so they are fixed: every task and setting of a sweep shares one
     pretraining."""
-    p = copy.deepcopy(cfg)
+    p = joint_conventions(cfg)
     with open_dict(p):
         p.pop("hydra", None)  # the entry point's check composes with Hydra's own node
         p.dataset.generator.seed = spec["generator_seed"]
         p.dataset.pretrained = None
         p.model.pretrained = None
         p.method = OmegaConf.load(CONF_DIR / "method" / "joint.yaml")
-        base = OmegaConf.load(CONF_DIR / "config.yaml")
-        for group, key in _METHOD_SET_KEYS:  # PLOP's, DKD's and STAR's label conventions
-            p[group][key] = base[group][key]
         p.replay = OmegaConf.load(CONF_DIR / "replay" / "none.yaml")
         p.logger = OmegaConf.load(CONF_DIR / "logger" / "none.yaml")
         p.train.epochs = spec["epochs"]
