@@ -572,7 +572,8 @@ def _per_method_rows(folder: str, tasks: Sequence[str], methods: Sequence[str],
 def pretrained_new_at_step(folder: str, task: str) -> str:
     """Where a new class's pixels go at the step that teaches it, and where the pixels
     predicted as it come from (``_new_at_step``), mean +- std over seeds."""
-    body = _per_method_rows(folder, [task], ["mib", "plop", "dkd"], _new_at_step)
+    body = _per_method_rows(folder, [task], ["mib", "plop", "dkd", "mib_m", "plop_m", "dkd_m"],
+                            _new_at_step)
     return markdown(["task", "method", "seeds", "new pixels: right", "as background",
                      "as an old class", "predicted new: right", "predicted new: background"],
                     ["---", "---", "---:"] + ["---:"] * 5, body)
