@@ -248,8 +248,8 @@ def test_a_plop_runs_verifier_is_the_joint_methods_cache_entry(tmp_path):
     """PLOP sets label conventions outside its node (void pixels, loss reduction, unseen
     classes) that change a Joint model's training or key; its verifier is still the Joint
     method's model: a ``method=joint`` run finds the entry the verifier made. Before, each such
-    method trained a Joint model of its own under another key (5-6 min a seed on the pretrained
-    benchmark) and PLOP's images were judged by another model than MiB's."""
+    method trained a Joint model of its own under another key, and PLOP's images were judged by
+    another model than MiB's."""
     from incseg.config import source_from_cfg, task_from_cfg
     from incseg.protocol.teachers import train_teacher, verifier_model
 
