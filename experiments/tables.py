@@ -616,6 +616,76 @@ def plop_pod_ablation(folder: str, task: str = "10-1") -> str:
                     ["---", "---", "---:"] + ["---:"] * 4, rows)
 
 
+#: per_run folder -> label of the takeover tables (prototype against image replay)
+TAKEOVER_RUNS = {"joint": "Joint", "dkd": "DKD", "dkd_di": "DKD + DI (kl)", "star": "STAR",
+                 "star_di": "STAR + DI (kl)", "star_m": "STAR-M"}
+
+
+def _old_pixels_at_end(run: dict, old: Sequence[int]) -> dict[int | str, float]:
+    """Where the test pixels of the ``old`` classes go at the last step: per class they are
+    predicted as, the share of those pixels ("kept" when predicted as their own class)."""
+    classes, counts = (run["steps"][-1]["confusion"][k] for k in ("classes", "counts"))
+    rows = [counts[classes.index(c)] for c in old]
+    total = sum(map(sum, rows))
+    out: dict[int | str, float] = {"kept": sum(counts[classes.index(c)][classes.index(c)]
+                                               for c in old) / total}
+    for j, c in enumerate(classes):
+        if c not in old:
+            out[c] = sum(r[j] for r in rows) / total
+    return out
+
+
+def _pair_share(run: dict, old: int, new: int) -> float:
+    """Of class ``old``'s test pixels at the last step, the share predicted as ``new``."""
+    classes, counts = (run["steps"][-1]["confusion"][k] for k in ("classes", "counts"))
+    row = counts[classes.index(old)]
+    return row[classes.index(new)] / sum(row)
+
+
+@cache
+def pretrained_takeover(folder: str, tasks: Sequence[str] = ("15-5s", "10-1"),
+                        pair_floor: float = 0.1) -> tuple[str, str]:
+    """Which new class takes the step-0 classes' pixels over by the end (STAR against DKD and
+    image replay; Joint as the floor the data sets): per new class, the share of the old
+    classes' test pixels predicted as it, mean over seeds; and, for each (old, new) pair whose
+    pixels Joint confuses at ``pair_floor`` or more, the share of the old class's pixels."""
+    from incseg.data.shapes_draw import class_names
+    shares, pairs = [], []
+    for task in tasks:
+        root = RESULTS / folder / "per_run" / "shapes" / task
+        runs = {m: [json.loads(f.read_text())
+                    for f in sorted((root / m).glob("seed*/results.json"))]
+                for m in TAKEOVER_RUNS}
+        ref = runs["dkd"][0]
+        old = [c for c in ref["steps"][0]["classes"] if c]
+        new = [(i, c) for i, st in enumerate(ref["steps"][1:], 1) for c in st["classes"]]
+        names = class_names(ref["provenance"]["config"]["dataset"]["generator"]["classes"])
+        per = {m: [_old_pixels_at_end(r, old) for r in rs] for m, rs in runs.items()}
+
+        def mean(m: str, key, src=per) -> str:
+            return f"{statistics.fmean(d[key] for d in src[m]):.3f}" if src[m] else ""
+        shares.append([task, "", "seeds", *(",".join(str(r["seed"]) for r in rs)
+                                            for rs in runs.values())])
+        for step, c in new:
+            shares.append([task, str(step), names[c], *(mean(m, c) for m in runs)])
+        for label, key in (("all new classes", None), ("background", 0), ("kept", "kept")):
+            cells = [mean(m, key) if key is not None else
+                     f"{statistics.fmean(sum(d[c] for _, c in new) for d in per[m]):.3f}"
+                     if per[m] else "" for m in runs]
+            shares.append([task, "", label, *cells])
+        for o in old:
+            for _, c in new:
+                pair = {m: [{0: _pair_share(r, o, c)} for r in rs] for m, rs in runs.items()}
+                if statistics.fmean(d[0] for d in pair["joint"]) >= pair_floor:
+                    pairs.append([task, f"{names[o]} ({o}) → {names[c]} ({c})",
+                                  *(mean(m, 0, pair) for m in runs)])
+    labels = [TAKEOVER_RUNS[m] for m in TAKEOVER_RUNS]
+    return (markdown(["task", "step", "old-class pixels predicted as", *labels],
+                     ["---", "---:", "---"] + ["---:"] * len(labels), shares),
+            markdown(["task", "old class → new class", *labels],
+                     ["---", "---"] + ["---:"] * len(labels), pairs))
+
+
 def diagnosis_curves() -> str:
     """Val mIoU after each epoch of step 0 and Joint (``experiments/val_curves.py``)."""
     diag = _script("diagnosis")
@@ -653,6 +723,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "segmentation_table2_amd2": lambda: pretrained_table2(SEGMENTATION_AMD2),
     "segmentation_forgetting_amd2": lambda: pretrained_forgetting(SEGMENTATION_AMD2),
     "segmentation_new_at_step_amd2": lambda: pretrained_new_at_step(SEGMENTATION_AMD2, "10-1"),
+    "segmentation_takeover_amd2": lambda: pretrained_takeover(SEGMENTATION_AMD2)[0],
+    "segmentation_takeover_pairs_amd2": lambda: pretrained_takeover(SEGMENTATION_AMD2)[1],
     "readme_quickstart": readme_quickstart,
     "readme_replay": readme_replay,
     "table3": table3,

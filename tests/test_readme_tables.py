@@ -6,6 +6,7 @@ regenerating, fails here.
 """
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -135,3 +136,35 @@ def test_a_task_with_one_published_method_gets_no_rank_row(tmp_path, monkeypatch
     assert ["| 15-5s", "Joint"] in rows and ["| 10-1", "MiB"] in rows
     taus = [task for task, label in rows if label.startswith("Kendall")]
     assert taus == ["| 10-1"]
+
+
+def test_old_pixels_at_end_splits_the_old_classes_pixels_by_prediction():
+    # step 1's confusion: class 1's 20 pixels go 13 right, 5 to the background, 2 to class 2
+    shares = tables._old_pixels_at_end(_two_step_run(), [1])
+    assert shares == pytest.approx({"kept": 13 / 20, 0: 5 / 20, 2: 2 / 20})
+    assert tables._pair_share(_two_step_run(), 1, 2) == pytest.approx(2 / 20)
+
+
+def test_takeover_tables_average_the_seeds_and_keep_joint_s_confused_pairs(tmp_path,
+                                                                            monkeypatch):
+    """Two DKD seeds and one Joint run of a two-step task: the class-2 row is the mean of the
+    seeds' shares, and the (1 -> 2) pair is listed because Joint confuses it at 0.25 >= 0.1."""
+    def run(seed, row1):
+        r = _two_step_run()
+        r["seed"] = seed
+        r["steps"][1]["confusion"]["counts"][1] = row1
+        r["provenance"] = {"config": {"dataset": {"generator": {"classes": "shapes"}}}}
+        return r
+    for method, seed, row1 in (("dkd", 0, [5, 13, 2]), ("dkd", 1, [5, 11, 4]),
+                               ("joint", 0, [0, 15, 5])):
+        d = tmp_path / "f" / "per_run" / "shapes" / "2-1" / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(run(seed, row1)))
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    shares, pairs = tables.pretrained_takeover.__wrapped__("f", ("2-1",))
+    rows = {ln.split(" | ")[2]: ln.split(" | ")[3:5] for ln in shares.splitlines()[2:]}
+    assert rows["seeds"] == ["0", "0,1"]                        # Joint, DKD
+    assert rows["square"] == ["0.250", "0.150"]                 # class 2; DKD (0.1 + 0.2) / 2
+    assert rows["kept"] == ["0.750", "0.600"]
+    assert pairs.splitlines()[2].split(" | ")[1:4] == ["circle (1) → square (2)", "0.250",
+                                                       "0.150"]
