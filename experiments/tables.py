@@ -646,7 +646,7 @@ def _pair_share(run: dict, old: int, new: int) -> float:
 def pretrained_takeover(folder: str, tasks: Sequence[str] = ("15-5s", "10-1"),
                         pair_floor: float = 0.1) -> tuple[str, str]:
     """Which new class takes the step-0 classes' pixels over by the end (STAR against DKD and
-    image replay; Joint as the floor the data sets): per new class, the share of the old
+    image replay; Joint shows what the data alone confuse): per new class, the share of the old
     classes' test pixels predicted as it, mean over seeds; and, for each (old, new) pair whose
     pixels Joint confuses at ``pair_floor`` or more, the share of the old class's pixels."""
     from incseg.data.shapes_draw import class_names
