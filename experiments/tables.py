@@ -637,9 +637,7 @@ def _old_pixels_at_end(run: dict, old: Sequence[int]) -> dict[int | str, float]:
 
 def _pair_share(run: dict, old: int, new: int) -> float:
     """Of class ``old``'s test pixels at the last step, the share predicted as ``new``."""
-    classes, counts = (run["steps"][-1]["confusion"][k] for k in ("classes", "counts"))
-    row = counts[classes.index(old)]
-    return row[classes.index(new)] / sum(row)
+    return _old_pixels_at_end(run, [old])[new]
 
 
 @cache
@@ -650,6 +648,7 @@ def pretrained_takeover(folder: str, tasks: Sequence[str] = ("15-5s", "10-1"),
     classes' test pixels predicted as it, mean over seeds; and, for each (old, new) pair whose
     pixels Joint confuses at ``pair_floor`` or more, the share of the old class's pixels."""
     from incseg.data.shapes_draw import class_names
+    design = _script("diagnosis").design
     shares, pairs = [], []
     for task in tasks:
         root = RESULTS / folder / "per_run" / "shapes" / task
@@ -659,8 +658,10 @@ def pretrained_takeover(folder: str, tasks: Sequence[str] = ("15-5s", "10-1"),
         ref = runs["dkd"][0]
         old = [c for c in ref["steps"][0]["classes"] if c]
         new = [(i, c) for i, st in enumerate(ref["steps"][1:], 1) for c in st["classes"]]
-        names = class_names(ref["provenance"]["config"]["dataset"]["generator"]["classes"])
+        names = class_names(design(ref))
         per = {m: [_old_pixels_at_end(r, old) for r in rs] for m, rs in runs.items()}
+        for d in (d for ds in per.values() for d in ds):
+            d["all new"] = sum(d[c] for _, c in new)
 
         def mean(m: str, key, src=per) -> str:
             return f"{statistics.fmean(d[key] for d in src[m]):.3f}" if src[m] else ""
@@ -668,17 +669,14 @@ def pretrained_takeover(folder: str, tasks: Sequence[str] = ("15-5s", "10-1"),
                                             for rs in runs.values())])
         for step, c in new:
             shares.append([task, str(step), names[c], *(mean(m, c) for m in runs)])
-        for label, key in (("all new classes", None), ("background", 0), ("kept", "kept")):
-            cells = [mean(m, key) if key is not None else
-                     f"{statistics.fmean(sum(d[c] for _, c in new) for d in per[m]):.3f}"
-                     if per[m] else "" for m in runs]
-            shares.append([task, "", label, *cells])
-        for o in old:
+        for label, key in (("all new classes", "all new"), ("background", 0), ("kept", "kept")):
+            shares.append([task, "", label, *(mean(m, key) for m in runs)])
+        for o in old:  # each old class's pixels on their own, for the pairs
+            each = {m: [_old_pixels_at_end(r, [o]) for r in rs] for m, rs in runs.items()}
             for _, c in new:
-                pair = {m: [{0: _pair_share(r, o, c)} for r in rs] for m, rs in runs.items()}
-                if statistics.fmean(d[0] for d in pair["joint"]) >= pair_floor:
+                if statistics.fmean(d[c] for d in each["joint"]) >= pair_floor:
                     pairs.append([task, f"{names[o]} ({o}) → {names[c]} ({c})",
-                                  *(mean(m, 0, pair) for m in runs)])
+                                  *(mean(m, c, each) for m in runs)])
     labels = [TAKEOVER_RUNS[m] for m in TAKEOVER_RUNS]
     return (markdown(["task", "step", "old-class pixels predicted as", *labels],
                      ["---", "---:", "---"] + ["---:"] * len(labels), shares),
